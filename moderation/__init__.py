@@ -1,0 +1,39 @@
+"""Zero-shot image moderation: YAML policies, CLIP prompt ensembles, explained decisions.
+
+    >>> from moderation import Moderator
+    >>> moderator = Moderator.from_policy("policies/default.yaml")
+    >>> [result] = moderator.moderate(["upload.jpg"])
+    >>> result.to_dict()["action"]
+    'allow'
+
+The encoder (and so torch) is imported only when a model is loaded.
+"""
+
+from .decision import CategoryDecision, Decision, TermMatch
+from .errors import (
+    ImageError,
+    ModelError,
+    ModelMismatchError,
+    ModerationError,
+    PolicyError,
+    WeightsUnavailableError,
+)
+from .moderator import ModerationResult, Moderator
+from .policy import Action, Policy, load_policy
+
+__all__ = [
+    "Action",
+    "CategoryDecision",
+    "Decision",
+    "ImageError",
+    "ModelError",
+    "ModelMismatchError",
+    "ModerationError",
+    "ModerationResult",
+    "Moderator",
+    "Policy",
+    "PolicyError",
+    "TermMatch",
+    "WeightsUnavailableError",
+    "load_policy",
+]

@@ -1,0 +1,225 @@
+"""The ``moderation`` command line (click: subcommands, typed options and help for free)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .errors import ImageError, ModerationError, PolicyError
+from .policy import load_policy
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_POLICY = os.environ.get("MODERATION_POLICY", "policies/default.yaml")
+
+
+def _model_options(command: F) -> F:
+    """The options every command that loads a model shares."""
+    options = [
+        click.option(
+            "--policy",
+            "policy_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=DEFAULT_POLICY,
+            show_default=True,
+            help="Policy YAML file ($MODERATION_POLICY sets the default).",
+        ),
+        click.option("--model", help="open_clip architecture; default: the policy's."),
+        click.option(
+            "--pretrained",
+            help="open_clip pretrained tag or checkpoint file; default: the policy's.",
+        ),
+        click.option(
+            "--random-weights",
+            is_flag=True,
+            help="Random weights instead of pretrained ones: scores are MEANINGLESS. "
+            "For benchmarks and smoke tests only.",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Where text embeddings are cached (default: $MODERATION_CACHE_DIR or "
+            "~/.cache/moderation).",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(1, 512), default=16, show_default=True
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load_moderator(
+    policy_path: Path,
+    model: str | None,
+    pretrained: str | None,
+    random_weights: bool,
+    cache_dir: Path | None,
+    batch_size: int,
+) -> Any:
+    from .encoder import RandomWeightsWarning
+    from .moderator import Moderator
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomWeightsWarning)
+        try:
+            moderator = Moderator.from_policy(
+                policy_path,
+                model=model,
+                pretrained=pretrained,
+                random_weights=random_weights,
+                cache_dir=cache_dir,
+                batch_size=batch_size,
+            )
+        except ModerationError as e:
+            raise click.ClickException(str(e)) from e
+    for warning in caught:
+        if issubclass(warning.category, RandomWeightsWarning):
+            bar = "!" * 78
+            click.secho(f"{bar}\n!! WARNING: {warning.message}\n{bar}", fg="red", err=True)
+    return moderator
+
+
+@click.group()
+@click.version_option(package_name="moderation")
+def main() -> None:
+    """Zero-shot image moderation with CLIP and YAML policies."""
+
+
+@main.group()
+def policy() -> None:
+    """Work with policy files."""
+
+
+@policy.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+def policy_check(path: Path) -> None:
+    """Validate a policy file: exit 0 with a summary, or 1 with every fault."""
+    try:
+        p = load_policy(path)
+    except PolicyError as e:
+        click.echo(str(e), err=True)
+        sys.exit(1)
+    n_terms = sum(len(c.terms) for c in p.categories.values())
+    n_exceptions = sum(len(c.exceptions) for c in p.categories.values())
+    calibrated = len(p.calibrated_models())
+    click.echo(
+        f"{path}: OK: policy {p.name!r} version {p.version}, {len(p.categories)} categories, "
+        f"{n_terms} terms, {n_exceptions} exceptions, model {p.model.name}/{p.model.pretrained}, "
+        f"{calibrated} of {len(p.categories)} thresholds calibrated"
+    )
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_model_options
+def score(images: tuple[Path, ...], **model_options: Any) -> None:
+    """Moderate IMAGES: one JSON object per image on stdout.
+
+    Exits 1 if any image could not be read (its line carries the error).
+    """
+    moderator = _load_moderator(**model_options)
+    results = moderator.moderate(list(images), ids=[str(p) for p in images])
+    for result in results:
+        click.echo(json.dumps(result.to_dict()))
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    """Regular files below ``root``, sorted, skipping hidden files and folders."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file():
+                yield path
+
+
+def _done_ids(out: Path) -> set[str]:
+    """Ids already in a JSONL output; a line cut short by a crash is ignored (redone)."""
+    done: set[str] = set()
+    if not out.exists():
+        return done
+    with out.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL file: one line per image. Files already in it are skipped.",
+)
+@_model_options
+def scan(directory: Path, out: Path, **model_options: Any) -> None:
+    """Moderate every file under DIRECTORY, in batches, appending JSON lines to --out.
+
+    A file that cannot be read becomes an error line and the scan goes on; running the same
+    scan again skips the files already in --out.
+    """
+    from tqdm import tqdm
+
+    done = _done_ids(out)
+    todo = [p for p in _files_under(directory) if str(p) not in done]
+    click.echo(
+        f"{len(todo)} files to moderate under {directory} ({len(done)} already in {out})",
+        err=True,
+    )
+    if not todo:
+        return
+    moderator = _load_moderator(**model_options)
+    batch_size = model_options["batch_size"]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    counts: Counter[str] = Counter()
+
+    def decode(path: Path) -> Any:
+        try:
+            return moderator.decode(path)
+        except ImageError as e:
+            return e
+
+    needs_newline = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
+    # Decoding the next batch in threads overlaps with the model working on this one.
+    with (
+        ThreadPoolExecutor(max_workers=2) as pool,
+        out.open("a", encoding="utf-8") as sink,
+        tqdm(total=len(todo), unit="img", file=sys.stderr) as progress,
+    ):
+        if needs_newline:
+            sink.write("\n")
+        pending = list(pool.map(decode, batches[0]))
+        for index, batch in enumerate(batches):
+            upcoming = (
+                pool.map(decode, batches[index + 1]) if index + 1 < len(batches) else None
+            )
+            results = moderator.moderate_decoded(pending, ids=[str(p) for p in batch])
+            for result in results:
+                sink.write(json.dumps(result.to_dict()) + "\n")
+                counts["error" if not result.ok else result.decision.action.value] += 1
+            sink.flush()
+            progress.update(len(batch))
+            pending = list(upcoming) if upcoming is not None else []
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    click.echo(f"done: {summary}; results in {out}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Scores + thresholds → decisions, with the words that drove them. No torch, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .policy import Action, Policy
+from .prompts import PolicyEmbeddings
+from .scoring import Scores
+
+__all__ = ["CategoryDecision", "Decision", "TermMatch", "decide", "worst"]
+
+
+@dataclass(frozen=True)
+class TermMatch:
+    """A term (or exception) and its cosine similarity to the image."""
+
+    text: str
+    similarity: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "similarity": round(self.similarity, 6)}
+
+
+@dataclass(frozen=True)
+class CategoryDecision:
+    """One image against one category.
+
+    ``margin = score - threshold``: positive means the score is over the category threshold
+    by that much. Scores in ``[review_from, threshold)`` are flagged for review.
+    """
+
+    score: float
+    similarity: float
+    threshold: float
+    review_from: float | None
+    margin: float
+    flagged: bool
+    action: Action
+    top_terms: list[TermMatch]
+    closest_exception: TermMatch | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": round(self.score, 6),
+            "similarity": round(self.similarity, 6),
+            "threshold": self.threshold,
+            "review_from": self.review_from,
+            "margin": round(self.margin, 6),
+            "flagged": self.flagged,
+            "action": self.action.value,
+            "top_terms": [t.to_dict() for t in self.top_terms],
+            "closest_exception": (
+                self.closest_exception.to_dict() if self.closest_exception else None
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One image (or one frame) against a whole policy.
+
+    ``action`` is the most severe action any category triggered (``allow`` when none did);
+    ``triggered`` lists the categories that fired, most severe and largest margin first.
+    """
+
+    action: Action
+    categories: dict[str, CategoryDecision]
+    triggered: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> bool:
+        return self.action is not Action.ALLOW
+
+    def _rank(self) -> tuple[int, float]:
+        return self.action.severity, max(c.margin for c in self.categories.values())
+
+
+def _category_action(score: float, configured: str, value: float, band: float | None) -> Action:
+    if score >= value:
+        return Action(configured)
+    if band is not None and score >= band:
+        return Action.REVIEW
+    return Action.ALLOW
+
+
+def decide(scores: Scores, text: PolicyEmbeddings, policy: Policy) -> list[Decision]:
+    """One :class:`Decision` per row of ``scores``."""
+    decisions = []
+    for row in range(scores.score.shape[0]):
+        categories: dict[str, CategoryDecision] = {}
+        for col, cid in enumerate(text.category_ids):
+            category = policy.categories[cid]
+            threshold = category.threshold
+            score = float(scores.score[row, col])
+            action = _category_action(
+                score, category.action, threshold.value, threshold.review_from
+            )
+            term_sims = scores.term_similarity[col][row]
+            order = np.argsort(-term_sims, kind="stable")[: policy.top_terms]
+            exception_index = int(scores.closest_exception[row, col])
+            categories[cid] = CategoryDecision(
+                score=score,
+                similarity=float(scores.similarity[row, col]),
+                threshold=threshold.value,
+                review_from=threshold.review_from,
+                margin=score - threshold.value,
+                flagged=action is not Action.ALLOW,
+                action=action,
+                top_terms=[
+                    TermMatch(text.term_texts[col][i], float(term_sims[i])) for i in order
+                ],
+                closest_exception=(
+                    TermMatch(
+                        text.exception_texts[col][exception_index],
+                        float(scores.exception_similarity[row, col]),
+                    )
+                    if exception_index >= 0
+                    else None
+                ),
+            )
+        triggered = sorted(
+            (cid for cid, c in categories.items() if c.flagged),
+            key=lambda cid: (-categories[cid].action.severity, -categories[cid].margin),
+        )
+        overall = categories[triggered[0]].action if triggered else Action.ALLOW
+        decisions.append(Decision(overall, categories, triggered))
+    return decisions
+
+
+def worst(decisions: list[Decision]) -> int:
+    """Index of the most severe decision (ties: the largest margin, then the first)."""
+    ranks = [d._rank() for d in decisions]
+    return max(range(len(decisions)), key=lambda i: (ranks[i], -i))

@@ -1,0 +1,42 @@
+"""The exceptions this package raises: one base class, each also a matching builtin."""
+
+from __future__ import annotations
+
+
+class ModerationError(Exception):
+    """Base class of every error raised on purpose by this package."""
+
+
+class PolicyError(ModerationError, ValueError):
+    """A policy file is missing, unreadable, or does not follow the schema.
+
+    ``faults`` lists every problem found, each as ``"<file>: <key.path>: <message>"``.
+    """
+
+    def __init__(self, message: str, faults: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.faults = list(faults) if faults else [message]
+
+
+class ImageError(ModerationError, ValueError):
+    """One image could not be decoded. ``code`` says why, in a word a client can branch on.
+
+    Codes: ``empty``, ``unsupported_format``, ``corrupt_image``, ``too_many_pixels``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ModelError(ModerationError, RuntimeError):
+    """The CLIP model could not be built: unknown architecture, bad checkpoint."""
+
+
+class WeightsUnavailableError(ModelError):
+    """Pretrained weights are neither cached nor downloadable nor a readable file."""
+
+
+class ModelMismatchError(ModerationError, ValueError):
+    """Calibrated thresholds are about to be used with a model they were not fitted on."""

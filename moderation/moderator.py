@@ -1,0 +1,249 @@
+"""The facade: ``Moderator.from_policy(path)`` then ``.moderate(images)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .decision import Decision, decide, worst
+from .errors import ImageError, ModelMismatchError
+from .images import (
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    to_rgb,
+    decode_image,
+)
+from .policy import Policy, load_policy
+from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
+from .scoring import score_images
+
+__all__ = ["ImageInput", "ModerationResult", "Moderator"]
+
+#: An image to moderate: encoded bytes, a file path, or an already decoded Pillow image.
+ImageInput = bytes | str | Path | Image.Image
+
+
+class ImageTextEncoder(Protocol):
+    identity: str
+    image_size: int
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ModerationResult:
+    """The outcome for one input: a ``decision``, or an ``error`` when it could not be read.
+
+    ``frame`` is the index (in the file) of the frame the decision is about: for an animation
+    the worst of the ``frames_scored`` sampled frames; 0 for a still image.
+    """
+
+    id: str | None
+    policy: str
+    policy_version: str
+    model: str
+    decision: Decision | None = None
+    error: ImageError | None = None
+    frame: int | None = None
+    frames_scored: int = 0
+    image: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "policy": {"name": self.policy, "version": self.policy_version},
+            "model": self.model,
+        }
+        if self.error is not None or self.decision is None:
+            code = self.error.code if self.error else "internal"
+            message = self.error.message if self.error else "no decision was made"
+            out["error"] = {"code": code, "message": message}
+            return out
+        out.update(
+            action=self.decision.action.value,
+            flagged=self.decision.flagged,
+            triggered=self.decision.triggered,
+            frame=self.frame,
+            frames_scored=self.frames_scored,
+            image=self.image,
+            categories={k: v.to_dict() for k, v in self.decision.categories.items()},
+        )
+        return out
+
+
+class Moderator:
+    """A policy and an encoder, ready to moderate images.
+
+    The policy's text embeddings are computed once here (from the on-disk cache when
+    possible). Calibrated thresholds are refused unless they were fitted with this model.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        encoder: ImageTextEncoder,
+        cache: EmbeddingCache | None = None,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
+        mismatched = {
+            cid: model
+            for cid, model in policy.calibrated_models().items()
+            if model != encoder.identity
+        }
+        if mismatched:
+            raise ModelMismatchError(
+                f"policy {policy.name!r} has thresholds calibrated with another model than "
+                f"{encoder.identity!r}: "
+                + ", ".join(f"{cid} (calibrated with {m!r})" for cid, m in mismatched.items())
+                + ". A threshold on a similarity only holds for the model it was fitted on: "
+                "use that model, or calibrate again with this one."
+            )
+        self.policy = policy
+        self.encoder = encoder
+        self.cache = cache
+        self.max_pixels = max_pixels
+        self.max_frames = max_frames
+        self.text: PolicyEmbeddings = embed_policy(policy, encoder, cache)
+
+    @classmethod
+    def from_policy(
+        cls,
+        path: str | Path,
+        *,
+        model: str | None = None,
+        pretrained: str | None = None,
+        random_weights: bool = False,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 16,
+        **kwargs: Any,
+    ) -> Moderator:
+        """Load the policy at ``path`` and the model it names (or ``model``/``pretrained``).
+
+        ``cache_dir`` holds the text-embedding cache (default: see
+        :func:`moderation.prompts.default_cache_path`).
+        """
+        from .encoder import Encoder
+
+        policy = load_policy(path)
+        spec = policy.model
+        name = model or spec.name
+        if pretrained is None and name == spec.name:
+            pretrained = spec.pretrained
+        encoder = Encoder.load(
+            name,
+            pretrained,
+            config=spec.config if name == spec.name else None,
+            random_weights=random_weights,
+            batch_size=batch_size,
+        )
+        cache = EmbeddingCache(
+            Path(cache_dir) / "embeddings.sqlite3" if cache_dir is not None else None
+        )
+        return cls(policy, encoder, cache, **kwargs)
+
+    def with_policy(self, policy: Policy) -> Moderator:
+        """A moderator for another policy that shares this one's encoder and cache."""
+        return Moderator(
+            policy,
+            self.encoder,
+            self.cache,
+            max_pixels=self.max_pixels,
+            max_frames=self.max_frames,
+        )
+
+    def decode(self, source: ImageInput) -> DecodedImage:
+        """Decode one input for this moderator's model. Raises :class:`ImageError`."""
+        if isinstance(source, Image.Image):
+            if source.width * source.height > self.max_pixels:
+                raise ImageError(
+                    "too_many_pixels",
+                    f"the image is {source.width}x{source.height}; the limit is "
+                    f"{self.max_pixels:,} pixels",
+                )
+            return DecodedImage(
+                [to_rgb(source)], [0], 1, source.format or "PIL", source.width, source.height
+            )
+        return decode_image(
+            source,
+            max_pixels=self.max_pixels,
+            max_frames=self.max_frames,
+            draft_size=self.encoder.image_size,
+        )
+
+    def moderate(
+        self, images: Sequence[ImageInput], ids: Sequence[str | None] | None = None
+    ) -> list[ModerationResult]:
+        """Moderate a batch. Always a list in, a list out, one result per input, in order.
+
+        An input that cannot be decoded gets a result with ``error`` set; the others are
+        unaffected.
+        """
+        decoded: list[DecodedImage | ImageError] = []
+        for source in images:
+            try:
+                decoded.append(self.decode(source))
+            except ImageError as e:
+                decoded.append(e)
+        return self.moderate_decoded(decoded, ids)
+
+    def moderate_decoded(
+        self,
+        decoded: Sequence[DecodedImage | ImageError],
+        ids: Sequence[str | None] | None = None,
+    ) -> list[ModerationResult]:
+        """Moderate inputs already decoded (or failed) with :meth:`decode`."""
+        if ids is None:
+            ids = [None] * len(decoded)
+        if len(ids) != len(decoded):
+            raise ValueError(f"got {len(decoded)} images but {len(ids)} ids")
+        frames = [f for d in decoded if isinstance(d, DecodedImage) for f in d.frames]
+        if frames:
+            decisions = decide(
+                score_images(self.encoder.encode_images(frames), self.text),
+                self.text,
+                self.policy,
+            )
+        common = {
+            "policy": self.policy.name,
+            "policy_version": self.policy.version,
+            "model": self.encoder.identity,
+        }
+        results = []
+        offset = 0
+        for item, item_id in zip(decoded, ids, strict=True):
+            if isinstance(item, ImageError):
+                results.append(ModerationResult(id=item_id, error=item, **common))
+                continue
+            mine = decisions[offset : offset + len(item.frames)]
+            offset += len(item.frames)
+            pick = worst(mine)
+            results.append(
+                ModerationResult(
+                    id=item_id,
+                    decision=mine[pick],
+                    frame=item.frame_indices[pick],
+                    frames_scored=len(item.frames),
+                    image={
+                        "format": item.format,
+                        "width": item.width,
+                        "height": item.height,
+                        "frames": item.n_frames,
+                    },
+                    **common,
+                )
+            )
+        return results

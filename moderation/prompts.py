@@ -1,0 +1,189 @@
+"""Prompt ensembles: a policy's words → unit vectors, with an on-disk cache.
+
+Each term (and each exception) is expanded through the category's templates; every prompt is
+encoded and unit-normalised, then averaged and re-normalised (the CLIP paper's recipe):
+
+* a **term embedding** averages one term over the templates;
+* the **category embedding** averages every term × template of the category;
+* an **exception embedding** averages one exception over the templates. Exceptions are kept
+  apart, not averaged together: they are distinct allowed look-alikes (a toy gun, a kitchen
+  knife), and their average would resemble neither.
+
+Text embeddings are cached on disk, keyed by the model's identity and the prompt's exact text,
+so a restart encodes nothing and editing one term encodes only the prompts that changed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .policy import PLACEHOLDER, Policy
+
+__all__ = [
+    "EmbeddingCache",
+    "PolicyEmbeddings",
+    "TextEncoder",
+    "default_cache_path",
+    "embed_policy",
+    "encode_cached",
+    "expand",
+]
+
+
+class TextEncoder(Protocol):
+    """What prompt ensembles need from an encoder (the real one, or a fake in tests)."""
+
+    identity: str
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def default_cache_path() -> Path:
+    """``$MODERATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/moderation``, else ``~/.cache/…``."""
+    root = os.environ.get("MODERATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moderation"
+    )
+    return Path(root) / "embeddings.sqlite3"
+
+
+class EmbeddingCache:
+    """Vectors on disk, keyed by ``(model identity, key)``; a key is a prompt's text.
+
+    SQLite in WAL mode, so several processes (gunicorn workers, a scan) can share one file.
+    """
+
+    _CHUNK = 500  # stays under SQLite's limit on bound parameters
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS embeddings ("
+            " model TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL,"
+            " PRIMARY KEY (model, key))"
+        )
+        self._db.commit()
+
+    def get(self, model: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        """The cached vectors among ``keys`` (float32, shape (dim,)); missing keys are absent."""
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), self._CHUNK):
+            chunk = keys[start : start + self._CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT key, vector FROM embeddings WHERE model = ? AND key IN ({marks})",
+                [model, *chunk],
+            )
+            for key, blob in rows:
+                found[key] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def put(self, model: str, vectors: dict[str, np.ndarray]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO embeddings (model, key, vector) VALUES (?, ?, ?)",
+                [
+                    (model, key, np.asarray(v, dtype=np.float32).tobytes())
+                    for key, v in vectors.items()
+                ],
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def encode_cached(
+    encoder: TextEncoder, texts: Sequence[str], cache: EmbeddingCache | None
+) -> np.ndarray:
+    """Encode ``texts``, taking what it can from ``cache`` and adding what it had to encode.
+
+    Returns ndarray of shape (n_texts, dim), float32, unit rows, in the order of ``texts``.
+    """
+    unique = list(dict.fromkeys(texts))
+    known = cache.get(encoder.identity, unique) if cache is not None else {}
+    missing = [t for t in unique if t not in known]
+    if missing:
+        encoded = encoder.encode_texts(missing)
+        fresh = dict(zip(missing, encoded, strict=True))
+        if cache is not None:
+            cache.put(encoder.identity, fresh)
+        known.update(fresh)
+    return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
+
+
+def expand(phrases: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every phrase in every template, phrase-major: ``[p0t0, p0t1, …, p1t0, …]``."""
+    return [t.replace(PLACEHOLDER, p) for p in phrases for t in templates]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PolicyEmbeddings:
+    """The text side of a policy, ready for scoring. All arrays are float32 with unit rows.
+
+    ``categories``: ndarray of shape (n_categories, dim), one ensemble per category.
+    ``terms[i]``: ndarray of shape (n_terms_i, dim), one ensemble per term of category i.
+    ``exceptions[i]``: ndarray of shape (n_exceptions_i, dim), possibly with no rows.
+    """
+
+    model: str
+    category_ids: list[str]
+    categories: np.ndarray
+    terms: list[np.ndarray]
+    exceptions: list[np.ndarray]
+    term_texts: list[list[str]]
+    exception_texts: list[list[str]]
+
+
+def embed_policy(
+    policy: Policy, encoder: TextEncoder, cache: EmbeddingCache | None = None
+) -> PolicyEmbeddings:
+    """Encode every category's terms and exceptions, reusing ``cache`` where it can."""
+    ids = list(policy.categories)
+    prompts: list[str] = []
+    for cid in ids:
+        category = policy.categories[cid]
+        templates = policy.templates_for(cid)
+        prompts += expand(category.terms, templates) + expand(category.exceptions, templates)
+    vectors = encode_cached(encoder, prompts, cache)
+
+    dim = vectors.shape[1]
+    categories, terms, exceptions = [], [], []
+    offset = 0
+    for cid in ids:
+        category = policy.categories[cid]
+        n_templates = len(policy.templates_for(cid))
+        n_terms, n_exceptions = len(category.terms), len(category.exceptions)
+        term_prompts = vectors[offset : offset + n_terms * n_templates]
+        offset += n_terms * n_templates
+        exception_prompts = vectors[offset : offset + n_exceptions * n_templates]
+        offset += n_exceptions * n_templates
+        categories.append(_unit(term_prompts.mean(axis=0)))
+        terms.append(_unit(term_prompts.reshape(n_terms, n_templates, dim).mean(axis=1)))
+        exceptions.append(
+            _unit(exception_prompts.reshape(n_exceptions, n_templates, dim).mean(axis=1))
+            if n_exceptions
+            else np.zeros((0, dim), dtype=np.float32)
+        )
+    return PolicyEmbeddings(
+        model=encoder.identity,
+        category_ids=ids,
+        categories=np.stack(categories),
+        terms=terms,
+        exceptions=exceptions,
+        term_texts=[list(policy.categories[c].terms) for c in ids],
+        exception_texts=[list(policy.categories[c].exceptions) for c in ids],
+    )
