@@ -13,7 +13,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -184,7 +184,7 @@ class Encoder:
         identity: str,
         batch_size: int = 16,
     ) -> None:
-        self.model = model.eval()
+        self.model: Any = cast(Any, model.eval())  # open_clip models are untyped
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity

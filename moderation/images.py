@@ -101,6 +101,10 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as e:
+        if _guess(data) != "image":
+            raise ImageError(
+                "corrupt_image", f"the data starts like a {_guess(data)} but is corrupt"
+            ) from e
         raise ImageError(
             "unsupported_format",
             f"not an image in a supported format; accepted: {', '.join(ACCEPTED_FORMATS)}",
@@ -146,9 +150,21 @@ def decode_image(
     return DecodedImage(frames, indices, n_frames, fmt, width, height)
 
 
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
 def _guess(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
+    """The accepted format whose signature ``data`` starts with, else ``"image"``."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, name in _SIGNATURES.items():
+        if data.startswith(signature):
+            return name
     return "image"

@@ -16,8 +16,8 @@ from .images import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_PIXELS,
     DecodedImage,
-    to_rgb,
     decode_image,
+    to_rgb,
 )
 from .policy import Policy, load_policy
 from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
@@ -217,23 +217,29 @@ class Moderator:
                 self.text,
                 self.policy,
             )
-        common = {
-            "policy": self.policy.name,
-            "policy_version": self.policy.version,
-            "model": self.encoder.identity,
-        }
+        version = self.policy.version
+
+        def result(item_id: str | None, **fields: Any) -> ModerationResult:
+            return ModerationResult(
+                id=item_id,
+                policy=self.policy.name,
+                policy_version=version,
+                model=self.encoder.identity,
+                **fields,
+            )
+
         results = []
         offset = 0
         for item, item_id in zip(decoded, ids, strict=True):
             if isinstance(item, ImageError):
-                results.append(ModerationResult(id=item_id, error=item, **common))
+                results.append(result(item_id, error=item))
                 continue
             mine = decisions[offset : offset + len(item.frames)]
             offset += len(item.frames)
             pick = worst(mine)
             results.append(
-                ModerationResult(
-                    id=item_id,
+                result(
+                    item_id,
                     decision=mine[pick],
                     frame=item.frame_indices[pick],
                     frames_scored=len(item.frames),
@@ -243,7 +249,6 @@ class Moderator:
                         "height": item.height,
                         "frames": item.n_frames,
                     },
-                    **common,
                 )
             )
         return results

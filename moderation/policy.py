@@ -260,7 +260,7 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 self.duplicates.append(
                     f"line {key_node.start_mark.line + 1}: duplicate key {key!r}"
@@ -315,7 +315,7 @@ def parse_policy(text: str, source: str = "<policy>", base_dir: Path | None = No
     except yaml.YAMLError as e:
         raise PolicyError(f"{source}: not valid YAML: {e}") from e
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
     faults = [f"{source}: {d}" for d in loader.duplicates]
     if not isinstance(data, dict):
         faults.append(f"{source}: (top level): expected a mapping of policy keys, "

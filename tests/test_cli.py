@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from moderation.cli import main
+from tests.conftest import GREEN, HAND_POLICY, RED, TINY_ARCH, image_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def tiny_policy(tiny_arch_file: Path, tmp_path: Path) -> Path:
+    data = copy.deepcopy(HAND_POLICY)
+    data["model"] = {"name": TINY_ARCH, "pretrained": "none", "config": str(tiny_arch_file)}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_policy_check_ok(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["policy", "check", str(ROOT / "policies" / "default.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "OK: policy 'default' version" in result.output
+    assert "9 categories" in result.output and "0 of 9 thresholds calibrated" in result.output
+
+
+def test_policy_check_lists_every_fault(runner: CliRunner, tmp_path: Path) -> None:
+    data = copy.deepcopy(HAND_POLICY)
+    data["categories"]["weapons"]["treshold"] = 0.2
+    data["templates"] = ["nothing"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = runner.invoke(main, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert "bad.yaml: categories.weapons.treshold: unknown key" in result.output
+    assert "bad.yaml: templates: template 'nothing' must contain" in result.output
+
+
+def test_score_prints_one_json_object_per_image(
+    runner: CliRunner, tiny_policy: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(image_bytes(RED, "JPEG"))
+    (tmp_path / "b.png").write_bytes(image_bytes(GREEN))
+    args = ["score", str(tmp_path / "a.jpg"), str(tmp_path / "b.png"),
+            "--policy", str(tiny_policy), "--random-weights", "--cache-dir", str(tmp_path / "c")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["id"] for line in lines] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    assert all("action" in line and "weapons" in line["categories"] for line in lines)
+    assert "RANDOM WEIGHTS" in result.stderr
+
+
+def test_score_exits_1_when_an_image_is_bad(
+    runner: CliRunner, tiny_policy: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    result = runner.invoke(main, ["score", str(tmp_path / "bad.jpg"), "--policy",
+                                  str(tiny_policy), "--random-weights"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"]["code"] == "unsupported_format"
+
+
+def test_score_without_weights_explains_how_to_get_them(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "a.png").write_bytes(image_bytes(RED))
+    result = runner.invoke(main, ["score", str(tmp_path / "a.png"), "--policy",
+                                  str(ROOT / "policies" / "default.yaml")])
+    assert result.exit_code == 1
+    assert "not in the local cache" in result.output and "--random-weights" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_scan_is_recursive_survives_bad_files_and_resumes(
+    runner: CliRunner, tiny_policy: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "uploads"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(image_bytes(RED, "JPEG"))
+    (root / "nested" / "b.png").write_bytes(image_bytes(GREEN))
+    (root / "nested" / "deeper" / "broken.jpg").write_bytes(image_bytes(RED, "JPEG")[:30])
+    (root / ".hidden.jpg").write_bytes(image_bytes(RED, "JPEG"))
+    out = tmp_path / "results.jsonl"
+    args = ["scan", str(root), "--out", str(out), "--policy", str(tiny_policy),
+            "--random-weights", "--batch-size", "2", "--cache-dir", str(tmp_path / "c")]
+
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    by_id = {line["id"]: line for line in lines}
+    assert sorted(by_id) == sorted(
+        str(p) for p in [root / "a.jpg", root / "nested" / "b.png",
+                         root / "nested" / "deeper" / "broken.jpg"]
+    )
+    assert by_id[str(root / "nested" / "deeper" / "broken.jpg")]["error"]["code"] == (
+        "corrupt_image"
+    )
+    assert "2 allow" in result.stderr or "error" in result.stderr
+
+    (root / "new.png").write_bytes(image_bytes(GREEN))
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "1 files to moderate" in again.stderr and "3 already in" in again.stderr
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert len(ids) == 4 and ids[-1] == str(root / "new.png")
+
+
+def test_scan_redoes_a_line_cut_short(
+    runner: CliRunner, tiny_policy: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "uploads"
+    root.mkdir()
+    (root / "a.png").write_bytes(image_bytes(RED))
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"id": "' + str(root / "a.png") + '", "acti')  # a crash mid-line
+    result = runner.invoke(main, ["scan", str(root), "--out", str(out), "--policy",
+                                  str(tiny_policy), "--random-weights"])
+    assert result.exit_code == 0, result.output
+    last = out.read_text().splitlines()[-1]
+    assert json.loads(last)["id"] == str(root / "a.png")
