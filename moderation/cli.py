@@ -160,6 +160,47 @@ def _done_ids(out: Path) -> set[str]:
     return done
 
 
+def run_scan(
+    moderator: Any,
+    files: list[Path],
+    out: Path,
+    batch_size: int,
+    on_batch: Callable[[int], Any] = lambda n: None,
+) -> Counter[str]:
+    """Moderate ``files`` in batches, appending one JSON line each to ``out``.
+
+    Decoding the next batch (in threads) overlaps with the model working on this one. Returns
+    how many results had each action (and ``error``).
+    """
+    counts: Counter[str] = Counter()
+    if not files:
+        return counts
+
+    def decode(path: Path) -> Any:
+        try:
+            return moderator.decode(path)
+        except ImageError as e:
+            return e
+
+    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    cut_short = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
+    with ThreadPoolExecutor(max_workers=2) as pool, out.open("a", encoding="utf-8") as sink:
+        if cut_short:
+            sink.write("\n")  # a line left unfinished by a crash stays apart
+        upcoming = pool.map(decode, batches[0])
+        for index, batch in enumerate(batches):
+            decoded = list(upcoming)
+            if index + 1 < len(batches):
+                upcoming = pool.map(decode, batches[index + 1])
+            results = moderator.moderate_decoded(decoded, ids=[str(p) for p in batch])
+            for result in results:
+                sink.write(json.dumps(result.to_dict()) + "\n")
+                counts[result.decision.action.value if result.ok else "error"] += 1
+            sink.flush()
+            on_batch(len(batch))
+    return counts
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -186,37 +227,8 @@ def scan(directory: Path, out: Path, **model_options: Any) -> None:
     if not todo:
         return
     moderator = _load_moderator(**model_options)
-    batch_size = model_options["batch_size"]
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    counts: Counter[str] = Counter()
-
-    def decode(path: Path) -> Any:
-        try:
-            return moderator.decode(path)
-        except ImageError as e:
-            return e
-
-    needs_newline = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
-    # Decoding the next batch in threads overlaps with the model working on this one.
-    with (
-        ThreadPoolExecutor(max_workers=2) as pool,
-        out.open("a", encoding="utf-8") as sink,
-        tqdm(total=len(todo), unit="img", file=sys.stderr) as progress,
-    ):
-        if needs_newline:
-            sink.write("\n")
-        pending = list(pool.map(decode, batches[0]))
-        for index, batch in enumerate(batches):
-            upcoming = (
-                pool.map(decode, batches[index + 1]) if index + 1 < len(batches) else None
-            )
-            results = moderator.moderate_decoded(pending, ids=[str(p) for p in batch])
-            for result in results:
-                sink.write(json.dumps(result.to_dict()) + "\n")
-                counts["error" if not result.ok else result.decision.action.value] += 1
-            sink.flush()
-            progress.update(len(batch))
-            pending = list(upcoming) if upcoming is not None else []
+    with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
+        counts = run_scan(moderator, todo, out, model_options["batch_size"], progress.update)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     click.echo(f"done: {summary}; results in {out}", err=True)
 
