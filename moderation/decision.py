@@ -87,14 +87,17 @@ def _category_action(score: float, configured: str, value: float, band: float | 
     return Action.ALLOW
 
 
-def decide(scores: Scores, text: PolicyEmbeddings, policy: Policy) -> list[Decision]:
-    """One :class:`Decision` per row of ``scores``."""
+def decide(
+    scores: Scores, text: PolicyEmbeddings, policy: Policy, profile: str | None = None
+) -> list[Decision]:
+    """One :class:`Decision` per row of ``scores``, with the thresholds of ``profile``."""
+    thresholds = {cid: policy.threshold_for(cid, profile) for cid in text.category_ids}
     decisions = []
     for row in range(scores.score.shape[0]):
         categories: dict[str, CategoryDecision] = {}
         for col, cid in enumerate(text.category_ids):
             category = policy.categories[cid]
-            threshold = category.threshold
+            threshold = thresholds[cid]
             score = float(scores.score[row, col])
             action = _category_action(
                 score, category.action, threshold.value, threshold.review_from

@@ -19,7 +19,7 @@ from .images import (
     decode_image,
     to_rgb,
 )
-from .policy import Policy, load_policy
+from .policy import DEFAULT_PROFILE, Policy, load_policy
 from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
 from .scoring import score_images
 
@@ -50,6 +50,7 @@ class ModerationResult:
     policy: str
     policy_version: str
     model: str
+    profile: str = DEFAULT_PROFILE
     decision: Decision | None = None
     error: ImageError | None = None
     frame: int | None = None
@@ -65,6 +66,7 @@ class ModerationResult:
             "id": self.id,
             "policy": {"name": self.policy, "version": self.policy_version},
             "model": self.model,
+            "profile": self.profile,
         }
         if self.error is not None or self.decision is None:
             code = self.error.code if self.error else "internal"
@@ -185,25 +187,31 @@ class Moderator:
         )
 
     def moderate(
-        self, images: Sequence[ImageInput], ids: Sequence[str | None] | None = None
+        self,
+        images: Sequence[ImageInput],
+        ids: Sequence[str | None] | None = None,
+        profile: str | None = None,
     ) -> list[ModerationResult]:
         """Moderate a batch. Always a list in, a list out, one result per input, in order.
 
         An input that cannot be decoded gets a result with ``error`` set; the others are
-        unaffected.
+        unaffected. ``profile`` picks a calibration profile of the policy (default: the
+        categories' own thresholds); an unknown one raises :class:`PolicyError`.
         """
+        self.policy.threshold_for(next(iter(self.policy.categories)), profile)
         decoded: list[DecodedImage | ImageError] = []
         for source in images:
             try:
                 decoded.append(self.decode(source))
             except ImageError as e:
                 decoded.append(e)
-        return self.moderate_decoded(decoded, ids)
+        return self.moderate_decoded(decoded, ids, profile)
 
     def moderate_decoded(
         self,
         decoded: Sequence[DecodedImage | ImageError],
         ids: Sequence[str | None] | None = None,
+        profile: str | None = None,
     ) -> list[ModerationResult]:
         """Moderate inputs already decoded (or failed) with :meth:`decode`."""
         if ids is None:
@@ -216,6 +224,7 @@ class Moderator:
                 score_images(self.encoder.encode_images(frames), self.text),
                 self.text,
                 self.policy,
+                profile,
             )
         version = self.policy.version
 
@@ -225,6 +234,7 @@ class Moderator:
                 policy=self.policy.name,
                 policy_version=version,
                 model=self.encoder.identity,
+                profile=profile or DEFAULT_PROFILE,
                 **fields,
             )
 

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 PLACEHOLDER = "{}"
+DEFAULT_PROFILE = "default"
 
 
 class Action(str, Enum):
@@ -209,11 +210,55 @@ class Policy(_Strict):
     templates: Annotated[list[str], Field(min_length=1)]
     top_terms: Annotated[int, Field(ge=1, le=20)] = 3
     categories: Annotated[dict[CategoryId, Category], Field(min_length=1)]
+    profiles: dict[CategoryId, dict[CategoryId, Threshold]] = Field(
+        default_factory=dict,
+        description="named calibration profiles (e.g. marketplace, avatars): per category, a "
+        "threshold that replaces the category's own when a request names the profile",
+    )
 
     @field_validator("templates")
     @classmethod
     def _templates_have_placeholder(cls, v: list[str]) -> list[str]:
         return _check_templates(v)
+
+    @model_validator(mode="after")
+    def _profiles_name_known_categories(self) -> Policy:
+        faults = []
+        if DEFAULT_PROFILE in self.profiles:
+            faults.append(
+                f"profiles.{DEFAULT_PROFILE}: the name is reserved for the categories' own "
+                "thresholds"
+            )
+        for name, thresholds in self.profiles.items():
+            for cid, threshold in thresholds.items():
+                category = self.categories.get(cid)
+                if category is None:
+                    faults.append(f"profiles.{name}.{cid}: no such category")
+                elif threshold.review_from is not None and category.action != "block":
+                    faults.append(
+                        f"profiles.{name}.{cid}.review_from: only meaningful with action "
+                        f"'block' (the category's action is '{category.action}')"
+                    )
+        if faults:
+            raise ValueError("; ".join(faults))
+        return self
+
+    def profile_names(self) -> list[str]:
+        """``default`` (the categories' own thresholds), then the named profiles."""
+        return [DEFAULT_PROFILE, *self.profiles]
+
+    def threshold_for(self, category_id: str, profile: str | None = None) -> Threshold:
+        """The threshold of a category under ``profile`` (``None``: the default profile)."""
+        if profile is not None and profile != DEFAULT_PROFILE:
+            if profile not in self.profiles:
+                raise PolicyError(
+                    f"unknown calibration profile {profile!r}; this policy has: "
+                    f"{', '.join(self.profile_names())}"
+                )
+            override = self.profiles[profile].get(category_id)
+            if override is not None:
+                return override
+        return self.categories[category_id].threshold
 
     def templates_for(self, category_id: str) -> list[str]:
         """The templates a category's terms and exceptions are expanded with."""
@@ -234,17 +279,29 @@ class Policy(_Strict):
                 }
                 for cid, c in sorted(self.categories.items())
             },
+            "profiles": {
+                name: {cid: [t.value, t.review_from] for cid, t in sorted(thresholds.items())}
+                for name, thresholds in sorted(self.profiles.items())
+            },
         }
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def calibrated_models(self) -> dict[str, str]:
-        """Category id → model identity, for every threshold fitted on data."""
-        return {
+        """Where → model identity, for every threshold fitted on data.
+
+        Keys are category ids for the default profile, ``profile/category`` for the others.
+        """
+        found = {
             cid: c.threshold.provenance.model
             for cid, c in self.categories.items()
             if isinstance(c.threshold.provenance, Calibrated)
         }
+        for name, thresholds in self.profiles.items():
+            for cid, t in thresholds.items():
+                if isinstance(t.provenance, Calibrated):
+                    found[f"{name}/{cid}"] = t.provenance.model
+        return found
 
 
 # --- loading -------------------------------------------------------------------------------

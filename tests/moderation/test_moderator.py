@@ -126,3 +126,17 @@ def test_from_policy_with_the_real_tiny_model(tiny_arch_file: Path, tmp_path: Pa
     assert -1 <= out["categories"]["weapons"]["score"] <= 1
     assert results[1].to_dict()["error"]["code"] == "unsupported_format"
     assert (tmp_path / "c" / "embeddings.sqlite3").is_file()
+
+
+def test_a_request_can_pick_a_calibration_profile(fake_encoder: FakeEncoder) -> None:
+    data = copy.deepcopy(HAND_POLICY)
+    data["profiles"] = {"kids": {"weapons": {"value": 0.5}}}
+    moderator = Moderator(parse_policy(yaml.safe_dump(data, sort_keys=False)), fake_encoder)
+    # PURPLE scores 0.6345 on weapons: review by default, block under the stricter profile
+    [default] = moderator.moderate([image_bytes(PURPLE)])
+    [kids] = moderator.moderate([image_bytes(PURPLE)], profile="kids")
+    assert default.to_dict()["action"] == "review" and default.to_dict()["profile"] == "default"
+    assert kids.to_dict()["action"] == "block" and kids.to_dict()["profile"] == "kids"
+    assert kids.to_dict()["categories"]["weapons"]["threshold"] == 0.5
+    with pytest.raises(ValueError, match="unknown calibration profile 'teens'"):
+        moderator.moderate([image_bytes(PURPLE)], profile="teens")

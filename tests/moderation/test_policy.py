@@ -170,3 +170,40 @@ def test_actions_are_ordered_by_severity() -> None:
     order = [Action.ALLOW, Action.FLAG, Action.REVIEW, Action.BLOCK]
     assert [a.severity for a in order] == sorted(a.severity for a in order)
     assert len({a.severity for a in order}) == 4
+
+
+def with_profiles(profiles: dict[str, Any]) -> dict[str, Any]:
+    return {**copy.deepcopy(HAND_POLICY), "profiles": profiles}
+
+
+def test_profiles_override_thresholds_by_name() -> None:
+    policy = parse_policy(yaml.safe_dump(with_profiles(
+        {"avatars": {"weapons": {"value": 0.5}}}
+    ), sort_keys=False))
+    assert policy.profile_names() == ["default", "avatars"]
+    assert policy.threshold_for("weapons", "avatars").value == 0.5
+    assert policy.threshold_for("alcohol", "avatars").value == 0.5  # falls back: the same here
+    assert policy.threshold_for("weapons").value == 0.8
+    assert policy.threshold_for("weapons", "default").value == 0.8
+    with pytest.raises(PolicyError, match=r"unknown calibration profile 'kids'; this policy "
+                                          r"has: default, avatars"):
+        policy.threshold_for("weapons", "kids")
+    base = parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False))
+    assert policy.version != base.version
+
+
+@pytest.mark.parametrize(
+    ("profiles", "message"),
+    [
+        ({"avatars": {"guns": {"value": 0.5}}}, r"profiles\.avatars\.guns: no such category"),
+        ({"default": {"weapons": {"value": 0.5}}}, r"profiles\.default: the name is reserved"),
+        ({"Avatars": {}}, r"'Avatars' is not snake_case"),
+        ({"avatars": {"alcohol": {"value": 0.5, "review_from": 0.2}}},
+         r"profiles\.avatars\.alcohol\.review_from: only meaningful with action 'block'"),
+        ({"avatars": {"weapons": {"value": 3}}},
+         r"profiles\.avatars\.weapons\.value: Input should be less than or equal to 1"),
+    ],
+)
+def test_bad_profiles(profiles: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(yaml.safe_dump(with_profiles(profiles), sort_keys=False), source="p.yaml")
