@@ -204,14 +204,18 @@ class Encoder:
         random_weights: bool = False,
         cache_dir: str | None = None,
         batch_size: int = 16,
+        threads: int | None = None,
     ) -> Encoder:
         """Build open_clip architecture ``name`` with weights from ``pretrained``.
 
         ``pretrained`` is an open_clip tag (used from the cache, or downloaded when the hub can
         be reached) or a checkpoint file. ``config`` registers a custom architecture JSON
         first. ``random_weights=True`` (only ever on explicit request) skips the weights,
-        seeding the initialisation so that every run builds the same model.
+        seeding the initialisation so that every run builds the same model. ``threads`` sets
+        torch's intra-op thread count for this process (e.g. cores / gunicorn workers).
         """
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
         if config is not None:
             open_clip.add_model_config(str(config))
         if name not in open_clip.list_models():

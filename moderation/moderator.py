@@ -131,12 +131,14 @@ class Moderator:
         random_weights: bool = False,
         cache_dir: str | Path | None = None,
         batch_size: int = 16,
+        threads: int | None = None,
         **kwargs: Any,
     ) -> Moderator:
         """Load the policy at ``path`` and the model it names (or ``model``/``pretrained``).
 
         ``cache_dir`` holds the text-embedding cache (default: see
-        :func:`moderation.prompts.default_cache_path`).
+        :func:`moderation.prompts.default_cache_path`); ``threads`` sets torch's intra-op
+        threads (default: torch's choice). Other keyword arguments go to the constructor.
         """
         from .encoder import Encoder
 
@@ -151,6 +153,7 @@ class Moderator:
             config=spec.config if name == spec.name else None,
             random_weights=random_weights,
             batch_size=batch_size,
+            threads=threads,
         )
         cache = EmbeddingCache(
             Path(cache_dir) / "embeddings.sqlite3" if cache_dir is not None else None

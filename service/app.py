@@ -1,0 +1,305 @@
+"""The Flask application: ``create_app(config=None, moderator=None)``.
+
+Configuration comes from ``config``, else from ``MODERATION_*`` environment variables
+(``MODERATION_POLICY``, ``MODERATION_ADMIN_TOKEN``, ``MODERATION_API_KEYS``, …; see README).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from moderation import ImageError, ModerationError, Moderator, PolicyError
+from moderation.images import DecodedImage
+
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openapi import openapi_document
+from .parsing import IMAGE_FIELD, ModerateRequest, RequestError, parse_json, parse_multipart
+from .state import PolicyHolder
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app"]
+
+DEFAULTS: dict[str, Any] = {
+    "POLICY": "policies/default.yaml",
+    "MODEL": None,
+    "PRETRAINED": None,
+    "RANDOM_WEIGHTS": False,
+    "CACHE_DIR": None,
+    "TORCH_THREADS": None,
+    "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,  # bytes per request; Flask answers 413 past it
+    "MAX_IMAGES": 32,
+    "MAX_PIXELS": 64_000_000,
+    "ADMIN_TOKEN": None,
+    "API_KEYS": None,
+    "STATE_DIR": None,
+}
+
+#: HTTP status for a request whose only image failed, by the image's error code.
+IMAGE_ERROR_STATUS = {"unsupported_format": 415, "too_many_pixels": 413, "too_many_frames": 413}
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
+    return jsonify(body), status
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer ") :].strip()
+    return request.headers.get("X-API-Key")
+
+
+def _matches(given: str | None, secrets: list[str]) -> bool:
+    """Constant-time comparison against every secret (no early exit on a match)."""
+    given_bytes = (given or "").encode()
+    found = False
+    for secret in secrets:
+        found |= hmac.compare_digest(given_bytes, secret.encode())
+    return found and given is not None
+
+
+def _load_moderator(config: dict[str, Any]) -> Moderator:
+    return Moderator.from_policy(
+        config["POLICY"],
+        model=config["MODEL"],
+        pretrained=config["PRETRAINED"],
+        random_weights=bool(config["RANDOM_WEIGHTS"]),
+        cache_dir=config["CACHE_DIR"],
+        threads=config["TORCH_THREADS"],
+        max_pixels=int(config["MAX_PIXELS"]),
+    )
+
+
+def create_app(
+    config: dict[str, Any] | None = None, moderator: Moderator | None = None
+) -> Flask:
+    """Build the app. Without ``moderator``, load the policy and model the config names,
+    before the app is returned (so a gunicorn worker is ready when it accepts requests)."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # categories keep policy order
+    app.config.from_mapping(DEFAULTS)
+    if config is None:
+        app.config.from_prefixed_env("MODERATION")
+    else:
+        app.config.from_mapping(config)
+    keys = app.config["API_KEYS"]
+    api_keys = [k.strip() for k in keys.split(",") if k.strip()] if isinstance(keys, str) else (
+        list(keys or [])
+    )
+    admin_token = app.config["ADMIN_TOKEN"] or None
+    if moderator is None:
+        moderator = _load_moderator(app.config)
+    state_dir = app.config["STATE_DIR"] or os.environ.get("MODERATION_STATE_DIR")
+    holder = PolicyHolder(
+        moderator,
+        app.config["POLICY"],
+        Path(state_dir) / "policy-snapshot.json" if state_dir else None,
+    )
+    metrics = Metrics()
+    app.extensions["moderation"] = holder
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("started", 0))
+        if response.status_code >= 400 and response.is_json:
+            code = (response.get_json(silent=True) or {}).get("error", {}).get("code")
+            if code:
+                metrics.errors.labels(code).inc()
+        return response
+
+    @app.errorhandler(RequestError)
+    def request_error(e: RequestError) -> tuple[Response, int]:
+        return _error(e.status, e.code, e.message, **e.extra)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> tuple[Response, int]:
+        code = (e.name or "error").lower().replace(" ", "_")
+        if e.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            return _error(413, "request_too_large", f"the request is over {limit:,} bytes")
+        return _error(e.code or 500, code, e.description or e.name)
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "internal", "internal error; the server log has the details")
+
+    def require_api_key() -> None:
+        if api_keys and not _matches(_bearer(), api_keys):
+            raise RequestError(
+                401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
+            )
+
+    def require_admin() -> None:
+        if admin_token is None:
+            raise RequestError(
+                403,
+                "admin_disabled",
+                "admin routes are disabled: set MODERATION_ADMIN_TOKEN to enable them",
+            )
+        if not _matches(_bearer(), [admin_token]):
+            raise RequestError(
+                401, "unauthorized", "the admin token is required (Authorization: Bearer <token>)"
+            )
+
+    def parse_moderate() -> ModerateRequest:
+        max_images = int(app.config["MAX_IMAGES"])
+        if request.mimetype == "multipart/form-data":
+            files = [(f.filename, f.read()) for f in request.files.getlist(IMAGE_FIELD)]
+            form = {k: request.form.getlist(k) for k in request.form}
+            return parse_multipart(files, form, max_images)
+        if request.mimetype == "application/json":
+            body = request.get_json(silent=True)
+            if body is None:
+                raise RequestError(400, "invalid_json", "the body is not valid JSON")
+            return parse_json(body, max_images)
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            f"send multipart/form-data (files in the field '{IMAGE_FIELD}') or "
+            f"application/json; got {request.mimetype or 'no content type'}",
+        )
+
+    @app.post("/v1/moderate")
+    def moderate() -> Any:
+        require_api_key()
+        parsed = parse_moderate()
+        active = holder.current()  # this request's policy, whatever reloads happen meanwhile
+        try:
+            active.policy.threshold_for(next(iter(active.policy.categories)), parsed.profile)
+        except PolicyError as e:
+            raise RequestError(400, "unknown_profile", str(e)) from e
+
+        decoded: list[DecodedImage | ImageError] = []
+        decode_ms: list[float] = []
+        for upload in parsed.uploads:
+            started = time.perf_counter()
+            if upload.error is not None:
+                decoded.append(ImageError(*upload.error))
+            else:
+                try:
+                    decoded.append(active.decode(upload.data))
+                except ImageError as e:
+                    decoded.append(e)
+            decode_ms.append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        results = active.moderate_decoded(
+            decoded, ids=[u.id for u in parsed.uploads], profile=parsed.profile
+        )
+        model_ms = 1000 * (time.perf_counter() - started)
+
+        if len(results) == 1 and results[0].error is not None:
+            error = results[0].error
+            metrics.images.labels("error").inc()
+            return _error(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, error.message)
+
+        items = []
+        for result, ms in zip(results, decode_ms, strict=True):
+            item = result.to_dict()
+            for shared in ("policy", "model", "profile"):
+                item.pop(shared)
+            if result.decision is not None:
+                item["processing_ms"] = round(ms + model_ms, 2)
+                metrics.images.labels(result.decision.action.value).inc()
+                for cid in result.decision.triggered:
+                    action = result.decision.categories[cid].action.value
+                    metrics.flags.labels(cid, action).inc()
+            else:
+                metrics.images.labels("error").inc()
+            items.append(item)
+        return jsonify(
+            policy={"name": active.policy.name, "version": active.policy.version},
+            model=active.encoder.identity,
+            profile=parsed.profile or "default",
+            processing_ms=round(1000 * (time.perf_counter() - g.started), 2),
+            results=items,
+        )
+
+    @app.get("/v1/policy")
+    def policy() -> Any:
+        require_api_key()
+        active = holder.current()
+        p = active.policy
+        return jsonify(
+            name=p.name,
+            version=p.version,
+            description=p.description,
+            model={"spec": p.model.model_dump(mode="json"), "identity": active.encoder.identity},
+            profiles=p.profile_names(),
+            categories={
+                cid: {
+                    "description": c.description,
+                    "action": c.action,
+                    "terms": c.terms,
+                    "exceptions": c.exceptions,
+                    "thresholds": {
+                        name: p.threshold_for(cid, name).model_dump(mode="json")
+                        for name in p.profile_names()
+                    },
+                }
+                for cid, c in p.categories.items()
+            },
+        )
+
+    @app.post("/v1/policy/reload")
+    def reload() -> Any:
+        require_admin()
+        before = holder.current().policy.version
+        try:
+            active = holder.reload()
+        except PolicyError as e:
+            return _error(
+                422,
+                "invalid_policy",
+                "the policy file is not valid; the previous policy keeps serving",
+                faults=e.faults,
+            )
+        except ModerationError as e:
+            return _error(422, "invalid_policy", f"{e}; the previous policy keeps serving")
+        except OSError as e:
+            return _error(422, "invalid_policy", f"cannot read the policy file: {e}")
+        return jsonify(
+            name=active.policy.name,
+            version=active.policy.version,
+            previous_version=before,
+            changed=before != active.policy.version,
+        )
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> Any:
+        active = holder.current()
+        return jsonify(
+            status="ready",
+            policy={"name": active.policy.name, "version": active.policy.version},
+            model=active.encoder.identity,
+        )
+
+    @app.get("/openapi.json")
+    def openapi() -> Any:
+        return jsonify(openapi_document())
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

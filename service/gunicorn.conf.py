@@ -1,0 +1,55 @@
+"""gunicorn settings for ``moderation serve`` (which passes --bind and --workers).
+
+Each worker loads the model itself, after the fork: forking after torch has started its thread
+pools can hang, and a CLIP model is small next to the 24 GiB here.
+"""
+
+import os
+import shutil
+import tempfile
+
+# gthread workers: each serves `threads` requests at once; torch releases the GIL while it
+# computes, so a worker's threads overlap decoding with the model.
+worker_class = "gthread"
+# Worker processes (moderation serve --workers). One per 2 cores is a good start on a CPU.
+workers = int(os.environ.get("MODERATION_WORKERS", "1"))
+# Concurrent requests per worker.
+threads = int(os.environ.get("MODERATION_THREADS", "4"))
+# A worker silent for this long (stuck) is killed and replaced. Loading a large model takes
+# a while, so this is generous.
+timeout = 120
+# On SIGTERM/SIGHUP, workers finish the requests they have for up to this long.
+graceful_timeout = 30
+# Seconds an idle keep-alive connection stays open (upload pipelines reuse connections).
+keepalive = 5
+# Never load the app (and torch) in the master: see the module docstring.
+preload_app = False
+# Access log to stdout: method, path, status, size, time. Never bodies or headers (tokens).
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
+# Request line and header limits (gunicorn's defaults, stated).
+limit_request_line = 4094
+limit_request_fields = 100
+
+_cores = os.cpu_count() or 1
+# State shared by the workers of this server: the policy snapshot that carries a reload to
+# every worker, and prometheus_client's multiprocess files. Made fresh for each server.
+_state_dir = tempfile.mkdtemp(prefix="moderation-serve-")
+os.environ["MODERATION_STATE_DIR"] = _state_dir
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_state_dir, "metrics")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def post_fork(server, worker):  # type: ignore[no-untyped-def]
+    # Split the cores between workers so their torch thread pools don't fight.
+    os.environ.setdefault("MODERATION_TORCH_THREADS", str(max(1, _cores // server.num_workers)))
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    shutil.rmtree(_state_dir, ignore_errors=True)

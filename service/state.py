@@ -1,0 +1,99 @@
+"""The active policy of a worker, swapped atomically, and followed across gunicorn workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from moderation import Moderator
+from moderation.policy import parse_policy
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PolicyHolder"]
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class PolicyHolder:
+    """Holds the moderator a request should use.
+
+    ``current()`` is what a request calls once, at its start: a request in flight keeps the
+    moderator (and so the policy) it started with while a reload swaps in a new one.
+
+    With several workers, the worker that reloads writes the validated policy text to
+    ``snapshot`` (atomically); every other worker notices the new file on its next request
+    and switches to it. A worker busy switching keeps serving the old policy meanwhile.
+    """
+
+    def __init__(
+        self, moderator: Moderator, policy_path: str | Path | None, snapshot: Path | None = None
+    ) -> None:
+        self._moderator = moderator
+        self.policy_path = Path(policy_path) if policy_path is not None else None
+        self.snapshot = snapshot
+        self._lock = threading.Lock()
+        self._seen = _stamp(snapshot) if snapshot is not None else None
+
+    def current(self) -> Moderator:
+        if self.snapshot is not None:
+            stamp = _stamp(self.snapshot)
+            if stamp != self._seen and self._lock.acquire(blocking=False):
+                try:
+                    self._follow(stamp)
+                finally:
+                    self._lock.release()
+        return self._moderator
+
+    def reload(self) -> Moderator:
+        """Read the policy file again; raise (keeping the old policy) if it is not valid."""
+        if self.policy_path is None:
+            raise RuntimeError("this service was not started from a policy file")
+        with self._lock:
+            text = self.policy_path.read_text(encoding="utf-8")
+            policy = parse_policy(
+                text, source=self.policy_path.name, base_dir=self.policy_path.parent
+            )
+            self._moderator = self._moderator.with_policy(policy)
+            if self.snapshot is not None:
+                self._write_snapshot(text)
+        log.info("policy %s version %s is active", policy.name, policy.version)
+        return self._moderator
+
+    def _write_snapshot(self, text: str) -> None:
+        assert self.snapshot is not None and self.policy_path is not None
+        record: dict[str, Any] = {
+            "text": text,
+            "source": self.policy_path.name,
+            "base_dir": str(self.policy_path.parent),
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.snapshot.parent, prefix=".snapshot-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        os.replace(tmp, self.snapshot)
+        self._seen = _stamp(self.snapshot)
+
+    def _follow(self, stamp: tuple[int, int, int] | None) -> None:
+        assert self.snapshot is not None
+        try:
+            record = json.loads(self.snapshot.read_text(encoding="utf-8"))
+            policy = parse_policy(
+                record["text"], source=record["source"], base_dir=Path(record["base_dir"])
+            )
+            if policy.version != self._moderator.policy.version:
+                self._moderator = self._moderator.with_policy(policy)
+                log.info("followed reload: policy version %s is active", policy.version)
+        except Exception:  # keep serving the policy we have
+            log.exception("could not follow the policy snapshot %s", self.snapshot)
+        self._seen = stamp
