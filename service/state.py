@@ -91,9 +91,8 @@ class PolicyHolder:
             policy = parse_policy(
                 record["text"], source=record["source"], base_dir=Path(record["base_dir"])
             )
-            if policy.version != self._moderator.policy.version:
-                self._moderator = self._moderator.with_policy(policy)
-                log.info("followed reload: policy version %s is active", policy.version)
+            self._moderator = self._moderator.with_policy(policy)
+            log.info("followed reload: policy version %s is active", policy.version)
         except Exception:  # keep serving the policy we have
             log.exception("could not follow the policy snapshot %s", self.snapshot)
         self._seen = stamp

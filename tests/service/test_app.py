@@ -1,0 +1,298 @@
+"""Every endpoint and every error, through Flask's test client with a fake moderator."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+
+from service.app import create_app
+from tests.conftest import BLUE, GREEN, HAND_POLICY, PURPLE, RED, FakeEncoder, image_bytes
+from tests.service.conftest import ADMIN
+
+
+def files(*items: tuple[bytes, str]) -> dict[str, Any]:
+    return {"image": [(io.BytesIO(data), name) for data, name in items]}
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def test_moderate_multipart(client: FlaskClient) -> None:
+    r = client.post("/v1/moderate", data=files((image_bytes(RED), "r.png"),
+                                               (image_bytes(GREEN, "JPEG"), "g.jpg")))
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["policy"]["name"] == "hand" and len(body["policy"]["version"]) == 12
+    assert body["model"] == "fake/hand-made" and body["profile"] == "default"
+    red, green = body["results"]
+    assert red["id"] == "r.png" and red["action"] == "block" and red["flagged"] is True
+    assert list(red["categories"]) == ["weapons", "alcohol"]  # policy order
+    weapons = red["categories"]["weapons"]
+    assert weapons["threshold"] == 0.8 and weapons["action"] == "block"
+    assert weapons["top_terms"][0]["text"] == "rifle"
+    assert red["processing_ms"] > 0 and red["frame"] == 0
+    assert green["action"] == "flag"
+
+
+def test_moderate_json_with_ids_and_profile(make_app: Callable[..., Flask],
+                                            policy_path: Path) -> None:
+    data = dict(HAND_POLICY, profiles={"kids": {"weapons": {"value": 0.5}}})
+    policy_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    client = make_app().test_client()
+    payload = {
+        "images": [{"id": "u1", "data": base64.b64encode(image_bytes(PURPLE)).decode()}],
+        "profile": "kids",
+    }
+    r = client.post("/v1/moderate", json=payload)
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert body["profile"] == "kids"
+    assert body["results"][0]["id"] == "u1" and body["results"][0]["action"] == "block"
+    r = client.post("/v1/moderate", json=dict(payload, profile=None))
+    assert r.get_json()["results"][0]["action"] == "review"
+
+
+def test_one_bad_image_does_not_fail_the_batch(client: FlaskClient) -> None:
+    r = client.post("/v1/moderate", data=files((image_bytes(RED), "ok.png"),
+                                               (b"%PDF-1.4", "doc.pdf"),
+                                               (image_bytes(BLUE, "JPEG")[:40], "cut.jpg")))
+    assert r.status_code == 200
+    ok, pdf, cut = r.get_json()["results"]
+    assert ok["action"] == "block"
+    assert pdf == {"id": "doc.pdf", "error": {
+        "code": "unsupported_format",
+        "message": "not an image in a supported format; accepted: JPEG, PNG, GIF, WEBP, BMP, "
+                   "TIFF"}}
+    assert cut["error"]["code"] == "corrupt_image"
+
+
+def test_animation_reports_its_worst_frame(client: FlaskClient) -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in (GREEN, BLUE, RED)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    r = client.post("/v1/moderate", data=files((buffer.getvalue(), "a.gif")))
+    result = r.get_json()["results"][0]
+    assert result["action"] == "block" and result["frame"] == 2 and result["frames_scored"] == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"just text", 415, "unsupported_format"),
+        (image_bytes(RED, "JPEG")[:50], 400, "corrupt_image"),
+        (b"", 400, "empty"),
+    ],
+)
+def test_a_single_bad_image_is_an_http_error(client: FlaskClient, data: bytes, status: int,
+                                             code: str) -> None:
+    r = client.post("/v1/moderate", data=files((data, "x")))
+    assert r.status_code == status
+    assert r.get_json()["error"]["code"] == code
+
+
+def test_pixel_limit_and_bombs(make_app: Callable[..., Flask], fake_encoder: FakeEncoder,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+
+    moderator = Moderator(parse_policy(yaml.safe_dump(HAND_POLICY)), fake_encoder, max_pixels=100)
+    client = create_app({"ADMIN_TOKEN": ADMIN}, moderator=moderator).test_client()
+    r = client.post("/v1/moderate", data=files((image_bytes(RED, size=(20, 20)), "big.png")))
+    assert r.status_code == 413 and r.get_json()["error"]["code"] == "too_many_pixels"
+    assert "20x20 = 400 pixels; the limit is 100" in r.get_json()["error"]["message"]
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    client = create_app({"ADMIN_TOKEN": ADMIN}, moderator=Moderator(
+        parse_policy(yaml.safe_dump(HAND_POLICY)), fake_encoder)).test_client()
+    r = client.post("/v1/moderate", data=files((image_bytes(RED, size=(20, 20)), "bomb.png")))
+    assert r.status_code == 413 and "decompression bomb" in r.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code", "message"),
+    [
+        ({"data": "plain", "content_type": "text/plain"}, 415, "unsupported_media_type",
+         "send multipart/form-data"),
+        ({"data": b"{not json", "content_type": "application/json"}, 400, "invalid_json",
+         "not valid JSON"),
+        ({"data": {"other": (io.BytesIO(b"x"), "x")}}, 400, "missing_field",
+         "no image in the request"),
+        ({"json": {"images": [{"data": "aGk="}] * 5}}, 413, "too_many_images", "at most 4"),
+        ({"json": {"images": [{"data": "aGk="}], "profile": "nope"}}, 400, "unknown_profile",
+         "unknown calibration profile 'nope'"),
+        ({"data": b"x" * 3000, "content_type": "application/json"}, 413, "request_too_large",
+         "over 2,000 bytes"),
+    ],
+)
+def test_malformed_requests(make_app: Callable[..., Flask], kwargs: dict[str, Any], status: int,
+                            code: str, message: str) -> None:
+    client = make_app(MAX_IMAGES=4, MAX_CONTENT_LENGTH=2000).test_client()
+    r = client.post("/v1/moderate", **kwargs)
+    assert r.status_code == status, r.get_data(as_text=True)
+    assert r.get_json()["error"]["code"] == code
+    assert message in r.get_json()["error"]["message"]
+
+
+def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
+    r = client.get("/v1/moderate")
+    assert r.status_code == 405 and r.get_json()["error"]["code"] == "method_not_allowed"
+
+
+def test_an_internal_error_is_json_without_a_traceback(app: Flask,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    holder = app.extensions["moderation"]
+    monkeypatch.setattr(holder.current().encoder, "encode_images",
+                        lambda images: 1 / 0)
+    r = app.test_client().post("/v1/moderate", data=files((image_bytes(RED), "r.png")))
+    assert r.status_code == 500
+    assert r.get_json() == {"error": {"code": "internal",
+                                      "message": "internal error; the server log has the details"}}
+
+
+def test_api_keys(make_app: Callable[..., Flask]) -> None:
+    client = make_app(API_KEYS="k1, k2").test_client()
+    upload = files((image_bytes(RED), "r.png"))
+    r = client.post("/v1/moderate", data=upload)
+    assert r.status_code == 401 and r.get_json()["error"]["code"] == "unauthorized"
+    r = client.post("/v1/moderate", data=files((image_bytes(RED), "r.png")),
+                    headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    r = client.post("/v1/moderate", data=files((image_bytes(RED), "r.png")),
+                    headers={"Authorization": "Bearer k2"})
+    assert r.status_code == 200
+    r = client.get("/v1/policy", headers={"X-API-Key": "k1"})
+    assert r.status_code == 200
+    assert client.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_policy_endpoint_shows_thresholds_and_provenance(client: FlaskClient) -> None:
+    body = client.get("/v1/policy").get_json()
+    assert body["name"] == "hand" and body["profiles"] == ["default"]
+    weapons = body["categories"]["weapons"]
+    assert weapons["thresholds"]["default"] == {
+        "value": 0.8, "review_from": 0.6,
+        "provenance": {"source": "uncalibrated", "note": None},
+    }
+    assert weapons["exceptions"] == ["toy gun"]
+    assert body["model"]["identity"] == "fake/hand-made"
+
+
+def test_admin_routes_need_a_configured_token(make_app: Callable[..., Flask]) -> None:
+    client = make_app(ADMIN_TOKEN=None).test_client()
+    r = client.post("/v1/policy/reload", headers=admin())
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "admin_disabled"
+    assert "MODERATION_ADMIN_TOKEN" in r.get_json()["error"]["message"]
+
+
+def test_reload_needs_the_admin_token(client: FlaskClient) -> None:
+    assert client.post("/v1/policy/reload").status_code == 401
+    r = client.post("/v1/policy/reload", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+
+
+def test_reload_valid_then_invalid(client: FlaskClient, policy_path: Path) -> None:
+    before = client.get("/v1/policy").get_json()["version"]
+    data = dict(HAND_POLICY)
+    data["categories"] = dict(HAND_POLICY["categories"])
+    data["categories"]["weapons"] = dict(HAND_POLICY["categories"]["weapons"],
+                                         threshold={"value": 0.99})
+    policy_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = client.post("/v1/policy/reload", headers=admin())
+    assert r.status_code == 200
+    new = r.get_json()
+    assert new["previous_version"] == before and new["changed"] and new["version"] != before
+    r = client.post("/v1/moderate", data=files((image_bytes(RED), "r.png")))
+    assert r.get_json()["policy"]["version"] == new["version"]
+    assert r.get_json()["results"][0]["action"] == "allow"  # 0.95 < 0.99 now
+
+    policy_path.write_text("name: broken\ncategories: {}\n")
+    r = client.post("/v1/policy/reload", headers=admin())
+    assert r.status_code == 422
+    error = r.get_json()["error"]
+    assert error["code"] == "invalid_policy" and "previous policy keeps serving" in error["message"]
+    assert "policy.yaml: model: missing key" in error["faults"]
+    assert client.get("/v1/policy").get_json()["version"] == new["version"]
+
+
+def test_a_request_in_flight_finishes_on_its_policy(app: Flask, policy_path: Path) -> None:
+    holder = app.extensions["moderation"]
+    old = holder.current()
+    entered, release = threading.Event(), threading.Event()
+    real = old.encoder.encode_images
+
+    def slow(images):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(5)
+        return real(images)
+
+    old.encoder.encode_images = slow
+    responses: list[Any] = []
+    worker = threading.Thread(target=lambda: responses.append(app.test_client().post(
+        "/v1/moderate", data=files((image_bytes(RED), "r.png")))))
+    worker.start()
+    assert entered.wait(5)
+    data = dict(HAND_POLICY, templates=["a {}"])
+    policy_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    reloaded = app.test_client().post("/v1/policy/reload", headers=admin()).get_json()
+    release.set()
+    worker.join(5)
+    old.encoder.encode_images = real
+    assert responses[0].get_json()["policy"] == {"name": "hand", "version": old.policy.version}
+    assert reloaded["version"] != old.policy.version
+
+
+def test_reload_reaches_every_worker(fake_encoder: FakeEncoder, policy_path: Path,
+                                     tmp_path: Path) -> None:
+    """Two apps sharing a state dir stand for two gunicorn workers."""
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+
+    def worker() -> FlaskClient:
+        moderator = Moderator(parse_policy(policy_path.read_text()), fake_encoder)
+        return create_app({"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN,
+                           "STATE_DIR": str(tmp_path)}, moderator=moderator).test_client()
+
+    a, b = worker(), worker()
+    policy_path.write_text(yaml.safe_dump(dict(HAND_POLICY, name="next"), sort_keys=False))
+    version = a.post("/v1/policy/reload", headers=admin()).get_json()["version"]
+    assert b.get("/v1/policy").get_json()["version"] == version
+    r = b.post("/v1/moderate", data=files((image_bytes(RED), "r.png")))
+    assert r.get_json()["policy"] == {"name": "next", "version": version}
+
+
+def test_health_ready_openapi_metrics(client: FlaskClient) -> None:
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz").get_json()
+    assert ready["status"] == "ready" and ready["model"] == "fake/hand-made"
+    assert client.get("/openapi.json").get_json()["openapi"].startswith("3.")
+    client.post("/v1/moderate", data=files((image_bytes(RED), "r.png")))
+    client.post("/v1/moderate", data=files((b"junk", "x")))
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'moderation_images_total{action="block"} 1.0' in text
+    assert 'moderation_category_flags_total{action="block",category="weapons"} 1.0' in text
+    assert 'moderation_errors_total{code="unsupported_format"} 1.0' in text
+    assert 'moderation_http_request_seconds_count{endpoint="/v1/moderate"} 2.0' in text
+
+
+def test_tokens_and_image_bytes_are_never_logged(make_app: Callable[..., Flask],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    client = make_app(API_KEYS="topsecretkey").test_client()
+    with caplog.at_level("DEBUG"):
+        client.post("/v1/moderate", data=files((b"SECRETPIXELS", "x")),
+                    headers={"Authorization": "Bearer topsecretkey"})
+        client.post("/v1/policy/reload", headers=admin())
+    assert "topsecretkey" not in caplog.text and ADMIN not in caplog.text
+    assert "SECRETPIXELS" not in caplog.text

@@ -1,0 +1,87 @@
+"""The OpenAPI document is checked against real responses (openapi-core validates each
+request and response against it)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from openapi_core import OpenAPI
+from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
+
+from tests.conftest import BLUE, RED, image_bytes
+from tests.service.conftest import ADMIN
+
+
+def described(response: Any) -> WerkzeugOpenAPIRequest:
+    """The request a response answered (method and path; its body was consumed already)."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    sent = response.request
+    return WerkzeugOpenAPIRequest(Request(EnvironBuilder(path=sent.path,
+                                                         method=sent.method).get_environ()))
+
+
+@pytest.fixture
+def spec(client) -> OpenAPI:  # type: ignore[no-untyped-def]
+    return OpenAPI.from_dict(client.get("/openapi.json").get_json())
+
+
+def upload(*items: tuple[bytes, str]) -> dict[str, Any]:
+    return {"data": {"image": [(io.BytesIO(d), n) for d, n in items]}}
+
+
+B64 = base64.b64encode(image_bytes(RED)).decode()
+CASES: list[tuple[str, str, dict[str, Any], int]] = [
+    ("post", "/v1/moderate", upload((image_bytes(RED), "a.png"), (b"junk", "b")), 200),
+    ("post", "/v1/moderate", {"json": {"images": [{"data": B64, "id": "x"}]}}, 200),
+    ("post", "/v1/moderate", upload((b"junk", "b")), 415),
+    ("post", "/v1/moderate", upload((image_bytes(BLUE, "JPEG")[:30], "c")), 400),
+    ("post", "/v1/moderate", {"json": {"images": [{"data": B64}], "profile": "zzz"}}, 400),
+    ("post", "/v1/moderate", {"json": {"images": [{"data": B64}] * 40}}, 413),
+    ("get", "/v1/policy", {}, 200),
+    ("post", "/v1/policy/reload", {"headers": {"Authorization": f"Bearer {ADMIN}"}}, 200),
+    ("post", "/v1/policy/reload", {}, 401),
+    ("get", "/healthz", {}, 200),
+    ("get", "/readyz", {}, 200),
+    ("get", "/metrics", {}, 200),
+    ("get", "/openapi.json", {}, 200),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status"), CASES,
+                         ids=[f"{m} {p} {s}" for m, p, _, s in CASES])
+def test_real_responses_match_the_document(app: Flask, spec: OpenAPI, method: str, path: str,
+                                           kwargs: dict[str, Any], status: int) -> None:
+    response = getattr(app.test_client(), method)(path, **kwargs)
+    assert response.status_code == status, response.get_data(as_text=True)
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_invalid_policy_reload_matches_the_document(make_app: Callable[..., Flask],
+                                                    policy_path: Path, spec: OpenAPI) -> None:
+    client = make_app().test_client()
+    policy_path.write_text("name: x\n")
+    response = client.post(
+        "/v1/policy/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert response.status_code == 422
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_a_response_that_breaks_the_document_is_caught(app: Flask, spec: OpenAPI) -> None:
+    """The check can fail: a decision without its action does not validate."""
+    from openapi_core.validation.response.exceptions import InvalidData
+
+    response = app.test_client().post("/v1/moderate", **upload((image_bytes(RED), "a.png")))
+    body = response.get_json()
+    del body["results"][0]["action"]
+    response.set_data(json.dumps(body))
+    with pytest.raises(InvalidData):
+        spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
