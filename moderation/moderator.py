@@ -49,6 +49,7 @@ class ModerationResult:
     id: str | None
     policy: str
     policy_version: str
+    scores_version: str
     model: str
     profile: str = DEFAULT_PROFILE
     decision: Decision | None = None
@@ -64,7 +65,11 @@ class ModerationResult:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
-            "policy": {"name": self.policy, "version": self.policy_version},
+            "policy": {
+                "name": self.policy,
+                "version": self.policy_version,
+                "scores_version": self.scores_version,
+            },
             "model": self.model,
             "profile": self.profile,
         }
@@ -229,13 +234,14 @@ class Moderator:
                 self.policy,
                 profile,
             )
-        version = self.policy.version
+        version, scores_version = self.policy.version, self.policy.scores_version
 
         def result(item_id: str | None, **fields: Any) -> ModerationResult:
             return ModerationResult(
                 id=item_id,
                 policy=self.policy.name,
                 policy_version=version,
+                scores_version=scores_version,
                 model=self.encoder.identity,
                 profile=profile or DEFAULT_PROFILE,
                 **fields,

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,8 @@ from .errors import PolicyError
 
 __all__ = [
     "Action",
+    "Goal",
+    "Target",
     "Category",
     "ModelSpec",
     "Policy",
@@ -170,6 +173,27 @@ def _check_unique(items: list[str], what: str) -> list[str]:
     return items
 
 
+class Goal(_Strict):
+    """One calibration target: a minimum precision (maximise recall subject to it) or a
+    minimum recall (maximise precision subject to it)."""
+
+    precision: Fraction | None = None
+    recall: Fraction | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Goal:
+        if (self.precision is None) == (self.recall is None):
+            raise ValueError("give exactly one of precision or recall")
+        return self
+
+
+class Target(Goal):
+    """What calibration aims for: the threshold ``value`` meets this goal; with action
+    ``block``, ``review`` optionally places ``review_from`` to meet a second goal."""
+
+    review: Goal | None = None
+
+
 class Category(_Strict):
     description: Text
     terms: Annotated[list[Text], Field(min_length=1)]
@@ -177,6 +201,9 @@ class Category(_Strict):
     templates: Annotated[list[str], Field(min_length=1)] | None = None
     action: Literal["flag", "review", "block"]
     threshold: Threshold
+    target: Target | None = Field(
+        default=None, description="calibration target for this category's threshold"
+    )
 
     @field_validator("terms", "exceptions")
     @classmethod
@@ -190,6 +217,11 @@ class Category(_Strict):
 
     @model_validator(mode="after")
     def _band_needs_block(self) -> Category:
+        if self.target is not None and self.target.review is not None and self.action != "block":
+            raise ValueError(
+                f"target.review is only meaningful with action 'block' (got action "
+                f"'{self.action}')"
+            )
         if self.threshold.review_from is not None and self.action != "block":
             raise ValueError(
                 f"threshold.review_from is only meaningful with action 'block' "
@@ -264,7 +296,7 @@ class Policy(_Strict):
         """The templates a category's terms and exceptions are expanded with."""
         return self.categories[category_id].templates or self.templates
 
-    @property
+    @cached_property
     def version(self) -> str:
         """A stable hash of everything that affects decisions (not descriptions or notes)."""
         decisive: dict[str, Any] = {
@@ -282,6 +314,20 @@ class Policy(_Strict):
             "profiles": {
                 name: {cid: [t.value, t.review_from] for cid, t in sorted(thresholds.items())}
                 for name, thresholds in sorted(self.profiles.items())
+            },
+        }
+        blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @cached_property
+    def scores_version(self) -> str:
+        """A hash of what determines scores (model, templates, terms, exceptions), not
+        thresholds: scores saved under one scores_version can be calibrated again."""
+        decisive = {
+            "model": self.model.model_dump(mode="json"),
+            "categories": {
+                cid: [c.terms, c.exceptions, self.templates_for(cid)]
+                for cid, c in sorted(self.categories.items())
             },
         }
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()

@@ -38,7 +38,8 @@ def test_one_result_per_input_in_order(moderator: Moderator, tmp_path: Path) -> 
     assert [r.id for r in results] == ["r", "b", "g", "p"]
     assert [r.to_dict()["action"] for r in results] == ["block", "allow", "flag", "review"]
     first = results[0].to_dict()
-    assert first["policy"] == {"name": "hand", "version": moderator.policy.version}
+    assert first["policy"] == {"name": "hand", "version": moderator.policy.version,
+                               "scores_version": moderator.policy.scores_version}
     assert first["model"] == "fake/hand-made"
     assert first["triggered"] == ["weapons"] and first["flagged"] is True
     assert first["categories"]["weapons"]["top_terms"][0]["text"] == "rifle"
