@@ -22,28 +22,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.images import photo_like_jpegs  # noqa: E402
 from moderation.cli import run_scan  # noqa: E402
 from moderation.encoder import Encoder, RandomWeightsWarning  # noqa: E402
 from moderation.moderator import Moderator  # noqa: E402
 from moderation.policy import load_policy  # noqa: E402
 from moderation.prompts import EmbeddingCache  # noqa: E402
-
-
-def photo_like_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
-    """Distinct, reproducible photo-like JPEGs: smooth colour fields plus sensor-like noise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        path = folder / f"photo_{size[0]}x{size[1]}_{seed}_{i:03d}.jpg"
-        if not path.exists():
-            coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-            field = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))
-            noise = rng.normal(0, 6, field.shape).astype(np.int16)
-            pixels = np.clip(field.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(path, "JPEG", quality=92)
-        paths.append(path)
-    return paths
 
 
 def timed(fn, repeat: int = 1) -> float:  # type: ignore[no-untyped-def]
@@ -93,7 +77,7 @@ def main() -> None:
     print(f"policy load, warm cache:          {warm * 1000:8.1f} ms  "
           f"(cold/warm = {cold / warm:.0f}x)")
 
-    files = photo_like_jpegs(Path(args.data), args.images, (4000, 3000))
+    files = photo_like_jpegs(args.images, (4000, 3000), folder=Path(args.data))
     mb = np.mean([f.stat().st_size for f in files]) / 1e6
     moderator = Moderator(policy, encoder, None)
 

@@ -165,6 +165,16 @@ class Moderator:
         )
         return cls(policy, encoder, cache, **kwargs)
 
+    def with_encoder(self, encoder: ImageTextEncoder) -> Moderator:
+        """The same policy with another encoder of the same model (e.g. a batching one)."""
+        return Moderator(
+            self.policy,
+            encoder,
+            self.cache,
+            max_pixels=self.max_pixels,
+            max_frames=self.max_frames,
+        )
+
     def with_policy(self, policy: Policy) -> Moderator:
         """A moderator for another policy that shares this one's encoder and cache."""
         return Moderator(

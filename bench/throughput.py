@@ -1,0 +1,278 @@
+"""End-to-end throughput of `moderation serve` on loopback, next to the bare model's speed.
+
+    .venv/bin/python bench/throughput.py
+    .venv/bin/python bench/throughput.py --workers 1 --threads 8 --max-batch 16 --max-wait-ms 5
+
+In one run, on one machine, with ViT-B-32 and --random-weights (same compute as real weights):
+  R        the bare model's batched forward (images/s) on preprocessed tensors
+  T_large  server throughput for distinct 12-MP JPEG uploads (2-4 MB), N concurrent clients
+  T_small  the same with 512-px thumbnails
+  latency  p50/p95 of one client sending one 12-MP image at a time, next to the bare
+           batch-1 forward + draft decode measured here too
+  memory   peak RSS of the server's processes
+The load generator sends only to 127.0.0.1, is bounded in requests and seconds, and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.images import OUT, photo_like_jpegs, thumbnails  # noqa: E402
+
+MAX_SECONDS = 120  # per load phase, whatever the request count
+
+
+def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
+    boundary = f"bench{os.urandom(8).hex()}"
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+        f"filename=\"{filename}\"\r\nContent-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int
+         ) -> tuple[int, int, float, list[float]]:
+    """Send ``total`` requests from ``clients`` threads; returns (ok, failed, seconds,
+    latencies)."""
+    lock = threading.Lock()
+    state = {"next": 0, "ok": 0, "failed": 0}
+    latencies: list[float] = []
+    deadline = time.monotonic() + MAX_SECONDS
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while time.monotonic() < deadline:
+            with lock:
+                i = state["next"]
+                if i >= total:
+                    break
+                state["next"] += 1
+            body, content_type = bodies[i % len(bodies)]
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/moderate", body, {"Content-Type": content_type})
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            elapsed = time.perf_counter() - started
+            with lock:
+                state["ok" if ok else "failed"] += 1
+                if ok:
+                    latencies.append(elapsed)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return state["ok"], state["failed"], time.perf_counter() - started, latencies
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process and its children, in MB."""
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    total = 0.0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+def _best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+class BareModel:
+    """The model alone, in this process, with torch's default threads (all cores)."""
+
+    def __init__(self, model: str) -> None:
+        from moderation.encoder import Encoder, RandomWeightsWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            self.encoder = Encoder.load(model, random_weights=True)
+
+    def images_per_second(self, batch: int = 16) -> float:
+        """R: batched forward on preprocessed tensors."""
+        import torch
+
+        pixels = torch.randn(batch, 3, self.encoder.image_size, self.encoder.image_size)
+        self.encoder.encode_pixels(pixels)
+        return batch / _best(lambda: self.encoder.encode_pixels(pixels), 3)
+
+    def batch1_seconds(self) -> float:
+        import torch
+
+        one = torch.randn(1, 3, self.encoder.image_size, self.encoder.image_size)
+        self.encoder.encode_pixels(one)
+        return statistics.median(
+            [_best(lambda: self.encoder.encode_pixels(one), 1) for _ in range(7)]
+        )
+
+    def decode_seconds(self, data: bytes) -> float:
+        from moderation.images import decode_image
+
+        return statistics.median(
+            [_best(lambda: decode_image(data, draft_size=self.encoder.image_size), 1)
+             for _ in range(5)]
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--torch-threads", type=int, help="per worker (default: cores/workers)")
+    parser.add_argument("--max-batch", type=int, help="server batcher (MODERATION_BATCH_MAX)")
+    parser.add_argument("--max-wait-ms", type=float, help="server batcher wait")
+    parser.add_argument("--trace", choices=["true", "false"], help="MODERATION_TRACE")
+    parser.add_argument("--switch-interval", type=float, help="MODERATION_GIL_SWITCH_INTERVAL")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--large", type=int, default=96, help="12-MP requests")
+    parser.add_argument("--small", type=int, default=160, help="512-px requests")
+    parser.add_argument("--latency", type=int, default=25, help="sequential 12-MP requests")
+    parser.add_argument("--images", type=int, default=32, help="distinct images per size")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    large = photo_like_jpegs(args.images, (4000, 3000))
+    small = thumbnails(large)
+    large_bodies = [multipart(p.read_bytes(), p.name) for p in large]
+    small_bodies = [multipart(p.read_bytes(), p.name) for p in small]
+    mb = statistics.mean(len(b) for b, _ in large_bodies) / 1e6
+
+    bare = BareModel(args.model)
+    r_before = bare.images_per_second()
+    batch1 = bare.batch1_seconds()
+    decode = bare.decode_seconds(large[0].read_bytes())
+
+    port = free_port()
+    env = dict(os.environ, MODERATION_CACHE_DIR=str(OUT / "cache"))
+    for key, value in (("TORCH_THREADS", args.torch_threads), ("BATCH_MAX", args.max_batch),
+                       ("BATCH_MAX_WAIT_MS", args.max_wait_ms), ("TRACE", args.trace),
+                       ("GIL_SWITCH_INTERVAL", args.switch_interval)):
+        if value is not None:
+            env[f"MODERATION_{key}"] = str(value)
+    log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moderation.cli", "serve", "--random-weights",
+         "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
+         "--workers", str(args.workers), "--threads", str(args.threads)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                sys.exit("server did not start:\n" + log.read())
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/readyz")
+                if conn.getresponse().status == 200:
+                    break
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.5)
+        # every worker warm: a few rounds of concurrent requests
+        load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients)
+
+        ok_l, bad_l, sec_l, _ = load(port, large_bodies, args.large, args.clients)
+        ok_s, bad_s, sec_s, _ = load(port, small_bodies, args.small, args.clients)
+        ok_1, bad_1, _, lat = load(port, large_bodies, args.latency, 1)
+        peak = peak_rss_mb(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        os.unlink(log.name)
+
+    # R again, with the server gone: the machine is shared and noisy, so the higher of the
+    # two (the harder bar for the server) is the one the ratios use
+    r_after = bare.images_per_second()
+    r = max(r_before, r_after)
+    t_large, t_small = ok_l / sec_l, ok_s / sec_s
+    p50 = statistics.median(lat)
+    p95 = sorted(lat)[max(0, int(round(0.95 * len(lat))) - 1)]
+    reference = batch1 + decode
+    figures = {
+        "config": {k: getattr(args, k) for k in ("workers", "threads", "torch_threads",
+                                                 "max_batch", "max_wait_ms", "trace",
+                                                 "switch_interval", "clients")},
+        "R_before": r_before, "R_after": r_after,
+        "cores": os.cpu_count(),
+        "R": r, "T_large": t_large, "T_small": t_small,
+        "T_large/R": t_large / r, "T_small/R": t_small / r,
+        "p50_ms": 1000 * p50, "p95_ms": 1000 * p95,
+        "batch1_forward_ms": 1000 * batch1, "draft_decode_ms": 1000 * decode,
+        "p50/(batch1+decode)": p50 / reference,
+        "failed": bad_l + bad_s + bad_1, "peak_rss_mb": peak,
+    }
+    print(f"machine: {os.cpu_count()} cores; server: {args.workers} worker(s) x "
+          f"{args.threads} threads, torch threads {args.torch_threads or 'cores/workers'}, "
+          f"batcher max {args.max_batch or 'default'} wait {args.max_wait_ms or 'default'} ms, "
+          f"trace {args.trace or 'default'}, GIL switch {args.switch_interval or 'default'}")
+    print(f"R  bare model, batch 16:         {r:7.2f} images/s   (before the server "
+          f"{r_before:.2f}, after {r_after:.2f}: the higher is used)")
+    print(f"T_large  12-MP ({mb:.1f} MB), {args.clients} clients: {t_large:7.2f} images/s   "
+          f"T_large/R = {t_large / r:.2f}   ({ok_l} ok, {bad_l} failed)")
+    print(f"T_small  512-px, {args.clients} clients:      {t_small:7.2f} images/s   "
+          f"T_small/R = {t_small / r:.2f}   ({ok_s} ok, {bad_s} failed)")
+    print(f"latency  1 client, 12-MP:        p50 {1000 * p50:6.1f} ms  p95 {1000 * p95:6.1f} ms"
+          f"   ({ok_1} ok, {bad_1} failed)")
+    print(f"reference  batch-1 forward {1000 * batch1:.1f} ms + draft decode "
+          f"{1000 * decode:.1f} ms = {1000 * reference:.1f} ms;  p50/reference = "
+          f"{p50 / reference:.2f}")
+    print(f"peak RSS of the server processes: {peak:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
