@@ -57,6 +57,8 @@ class ModerationResult:
     frame: int | None = None
     frames_scored: int = 0
     image: dict[str, Any] | None = None
+    #: the decided frame's image embedding, ndarray of shape (dim,), float32 (not in to_dict)
+    embedding: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -238,8 +240,9 @@ class Moderator:
             raise ValueError(f"got {len(decoded)} images but {len(ids)} ids")
         frames = [f for d in decoded if isinstance(d, DecodedImage) for f in d.frames]
         if frames:
+            vectors = self.encoder.encode_images(frames)
             decisions = decide(
-                score_images(self.encoder.encode_images(frames), self.text),
+                score_images(vectors, self.text),
                 self.text,
                 self.policy,
                 profile,
@@ -264,12 +267,14 @@ class Moderator:
                 results.append(result(item_id, error=item))
                 continue
             mine = decisions[offset : offset + len(item.frames)]
-            offset += len(item.frames)
             pick = worst(mine)
+            embedding = vectors[offset + pick]
+            offset += len(item.frames)
             results.append(
                 result(
                     item_id,
                     decision=mine[pick],
+                    embedding=embedding,
                     frame=item.frame_indices[pick],
                     frames_scored=len(item.frames),
                     image={

@@ -6,7 +6,9 @@ Configuration comes from ``config``, else from ``MODERATION_*`` environment vari
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import hmac
 import logging
 import os
@@ -21,10 +23,19 @@ from werkzeug.exceptions import HTTPException
 from moderation import ImageError, ModerationError, Moderator, PolicyError
 from moderation.images import DecodedImage
 
+from .dashboard import render_dashboard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import openapi_document
 from .parsing import IMAGE_FIELD, ModerateRequest, RequestError, parse_json, parse_multipart
 from .state import PolicyHolder
+from .store import (
+    BUCKETS,
+    DecisionRecord,
+    DecisionStore,
+    Recorder,
+    default_database_url,
+    parse_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +61,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_IMAGES": 32,
     "MAX_PIXELS": 64_000_000,
     "ADMIN_TOKEN": None,
+    "READER_TOKEN": None,  # for the decision log API and the dashboard (admin works too)
     "API_KEYS": None,
+    # Where decisions are recorded: sqlite:///path or postgresql://… (default: a SQLite
+    # file under $XDG_DATA_HOME/moderation); RECORD_DECISIONS false turns recording off.
+    "DATABASE_URL": None,
+    "RECORD_DECISIONS": True,
+    "RETENTION_DAYS": 90,
     "STATE_DIR": None,
 }
 
@@ -77,6 +94,35 @@ def _matches(given: str | None, secrets: list[str]) -> bool:
     for secret in secrets:
         found |= hmac.compare_digest(given_bytes, secret.encode())
     return found and given is not None
+
+
+TOKEN_COOKIE = "moderation_token"
+
+
+def _time_arg(name: str) -> float | None:
+    """A time query parameter: unix seconds, ISO 8601, or an age (``24h``, ``7d``)."""
+    value = request.args.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise RequestError(400, "invalid_field", f"{name}: {e}") from e
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    value = request.args.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise RequestError(
+            400, "invalid_field", f"{name} must be an integer from {low} to {high}; got {value!r}"
+        )
+    return number
 
 
 def _load_moderator(config: dict[str, Any]) -> Moderator:
@@ -132,6 +178,12 @@ def create_app(
     )
     metrics = Metrics()
     app.extensions["moderation"] = holder
+    reader_tokens = [t for t in (app.config["READER_TOKEN"], admin_token) if t]
+    store = DecisionStore(app.config["DATABASE_URL"] or default_database_url())
+    recorder = Recorder(store) if app.config["RECORD_DECISIONS"] else None
+    app.extensions["decisions"] = (store, recorder)
+    if recorder is not None:
+        atexit.register(recorder.close)  # a worker that stops writes what it has queued
 
     @app.before_request
     def start_clock() -> None:
@@ -181,6 +233,20 @@ def create_app(
         if not _matches(_bearer(), [admin_token]):
             raise RequestError(
                 401, "unauthorized", "the admin token is required (Authorization: Bearer <token>)"
+            )
+
+    def require_reader() -> None:
+        if not reader_tokens:
+            raise RequestError(
+                403,
+                "reader_disabled",
+                "the decision log is disabled for reading: set MODERATION_READER_TOKEN",
+            )
+        given = _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
+        if not _matches(given, reader_tokens):
+            raise RequestError(
+                401, "unauthorized", "the reader token is required (Authorization: Bearer "
+                "<token>, or ?token= for the dashboard)"
             )
 
     def parse_moderate() -> ModerateRequest:
@@ -240,11 +306,20 @@ def create_app(
             metrics.images.labels("error").inc()
             return _error(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, error.message)
 
-        items = []
-        for result, ms in zip(results, decode_ms, strict=True):
+        items, records = [], []
+        for result, ms, upload in zip(results, decode_ms, parsed.uploads, strict=True):
             item = result.to_dict()
             for shared in ("policy", "model", "profile"):
                 item.pop(shared)
+            if recorder is not None:
+                record = DecisionRecord.from_result(
+                    result,
+                    image_sha256=hashlib.sha256(upload.data).hexdigest(),
+                    image_size=len(upload.data),
+                    latency_ms=ms + model_ms,
+                )
+                records.append(record)
+                item = {"decision_id": record.id, **item}
             if result.decision is not None:
                 item["processing_ms"] = round(ms + model_ms, 2)
                 metrics.images.labels(result.decision.action.value).inc()
@@ -254,6 +329,8 @@ def create_app(
             else:
                 metrics.images.labels("error").inc()
             items.append(item)
+        if recorder is not None:
+            recorder.record(records)
         return jsonify(
             policy={"name": active.policy.name, "version": active.policy.version},
             model=active.encoder.identity,
@@ -311,6 +388,62 @@ def create_app(
             previous_version=before,
             changed=before != active.policy.version,
         )
+
+    @app.get("/v1/decisions")
+    def decisions() -> Any:
+        require_reader()
+        args = request.args
+        limit = _int_arg("limit", 50, 1, 500)
+        try:
+            page, cursor = store.query(
+                since=_time_arg("since"),
+                until=_time_arg("until"),
+                action=args.get("action"),
+                category=args.get("category"),
+                policy_version=args.get("policy_version"),
+                client_id=args.get("client_id"),
+                flagged={"true": True, "false": False}.get(args.get("flagged", "")),
+                limit=limit,
+                cursor=args.get("cursor"),
+            )
+        except ValueError as e:
+            raise RequestError(400, "invalid_field", str(e)) from e
+        return jsonify(decisions=page, next_cursor=cursor)
+
+    @app.get("/v1/decisions/<decision_id>")
+    def decision(decision_id: str) -> Any:
+        require_reader()
+        found = store.get(decision_id)
+        if found is None:
+            raise RequestError(404, "not_found", f"no decision with id {decision_id!r}")
+        return jsonify(found)
+
+    @app.get("/v1/stats")
+    def stats() -> Any:
+        require_reader()
+        bucket = request.args.get("bucket", "hour")
+        if bucket not in BUCKETS:
+            raise RequestError(400, "invalid_field", f"bucket must be one of {list(BUCKETS)}")
+        return jsonify(
+            bucket=bucket,
+            buckets=store.stats(
+                since=_time_arg("since"),
+                until=_time_arg("until"),
+                bucket=bucket,
+                policy_version=request.args.get("policy_version"),
+            ),
+        )
+
+    @app.get("/dashboard")
+    def dashboard() -> Any:
+        require_reader()
+        active = holder.current()
+        page = render_dashboard(active, store, hours=_int_arg("hours", 48, 1, 24 * 90))
+        response = Response(page, mimetype="text/html")
+        token = request.args.get("token")
+        if token:  # keep the page reloadable without the token in the address bar
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+        return response
 
     @app.get("/healthz")
     def healthz() -> Any:

@@ -26,7 +26,8 @@ keepalive = 5
 preload_app = False
 # Access log to stdout: method, path, status, size, time. Never bodies or headers (tokens).
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
+# The path without its query string: the dashboard may carry its token there (?token=).
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 # Request line and header limits (gunicorn's defaults, stated).
 limit_request_line = 4094
 limit_request_fields = 100

@@ -24,7 +24,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "Malformed request (code says what: missing_field, invalid_field, invalid_json, "
         "unknown_profile, corrupt_image, empty, …)",
         401: "Missing or wrong API key or admin token",
-        403: "Admin routes are disabled (no MODERATION_ADMIN_TOKEN)",
+        403: "Admin or reader routes are disabled (no MODERATION_ADMIN_TOKEN or "
+        "MODERATION_READER_TOKEN)",
+        404: "No such decision",
         413: "Request too large, too many images, or (single image) too many pixels",
         415: "Unsupported media type, or (single image) unsupported image format",
         422: "The policy file on disk is not valid; the previous policy keeps serving",
@@ -75,6 +77,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "action", "flagged", "triggered", "frame", "frames_scored", "image",
                      "categories", "processing_ms"],
         "properties": {
+            "decision_id": {"type": "string", "description": "look it up: /v1/decisions/{id}"},
             "id": {"type": ["string", "null"]},
             "action": ACTION,
             "flagged": {"type": "boolean"},
@@ -99,6 +102,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["id", "error"],
         "properties": {
+            "decision_id": {"type": "string"},
             "id": {"type": ["string", "null"]},
             "error": {
                 "type": "object",
@@ -154,6 +158,58 @@ SCHEMAS: dict[str, Any] = {
                             "type": "object",
                             "additionalProperties": _ref("Threshold"),
                         }
+                    },
+                },
+            },
+        },
+    },
+    "StoredDecision": {
+        "type": "object",
+        "required": ["id", "created_at", "client_id", "image", "policy", "model", "profile",
+                     "action", "flagged", "triggered", "categories", "latency_ms",
+                     "error_code"],
+        "properties": {
+            "id": {"type": "string"},
+            "created_at": {"type": "number", "description": "unix seconds"},
+            "client_id": {"type": ["string", "null"]},
+            "image": {"type": "object", "required": ["sha256", "size"]},
+            "policy": _ref("PolicyRef"),
+            "model": {"type": "string"},
+            "profile": {"type": "string"},
+            "action": {"type": "string", "enum": ["allow", "flag", "review", "block", "error"]},
+            "flagged": {"type": "boolean"},
+            "triggered": {"type": "array", "items": {"type": "string"}},
+            "categories": {"type": "object", "additionalProperties": _ref("CategoryResult")},
+            "latency_ms": {"type": "number"},
+            "error_code": {"type": ["string", "null"]},
+        },
+    },
+    "DecisionPage": {
+        "type": "object",
+        "required": ["decisions", "next_cursor"],
+        "properties": {
+            "decisions": {"type": "array", "items": _ref("StoredDecision")},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["bucket", "buckets"],
+        "properties": {
+            "bucket": {"type": "string", "enum": ["hour", "day"]},
+            "buckets": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["start", "policy_version", "total", "actions", "categories"],
+                    "properties": {
+                        "start": {"type": "integer"},
+                        "policy_version": {"type": "string"},
+                        "total": {"type": "integer"},
+                        "actions": {"type": "object",
+                                    "additionalProperties": {"type": "integer"}},
+                        "categories": {"type": "object", "additionalProperties": {
+                            "type": "object", "required": ["flagged", "rate"]}},
                     },
                 },
             },
@@ -255,6 +311,67 @@ def openapi_document() -> dict[str, Any]:
                         "200": _json(_ref("ReloadResponse"), "The new policy is active"),
                         **_errors(401, 403, 422),
                     },
+                }
+            },
+            "/v1/decisions": {
+                "get": {
+                    "summary": "Recorded decisions, newest first (reader token)",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": n, "in": "query", "required": False, "schema": sch}
+                        for n, sch in (
+                            ("since", {"type": "string"}), ("until", {"type": "string"}),
+                            ("action", {"type": "string"}), ("category", {"type": "string"}),
+                            ("policy_version", {"type": "string"}),
+                            ("client_id", {"type": "string"}),
+                            ("flagged", {"type": "string", "enum": ["true", "false"]}),
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                            ("cursor", {"type": "string"}),
+                        )
+                    ],
+                    "responses": {
+                        "200": _json(_ref("DecisionPage"), "A page of decisions"),
+                        **_errors(400, 401, 403),
+                    },
+                }
+            },
+            "/v1/decisions/{decision_id}": {
+                "get": {
+                    "summary": "One recorded decision (reader token)",
+                    "security": [{"bearer": []}],
+                    "parameters": [{"name": "decision_id", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json(_ref("StoredDecision"), "The decision"),
+                        **_errors(401, 403, 404),
+                    },
+                }
+            },
+            "/v1/stats": {
+                "get": {
+                    "summary": "Counts and flag rates per time bucket and policy version",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": n, "in": "query", "required": False, "schema": sch}
+                        for n, sch in (
+                            ("since", {"type": "string"}), ("until", {"type": "string"}),
+                            ("bucket", {"type": "string", "enum": ["hour", "day"]}),
+                            ("policy_version", {"type": "string"}),
+                        )
+                    ],
+                    "responses": {
+                        "200": _json(_ref("Stats"), "Statistics"),
+                        **_errors(400, 401, 403),
+                    },
+                }
+            },
+            "/dashboard": {
+                "get": {
+                    "summary": "The trust-and-safety dashboard (reader token, or ?token=)",
+                    "responses": {"200": {"description": "HTML page",
+                                          "content": {"text/html": {"schema": {
+                                              "type": "string"}}}},
+                                  **_errors(401, 403)},
                 }
             },
             "/healthz": {

@@ -22,6 +22,15 @@ TINY_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_state(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches and the decision log go to temporary folders, never the user's home."""
+    import os
+
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data"))
+    os.environ["MODERATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_arch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny architecture's JSON, registered with open_clip under :data:`TINY_ARCH`."""

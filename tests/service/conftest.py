@@ -15,6 +15,7 @@ from service.app import create_app
 from tests.conftest import HAND_POLICY, FakeEncoder
 
 ADMIN = "admin-secret"
+READER = "reader-secret"
 
 
 @pytest.fixture
@@ -29,7 +30,9 @@ def make_app(fake_encoder: FakeEncoder, policy_path: Path) -> Callable[..., Flas
     def make(**config: Any) -> Flask:
         moderator = Moderator(parse_policy(policy_path.read_text()), fake_encoder)
         return create_app(
-            {"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN, **config}, moderator=moderator
+            {"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN, "READER_TOKEN": READER,
+             "DATABASE_URL": f"sqlite:///{policy_path.parent / 'decisions.sqlite3'}", **config},
+            moderator=moderator,
         )
 
     return make

@@ -70,6 +70,7 @@ def test_one_bad_image_does_not_fail_the_batch(client: FlaskClient) -> None:
     assert r.status_code == 200
     ok, pdf, cut = r.get_json()["results"]
     assert ok["action"] == "block"
+    assert len(pdf.pop("decision_id")) == 32  # failures are recorded too
     assert pdf == {"id": "doc.pdf", "error": {
         "code": "unsupported_format",
         "message": "not an image in a supported format; accepted: JPEG, PNG, GIF, WEBP, BMP, "

@@ -16,7 +16,7 @@ from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
 
 from tests.conftest import BLUE, RED, image_bytes
-from tests.service.conftest import ADMIN
+from tests.service.conftest import ADMIN, READER
 
 
 def described(response: Any) -> WerkzeugOpenAPIRequest:
@@ -25,8 +25,9 @@ def described(response: Any) -> WerkzeugOpenAPIRequest:
     from werkzeug.wrappers import Request
 
     sent = response.request
-    return WerkzeugOpenAPIRequest(Request(EnvironBuilder(path=sent.path,
-                                                         method=sent.method).get_environ()))
+    return WerkzeugOpenAPIRequest(Request(EnvironBuilder(
+        path=sent.path, method=sent.method,
+        query_string=sent.query_string.decode()).get_environ()))
 
 
 @pytest.fixture
@@ -49,6 +50,13 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("get", "/v1/policy", {}, 200),
     ("post", "/v1/policy/reload", {"headers": {"Authorization": f"Bearer {ADMIN}"}}, 200),
     ("post", "/v1/policy/reload", {}, 401),
+    ("get", "/v1/decisions", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
+    ("get", "/v1/decisions", {"query_string": {"limit": "0"},
+                              "headers": {"Authorization": f"Bearer {READER}"}}, 400),
+    ("get", "/v1/decisions/nope", {"headers": {"Authorization": f"Bearer {READER}"}}, 404),
+    ("get", "/v1/stats", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
+    ("get", "/v1/stats", {}, 401),
+    ("get", "/dashboard", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
     ("get", "/healthz", {}, 200),
     ("get", "/readyz", {}, 200),
     ("get", "/metrics", {}, 200),
@@ -84,4 +92,16 @@ def test_a_response_that_breaks_the_document_is_caught(app: Flask, spec: OpenAPI
     del body["results"][0]["action"]
     response.set_data(json.dumps(body))
     with pytest.raises(InvalidData):
+        spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_stored_decisions_match_the_document(app: Flask, spec: OpenAPI) -> None:
+    client = app.test_client()
+    body = client.post("/v1/moderate", **upload((image_bytes(RED), "a.png"))).get_json()
+    app.extensions["decisions"][1].flush()
+    headers = {"Authorization": f"Bearer {READER}"}
+    for path in ("/v1/decisions", f"/v1/decisions/{body['results'][0]['decision_id']}",
+                 "/v1/stats?bucket=day"):
+        response = client.get(path, headers=headers)
+        assert response.status_code == 200
         spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))

@@ -24,6 +24,7 @@ import yaml
 from tests.conftest import GREEN, HAND_POLICY, RED, TINY_ARCH, image_bytes
 
 TOKEN = "integration-admin-token"
+READER = "integration-reader-token"
 MAX_REQUESTS = 400  # the load is bounded in count...
 MAX_SECONDS = 60  # ...and in time
 
@@ -46,8 +47,9 @@ def server(tiny_arch_file: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(policy(tiny_arch_file, 0.5))
     port = free_port()
-    env = dict(os.environ, MODERATION_ADMIN_TOKEN=TOKEN,
-               MODERATION_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, MODERATION_ADMIN_TOKEN=TOKEN, MODERATION_READER_TOKEN=READER,
+               MODERATION_CACHE_DIR=str(tmp_path / "cache"),
+               MODERATION_DATABASE_URL=f"sqlite:///{tmp_path / 'decisions.sqlite3'}")
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "moderation.cli", "serve", "--policy", str(policy_path),
@@ -163,3 +165,27 @@ def test_reloads_under_load_drop_nothing(server: tuple[str, Path], tiny_arch_fil
 
     metrics = requests.get(f"{base}/metrics", timeout=10).text
     assert "moderation_images_total" in metrics
+
+    # every decision was recorded, by whichever worker made it, with its policy version
+    headers = {"Authorization": f"Bearer {READER}"}
+    expected = {r["decision_id"]: (body["policy"]["version"], r["id"])
+                for _, body in responses for r in body["results"]}
+    deadline = time.monotonic() + 30
+    while True:
+        stored, cursor = {}, None
+        while True:
+            page = requests.get(f"{base}/v1/decisions", headers=headers, timeout=10,
+                                params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+            assert page.status_code == 200, page.text
+            for d in page.json()["decisions"]:
+                stored[d["id"]] = (d["policy"]["version"], d["client_id"])
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        if set(expected) <= set(stored) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # recording is asynchronous: give the writers a moment
+    assert {k: stored.get(k) for k in expected} == expected
+    one = next(iter(expected))
+    found = requests.get(f"{base}/v1/decisions/{one}", headers=headers, timeout=10).json()
+    assert found["policy"]["version"] == expected[one][0]

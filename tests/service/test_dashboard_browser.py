@@ -1,0 +1,90 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright: Playwright's own
+browser download cannot work here). .ci/run installs Chromium; elsewhere the test is skipped
+when no Chromium is found."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from service.store import DecisionRecord
+from tests.service.conftest import READER
+
+CHROMIUM = os.environ.get("MODERATION_TEST_CHROMIUM") or shutil.which("chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def seed(app: Flask) -> str:
+    """Two days of decisions under two policy versions; returns the new version."""
+    store, _ = app.extensions["decisions"]
+    active = app.extensions["moderation"].current()
+    now = time.time()
+    records = []
+    for hour in range(40):
+        version = "oldversion01" if hour < 25 else active.policy.version
+        for i in range(6):
+            flagged = (i + hour) % 4 == 0
+            cats = {"weapons": {"score": 0.3, "similarity": 0.3, "threshold": 0.8,
+                                "review_from": 0.6, "margin": 0.05 if flagged else -0.2,
+                                "flagged": flagged, "action": "block" if flagged else "allow",
+                                "top_terms": [{"text": "rifle", "similarity": 0.4}],
+                                "closest_exception": None}}
+            records.append(DecisionRecord(
+                id=uuid.uuid4().hex, created_at=now - (40 - hour) * 3600 + i,
+                client_id=f"upload-{hour}-{i}", image_sha256="0" * 64, image_size=100,
+                policy_name="hand", policy_version=version, model="fake/hand-made",
+                profile="default", action="block" if flagged else "allow",
+                triggered=["weapons"] if flagged else [], categories=cats, latency_ms=20.0))
+    store.add_many(records)
+    return active.policy.version
+
+
+@pytest.fixture
+def served(app: Flask) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
+def test_dashboard_in_headless_chromium(app: Flask, served: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    version = seed(app)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        response = page.goto(f"{served}/dashboard?token={READER}")
+        assert response is not None and response.status == 200
+        assert page.locator("h1").inner_text().startswith("Moderation: policy")
+        assert page.locator("svg#flag-rates polyline.rate").count() >= 1
+        assert page.locator("svg#flag-rates line.policy-change").count() == 1
+        assert version in page.locator("svg#flag-rates").inner_html()
+        assert page.locator("table#latest tbody tr").count() == 20
+        assert "rifle" in page.locator("table#latest").inner_text()
+        assert page.locator("table#thresholds tbody tr").count() == 2
+        assert page.locator("#totals").inner_text().count("\n") >= 4
+        shot = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path)) / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        page.reload()  # the cookie now carries the token
+        assert page.locator("svg#flag-rates").count() == 1
+        browser.close()
+    assert problems == []
+    assert shot.stat().st_size > 10_000
