@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,6 +163,47 @@ class BareModel:
         )
 
 
+def start_server(workers: int, threads: int, settings: dict[str, object]
+                 ) -> tuple[subprocess.Popen[bytes], int, Any]:
+    """`moderation serve` (default policy, ViT-B-32, random weights) on a free loopback port,
+    with MODERATION_<key> settings; returns once it answers /readyz."""
+    port = free_port()
+    env = dict(os.environ, MODERATION_CACHE_DIR=str(OUT / "cache"),
+               MODERATION_DATABASE_URL=f"sqlite:///{tempfile.mkdtemp(prefix='bench-db-')}"
+                                       "/decisions.sqlite3")
+    env.update({f"MODERATION_{k}": str(v) for k, v in settings.items() if v is not None})
+    log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moderation.cli", "serve", "--random-weights",
+         "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
+         "--workers", str(workers), "--threads", str(threads)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            stop_server(server, log)
+            sys.exit("server did not start:\n" + log.read())
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return server, port, log
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen[bytes], log: Any) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+    os.unlink(log.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32")
@@ -191,33 +233,11 @@ def main() -> None:
     batch1 = bare.batch1_seconds()
     decode = bare.decode_seconds(large[0].read_bytes())
 
-    port = free_port()
-    env = dict(os.environ, MODERATION_CACHE_DIR=str(OUT / "cache"))
-    for key, value in (("TORCH_THREADS", args.torch_threads), ("BATCH_MAX", args.max_batch),
-                       ("BATCH_MAX_WAIT_MS", args.max_wait_ms), ("TRACE", args.trace),
-                       ("GIL_SWITCH_INTERVAL", args.switch_interval)):
-        if value is not None:
-            env[f"MODERATION_{key}"] = str(value)
-    log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moderation.cli", "serve", "--random-weights",
-         "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
-         "--workers", str(args.workers), "--threads", str(args.threads)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    settings = {"TORCH_THREADS": args.torch_threads, "BATCH_MAX": args.max_batch,
+                "BATCH_MAX_WAIT_MS": args.max_wait_ms, "TRACE": args.trace,
+                "GIL_SWITCH_INTERVAL": args.switch_interval}
+    server, port, log = start_server(args.workers, args.threads, settings)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                sys.exit("server did not start:\n" + log.read())
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/readyz")
-                if conn.getresponse().status == 200:
-                    break
-            except (OSError, http.client.HTTPException):
-                time.sleep(0.5)
         # every worker warm: a few rounds of concurrent requests
         load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients)
 
@@ -226,12 +246,7 @@ def main() -> None:
         ok_1, bad_1, _, lat = load(port, large_bodies, args.latency, 1)
         peak = peak_rss_mb(server.pid)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        os.unlink(log.name)
+        stop_server(server, log)
 
     # R again, with the server gone: the machine is shared and noisy, so the higher of the
     # two (the harder bar for the server) is the one the ratios use
