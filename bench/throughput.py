@@ -229,9 +229,6 @@ def main() -> None:
     mb = statistics.mean(len(b) for b, _ in large_bodies) / 1e6
 
     bare = BareModel(args.model)
-    r_before = bare.images_per_second()
-    batch1 = bare.batch1_seconds()
-    decode = bare.decode_seconds(large[0].read_bytes())
 
     settings = {"TORCH_THREADS": args.torch_threads, "BATCH_MAX": args.max_batch,
                 "BATCH_MAX_WAIT_MS": args.max_wait_ms, "TRACE": args.trace,
@@ -241,17 +238,22 @@ def main() -> None:
         # every worker warm: a few rounds of concurrent requests
         load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients)
 
+        # R is measured right before and after each load phase (the server idle meanwhile):
+        # the machine is shared and drifts, so each ratio uses the R of its own moment
+        r_mid = bare.images_per_second()
         ok_l, bad_l, sec_l, _ = load(port, large_bodies, args.large, args.clients)
+        r_mid2 = bare.images_per_second()
         ok_s, bad_s, sec_s, _ = load(port, small_bodies, args.small, args.clients)
+        r_end = bare.images_per_second()
+        batch1 = bare.batch1_seconds()
+        decode = bare.decode_seconds(large[0].read_bytes())
         ok_1, bad_1, _, lat = load(port, large_bodies, args.latency, 1)
         peak = peak_rss_mb(server.pid)
     finally:
         stop_server(server, log)
 
-    # R again, with the server gone: the machine is shared and noisy, so the higher of the
-    # two (the harder bar for the server) is the one the ratios use
-    r_after = bare.images_per_second()
-    r = max(r_before, r_after)
+    r_large, r_small = (r_mid + r_mid2) / 2, (r_mid2 + r_end) / 2
+    r = (r_mid + r_mid2 + r_end) / 3
     t_large, t_small = ok_l / sec_l, ok_s / sec_s
     p50 = statistics.median(lat)
     p95 = sorted(lat)[max(0, int(round(0.95 * len(lat))) - 1)]
@@ -260,10 +262,9 @@ def main() -> None:
         "config": {k: getattr(args, k) for k in ("workers", "threads", "torch_threads",
                                                  "max_batch", "max_wait_ms", "trace",
                                                  "switch_interval", "clients")},
-        "R_before": r_before, "R_after": r_after,
         "cores": os.cpu_count(),
-        "R": r, "T_large": t_large, "T_small": t_small,
-        "T_large/R": t_large / r, "T_small/R": t_small / r,
+        "R_samples": [r_mid, r_mid2, r_end], "R": r, "T_large": t_large, "T_small": t_small,
+        "T_large/R": t_large / r_large, "T_small/R": t_small / r_small,
         "p50_ms": 1000 * p50, "p95_ms": 1000 * p95,
         "batch1_forward_ms": 1000 * batch1, "draft_decode_ms": 1000 * decode,
         "p50/(batch1+decode)": p50 / reference,
@@ -273,12 +274,14 @@ def main() -> None:
           f"{args.threads} threads, torch threads {args.torch_threads or 'cores/workers'}, "
           f"batcher max {args.max_batch or 'default'} wait {args.max_wait_ms or 'default'} ms, "
           f"trace {args.trace or 'default'}, GIL switch {args.switch_interval or 'default'}")
-    print(f"R  bare model, batch 16:         {r:7.2f} images/s   (before the server "
-          f"{r_before:.2f}, after {r_after:.2f}: the higher is used)")
+    print(f"R  bare model, batch 16:         {r:7.2f} images/s   (measured before, between "
+          f"and after the load phases: {r_mid:.2f}, {r_mid2:.2f}, {r_end:.2f})")
     print(f"T_large  12-MP ({mb:.1f} MB), {args.clients} clients: {t_large:7.2f} images/s   "
-          f"T_large/R = {t_large / r:.2f}   ({ok_l} ok, {bad_l} failed)")
+          f"T_large/R = {t_large / r_large:.2f}   (R around it {r_large:.2f}; {ok_l} ok, "
+          f"{bad_l} failed)")
     print(f"T_small  512-px, {args.clients} clients:      {t_small:7.2f} images/s   "
-          f"T_small/R = {t_small / r:.2f}   ({ok_s} ok, {bad_s} failed)")
+          f"T_small/R = {t_small / r_small:.2f}   (R around it {r_small:.2f}; {ok_s} ok, "
+          f"{bad_s} failed)")
     print(f"latency  1 client, 12-MP:        p50 {1000 * p50:6.1f} ms  p95 {1000 * p95:6.1f} ms"
           f"   ({ok_1} ok, {bad_1} failed)")
     print(f"reference  batch-1 forward {1000 * batch1:.1f} ms + draft decode "

@@ -301,36 +301,37 @@ def create_app(
         )
         model_ms = 1000 * (time.perf_counter() - started)
 
+        records = [
+            DecisionRecord.from_result(
+                result,
+                image_sha256=hashlib.sha256(upload.data).hexdigest(),
+                image_size=len(upload.data),
+                latency_ms=ms + model_ms,
+            )
+            for result, ms, upload in zip(results, decode_ms, parsed.uploads, strict=True)
+        ] if recorder is not None else []
+        if recorder is not None:
+            recorder.record(records)  # failures too: every result is on record
+        for result in results:
+            decision = result.decision
+            metrics.images.labels(decision.action.value if decision else "error").inc()
+            for cid in decision.triggered if decision else []:
+                metrics.flags.labels(cid, decision.categories[cid].action.value).inc()
+
         if len(results) == 1 and results[0].error is not None:
             error = results[0].error
-            metrics.images.labels("error").inc()
             return _error(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, error.message)
 
-        items, records = [], []
-        for result, ms, upload in zip(results, decode_ms, parsed.uploads, strict=True):
+        items = []
+        for i, (result, ms) in enumerate(zip(results, decode_ms, strict=True)):
             item = result.to_dict()
             for shared in ("policy", "model", "profile"):
                 item.pop(shared)
-            if recorder is not None:
-                record = DecisionRecord.from_result(
-                    result,
-                    image_sha256=hashlib.sha256(upload.data).hexdigest(),
-                    image_size=len(upload.data),
-                    latency_ms=ms + model_ms,
-                )
-                records.append(record)
-                item = {"decision_id": record.id, **item}
+            if records:
+                item = {"decision_id": records[i].id, **item}
             if result.decision is not None:
                 item["processing_ms"] = round(ms + model_ms, 2)
-                metrics.images.labels(result.decision.action.value).inc()
-                for cid in result.decision.triggered:
-                    action = result.decision.categories[cid].action.value
-                    metrics.flags.labels(cid, action).inc()
-            else:
-                metrics.images.labels("error").inc()
             items.append(item)
-        if recorder is not None:
-            recorder.record(records)
         return jsonify(
             policy={"name": active.policy.name, "version": active.policy.version},
             model=active.encoder.identity,

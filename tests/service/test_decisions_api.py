@@ -161,3 +161,12 @@ def test_dashboard_shows_policy_rates_changes_and_latest(app: Flask, policy_path
 def test_dashboard_with_no_decisions(client: Any) -> None:
     page = client.get("/dashboard", headers=reader()).get_data(as_text=True)
     assert "No decisions in this period." in page and "No flagged decisions yet." in page
+
+
+def test_a_request_whose_only_image_fails_is_recorded_too(app: Flask) -> None:
+    client = app.test_client()
+    r = client.post("/v1/moderate", data={"image": [(io.BytesIO(b"junk"), "only.bin")]})
+    assert r.status_code == 415
+    flushed(app)
+    page = client.get("/v1/decisions?client_id=only.bin", headers=reader()).get_json()
+    assert [d["error_code"] for d in page["decisions"]] == ["unsupported_format"]
