@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/decision_log.py
 
-Two servers run side by side (ViT-B-32, random weights, default settings), one recording
+Two servers run side by side (ViT-B-32, random weights, serve's defaults), one recording
 decisions to SQLite and one not; they are loaded in alternating rounds (8 clients, 512-px
 and 12-MP JPEGs), so that the machine's drift hits both alike. Only one is loaded at a time.
 """
@@ -10,6 +10,7 @@ and 12-MP JPEGs), so that the machine's drift hits both alike. Only one is loade
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +20,12 @@ sys.path.insert(0, str(ROOT))
 from bench.images import photo_like_jpegs, thumbnails  # noqa: E402
 from bench.throughput import load, multipart, start_server, stop_server  # noqa: E402
 
+WORKERS = min(os.cpu_count() or 1, 4)  # as `moderation serve` defaults
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=64, help="per round and server")
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
@@ -33,8 +36,8 @@ def main() -> None:
         "12-MP": [multipart(p.read_bytes(), p.name) for p in large],
     }
     servers = {
-        "off": start_server(1, 8, {"RECORD_DECISIONS": "false"}),
-        "on": start_server(1, 8, {"RECORD_DECISIONS": "true"}),
+        "off": start_server(WORKERS, 4, {"RECORD_DECISIONS": "false"}),
+        "on": start_server(WORKERS, 4, {"RECORD_DECISIONS": "true"}),
     }
     totals = {(kind, rec): [0, 0.0] for kind in bodies for rec in servers}
     failed = 0
@@ -53,7 +56,8 @@ def main() -> None:
     finally:
         for server, _, log in servers.values():
             stop_server(server, log)
-    print(f"{args.rounds} alternating rounds, {args.clients} clients, 1 worker x 8 threads")
+    print(f"{args.rounds} alternating rounds, {args.clients} clients, {WORKERS} worker(s) x 4 "
+          "threads each (the serve defaults)")
     for kind in bodies:
         off = totals[kind, "off"][0] / totals[kind, "off"][1]
         on = totals[kind, "on"][0] / totals[kind, "on"][1]

@@ -207,8 +207,9 @@ def stop_server(server: subprocess.Popen[bytes], log: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                        help="default: as `moderation serve`")
+    parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--torch-threads", type=int, help="per worker (default: cores/workers)")
     parser.add_argument("--max-batch", type=int, help="server batcher (MODERATION_BATCH_MAX)")
     parser.add_argument("--max-wait-ms", type=float, help="server batcher wait")

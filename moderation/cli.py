@@ -399,7 +399,9 @@ def calibrate(
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64),
+              default=lambda: min(os.cpu_count() or 1, 4), show_default="cores, at most 4",
+              help="Worker processes; each gets cores/workers torch threads (BENCHMARKS.md).")
 @click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Concurrent requests per worker.")
 @click.option("--model", help="open_clip architecture; default: the policy's.")

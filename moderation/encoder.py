@@ -330,8 +330,17 @@ class BatchingEncoder:
     waits. Results are the same as :class:`Encoder`'s, up to float rounding.
     """
 
-    def __init__(self, encoder: Encoder, max_batch: int = 16, max_wait: float = 0.02) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        max_batch: int = 16,
+        max_wait: float = 0.02,
+        lone_threads: int | None = None,
+    ) -> None:
         self.encoder = encoder
+        # A batch of one only forms when no other request is on its way: the machine is
+        # quiet, so that forward may use more threads (all cores) than this worker's share.
+        self.lone_threads = lone_threads
         self.identity = encoder.identity
         self.image_size = encoder.image_size
         self.dim = encoder.dim
@@ -395,12 +404,19 @@ class BatchingEncoder:
                     batch.append(self._queue.get(timeout=min(left, 0.001)))
                 except queue.Empty:
                     continue
+            threads = torch.get_num_threads()
+            lone = self.lone_threads if len(batch) == 1 and self._expected <= 0 else None
             try:
+                if lone is not None:
+                    torch.set_num_threads(lone)
                 vectors = self.encoder.encode_pixels(torch.stack([row for row, _ in batch]))
             except Exception as e:  # every caller of this batch learns why
                 for _, future in batch:
                     future.set_exception(e)
                 continue
+            finally:
+                if lone is not None:
+                    torch.set_num_threads(threads)
             for (_, future), vector in zip(batch, vectors, strict=True):
                 future.set_result(vector)
 

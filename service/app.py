@@ -145,6 +145,7 @@ def _load_moderator(config: dict[str, Any]) -> Moderator:
             moderator.encoder,  # type: ignore[arg-type]
             max_batch=max_batch,
             max_wait=float(config["BATCH_MAX_WAIT_MS"]) / 1000,
+            lone_threads=os.cpu_count() or 1,
         )
         moderator = moderator.with_encoder(batching)
     return moderator
@@ -301,21 +302,28 @@ def create_app(
         )
         model_ms = 1000 * (time.perf_counter() - started)
 
+        dicts = [result.to_dict() for result in results]
         records = [
             DecisionRecord.from_result(
                 result,
                 image_sha256=hashlib.sha256(upload.data).hexdigest(),
                 image_size=len(upload.data),
                 latency_ms=ms + model_ms,
+                as_dict=d,
             )
-            for result, ms, upload in zip(results, decode_ms, parsed.uploads, strict=True)
+            for result, ms, upload, d in zip(
+                results, decode_ms, parsed.uploads, dicts, strict=True
+            )
         ] if recorder is not None else []
         if recorder is not None:
             recorder.record(records)  # failures too: every result is on record
         for result in results:
             decision = result.decision
-            metrics.images.labels(decision.action.value if decision else "error").inc()
-            for cid in decision.triggered if decision else []:
+            if decision is None:
+                metrics.images.labels("error").inc()
+                continue
+            metrics.images.labels(decision.action.value).inc()
+            for cid in decision.triggered:
                 metrics.flags.labels(cid, decision.categories[cid].action.value).inc()
 
         if len(results) == 1 and results[0].error is not None:
@@ -324,9 +332,7 @@ def create_app(
 
         items = []
         for i, (result, ms) in enumerate(zip(results, decode_ms, strict=True)):
-            item = result.to_dict()
-            for shared in ("policy", "model", "profile"):
-                item.pop(shared)
+            item = {k: v for k, v in dicts[i].items() if k not in ("policy", "model", "profile")}
             if records:
                 item = {"decision_id": records[i].id, **item}
             if result.decision is not None:

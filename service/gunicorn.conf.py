@@ -11,8 +11,9 @@ import tempfile
 # gthread workers: each serves `threads` requests at once; torch releases the GIL while it
 # computes, so a worker's threads overlap decoding with the model.
 worker_class = "gthread"
-# Worker processes (moderation serve --workers). One per 2 cores is a good start on a CPU.
-workers = int(os.environ.get("MODERATION_WORKERS", "1"))
+# Worker processes (moderation serve --workers): one per core, each with one torch thread,
+# measured best on 2 cores (BENCHMARKS.md); each worker holds its own model (~1.5 GB here).
+workers = int(os.environ.get("MODERATION_WORKERS", str(min(os.cpu_count() or 1, 4))))
 # Concurrent requests per worker.
 threads = int(os.environ.get("MODERATION_THREADS", "4"))
 # A worker silent for this long (stuck) is killed and replaced. Loading a large model takes

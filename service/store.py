@@ -95,8 +95,10 @@ class DecisionRecord:
         image_size: int,
         latency_ms: float,
         created_at: float | None = None,
+        as_dict: dict[str, Any] | None = None,
     ) -> DecisionRecord:
-        d = result.to_dict()
+        """``as_dict``: ``result.to_dict()`` when the caller has it already."""
+        d = as_dict if as_dict is not None else result.to_dict()
         decision = result.decision
         embedding = (
             np.asarray(result.embedding, dtype=np.float16).tobytes()

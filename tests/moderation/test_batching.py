@@ -89,3 +89,26 @@ def test_an_announced_caller_that_never_submits_is_withdrawn(tiny_encoder: Encod
         batcher.encode_images([])
         assert batcher._expected == 0
     assert batcher._expected == 0
+
+
+def test_a_lone_batch_may_use_more_threads_and_they_are_restored(tiny_encoder: Encoder) -> None:
+    seen: list[int] = []
+    real = tiny_encoder.encode_pixels
+
+    def spy(pixels: torch.Tensor) -> np.ndarray:
+        seen.append(torch.get_num_threads())
+        return real(pixels)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tiny_encoder.encode_pixels = spy  # type: ignore[method-assign]
+    try:
+        batcher = BatchingEncoder(tiny_encoder, lone_threads=2)
+        batcher.encode_images(images(1))
+        assert seen == [2] and torch.get_num_threads() == 1
+        plain = BatchingEncoder(tiny_encoder)
+        plain.encode_images(images(1))
+        assert seen[-1] == 1
+    finally:
+        del tiny_encoder.encode_pixels
+        torch.set_num_threads(before)
