@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -317,6 +317,16 @@ class Encoder:
 
 
 
+class Occupancy(Protocol):
+    """How many other processes are running the model right now (see service.state)."""
+
+    def enter(self) -> int:
+        """Count this process in; return how many others are in."""
+        ...
+
+    def leave(self) -> None: ...
+
+
 class BatchingEncoder:
     """Shares forward passes between threads: images that callers submit at about the same
     time go through the model together.
@@ -336,11 +346,14 @@ class BatchingEncoder:
         max_batch: int = 16,
         max_wait: float = 0.02,
         lone_threads: int | None = None,
+        occupancy: Occupancy | None = None,
     ) -> None:
         self.encoder = encoder
-        # A batch of one only forms when no other request is on its way: the machine is
-        # quiet, so that forward may use more threads (all cores) than this worker's share.
+        # A batch of one, when no other request is on its way here and no other process
+        # (``occupancy``: e.g. the other gunicorn workers) is running the model, may use more
+        # threads (all cores) than this worker's share: the machine is quiet, latency counts.
         self.lone_threads = lone_threads
+        self.occupancy = occupancy
         self.identity = encoder.identity
         self.image_size = encoder.image_size
         self.dim = encoder.dim
@@ -405,7 +418,12 @@ class BatchingEncoder:
                 except queue.Empty:
                     continue
             threads = torch.get_num_threads()
-            lone = self.lone_threads if len(batch) == 1 and self._expected <= 0 else None
+            others = self.occupancy.enter() if self.occupancy is not None else 0
+            lone = (
+                self.lone_threads
+                if len(batch) == 1 and self._expected <= 0 and others == 0
+                else None
+            )
             try:
                 if lone is not None:
                     torch.set_num_threads(lone)
@@ -417,6 +435,8 @@ class BatchingEncoder:
             finally:
                 if lone is not None:
                     torch.set_num_threads(threads)
+                if self.occupancy is not None:
+                    self.occupancy.leave()
             for (_, future), vector in zip(batch, vectors, strict=True):
                 future.set_result(vector)
 

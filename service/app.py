@@ -27,7 +27,7 @@ from .dashboard import render_dashboard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import openapi_document
 from .parsing import IMAGE_FIELD, ModerateRequest, RequestError, parse_json, parse_multipart
-from .state import PolicyHolder
+from .state import ModelOccupancy, PolicyHolder
 from .store import (
     BUCKETS,
     DecisionRecord,
@@ -126,6 +126,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 
 
 def _load_moderator(config: dict[str, Any]) -> Moderator:
+    state_dir = config["STATE_DIR"] or os.environ.get("MODERATION_STATE_DIR")
     moderator = Moderator.from_policy(
         config["POLICY"],
         model=config["MODEL"],
@@ -146,6 +147,7 @@ def _load_moderator(config: dict[str, Any]) -> Moderator:
             max_batch=max_batch,
             max_wait=float(config["BATCH_MAX_WAIT_MS"]) / 1000,
             lone_threads=os.cpu_count() or 1,
+            occupancy=ModelOccupancy(Path(state_dir) / "model-occupancy") if state_dir else None,
         )
         moderator = moderator.with_encoder(batching)
     return moderator

@@ -112,3 +112,33 @@ def test_a_lone_batch_may_use_more_threads_and_they_are_restored(tiny_encoder: E
     finally:
         del tiny_encoder.encode_pixels
         torch.set_num_threads(before)
+
+
+def test_no_extra_threads_while_another_process_runs_the_model(tiny_encoder: Encoder,
+                                                               tmp_path: Any) -> None:
+    from service.state import ModelOccupancy
+
+    seen: list[int] = []
+    real = tiny_encoder.encode_pixels
+
+    def spy(pixels: torch.Tensor) -> np.ndarray:
+        seen.append(torch.get_num_threads())
+        return real(pixels)
+
+    other = ModelOccupancy(tmp_path / "occupancy")  # another worker, sharing the file
+    mine = ModelOccupancy(tmp_path / "occupancy")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tiny_encoder.encode_pixels = spy  # type: ignore[method-assign]
+    try:
+        batcher = BatchingEncoder(tiny_encoder, lone_threads=2, occupancy=mine)
+        assert other.enter() == 0
+        batcher.encode_images(images(1))
+        other.leave()
+        batcher.encode_images(images(1))
+        assert seen == [1, 2]
+        assert mine.enter() == 0  # every enter was matched by a leave
+        mine.leave()
+    finally:
+        del tiny_encoder.encode_pixels
+        torch.set_num_threads(before)
