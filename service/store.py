@@ -461,15 +461,19 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 class Recorder:
     """Writes decisions from a background thread, in batches, off the request path.
 
-    ``record()`` only queues; the thread inserts whatever has queued (up to ``batch``) in one
-    transaction. ``close()`` writes what is left. If the database is down, batches are
+    ``record()`` only queues; the thread gathers records for up to ``linger`` seconds (or
+    ``batch`` of them) and inserts them in one transaction: a few transactions a second
+    instead of one per request, so the writer seldom competes with requests for the GIL.
+    ``close()`` writes what is left. If the database is down, batches are
     retried; past ``max_queue`` waiting records, new ones are dropped and counted in
     ``dropped`` (and logged), rather than letting memory grow or requests wait.
     """
 
-    def __init__(self, store: DecisionStore, batch: int = 256, max_queue: int = 100_000) -> None:
+    def __init__(self, store: DecisionStore, batch: int = 512, max_queue: int = 100_000,
+                 linger: float = 0.25) -> None:
         self.store = store
         self.batch = batch
+        self.linger = linger
         self.dropped = 0
         self._queue: queue.Queue[DecisionRecord | None] = queue.Queue(max_queue)
         self._thread = threading.Thread(target=self._run, name="decision-recorder", daemon=True)
@@ -485,11 +489,13 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            pending = [first]
-            while len(pending) < self.batch:
+            pending = [self._queue.get()]
+            deadline = time.monotonic() + self.linger
+            while len(pending) < self.batch and pending[-1] is not None:
+                left = deadline - time.monotonic()
                 try:
-                    pending.append(self._queue.get_nowait())
+                    pending.append(self._queue.get(timeout=left) if left > 0 else
+                                   self._queue.get_nowait())
                 except queue.Empty:
                     break
             stop = any(r is None for r in pending)
