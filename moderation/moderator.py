@@ -218,7 +218,7 @@ class Moderator:
         unaffected. ``profile`` picks a calibration profile of the policy (default: the
         categories' own thresholds); an unknown one raises :class:`PolicyError`.
         """
-        self.policy.threshold_for(next(iter(self.policy.categories)), profile)
+        self.policy.check_profile(profile)
         decoded: list[DecodedImage | ImageError] = []
         for source in images:
             try:

@@ -279,14 +279,19 @@ class Policy(_Strict):
         """``default`` (the categories' own thresholds), then the named profiles."""
         return [DEFAULT_PROFILE, *self.profiles]
 
+    def check_profile(self, profile: str | None) -> None:
+        """Raise :class:`PolicyError` unless ``profile`` is ``None``, ``default`` or one of
+        the policy's calibration profiles."""
+        if profile not in (None, DEFAULT_PROFILE) and profile not in self.profiles:
+            raise PolicyError(
+                f"unknown calibration profile {profile!r}; this policy has: "
+                f"{', '.join(self.profile_names())}"
+            )
+
     def threshold_for(self, category_id: str, profile: str | None = None) -> Threshold:
         """The threshold of a category under ``profile`` (``None``: the default profile)."""
+        self.check_profile(profile)
         if profile is not None and profile != DEFAULT_PROFILE:
-            if profile not in self.profiles:
-                raise PolicyError(
-                    f"unknown calibration profile {profile!r}; this policy has: "
-                    f"{', '.join(self.profile_names())}"
-                )
             override = self.profiles[profile].get(category_id)
             if override is not None:
                 return override

@@ -276,7 +276,7 @@ def create_app(
         parsed = parse_moderate()
         active = holder.current()  # this request's policy, whatever reloads happen meanwhile
         try:
-            active.policy.threshold_for(next(iter(active.policy.categories)), parsed.profile)
+            active.policy.check_profile(parsed.profile)
         except PolicyError as e:
             raise RequestError(400, "unknown_profile", str(e)) from e
 
