@@ -18,7 +18,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-__all__ = ["ACCEPTED_FORMATS", "DecodedImage", "decode_image", "to_rgb"]
+__all__ = ["ACCEPTED_FORMATS", "DecodedImage", "check_pixels", "decode_image", "to_rgb"]
 
 #: Formats we decode (JPEG includes MPO). Others (PSD, EPS, …) are refused, not parsed.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -75,6 +75,16 @@ def to_rgb(frame: Image.Image) -> Image.Image:
     return frame.convert("RGB") if frame.mode != "RGB" else frame
 
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Raise ``ImageError("too_many_pixels")`` for an image over ``max_pixels``."""
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"the image is {width}x{height} = {width * height:,} pixels; "
+            f"the limit is {max_pixels:,}",
+        )
+
+
 def decode_image(
     source: bytes | str | Path,
     *,
@@ -115,12 +125,7 @@ def decode_image(
         raise ImageError("corrupt_image", f"the {_guess(data)} data is corrupt: {e}") from e
 
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            "too_many_pixels",
-            f"the image is {width}x{height} = {width * height:,} pixels; "
-            f"the limit is {max_pixels:,}",
-        )
+    check_pixels(width, height, max_pixels)
     n_frames = getattr(image, "n_frames", 1)
     if n_frames > MAX_ANIMATION_FRAMES:
         raise ImageError(

@@ -16,6 +16,7 @@ from .images import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_PIXELS,
     DecodedImage,
+    check_pixels,
     decode_image,
     to_rgb,
 )
@@ -190,12 +191,7 @@ class Moderator:
     def decode(self, source: ImageInput) -> DecodedImage:
         """Decode one input for this moderator's model. Raises :class:`ImageError`."""
         if isinstance(source, Image.Image):
-            if source.width * source.height > self.max_pixels:
-                raise ImageError(
-                    "too_many_pixels",
-                    f"the image is {source.width}x{source.height}; the limit is "
-                    f"{self.max_pixels:,} pixels",
-                )
+            check_pixels(source.width, source.height, self.max_pixels)
             return DecodedImage(
                 [to_rgb(source)], [0], 1, source.format or "PIL", source.width, source.height
             )
