@@ -85,9 +85,13 @@ def _load_moderator(
             raise click.ClickException(str(e)) from e
     for warning in caught:
         if issubclass(warning.category, RandomWeightsWarning):
-            bar = "!" * 78
-            click.secho(f"{bar}\n!! WARNING: {warning.message}\n{bar}", fg="red", err=True)
+            _loud_warning(str(warning.message))
     return moderator
+
+
+def _loud_warning(message: str) -> None:
+    bar = "!" * 78
+    click.secho(f"{bar}\n!! WARNING: {message}\n{bar}", fg="red", err=True)
 
 
 @click.group()
@@ -432,9 +436,7 @@ def serve(
     except PolicyError as e:
         raise click.ClickException(str(e)) from e
     if random_weights:
-        bar = "!" * 78
-        click.secho(f"{bar}\n!! WARNING: serving with RANDOM WEIGHTS: every score is "
-                    f"meaningless.\n{bar}", fg="red", err=True)
+        _loud_warning("serving with RANDOM WEIGHTS: every score is meaningless.")
     env = dict(os.environ)
     env.update(
         MODERATION_POLICY=str(policy_path.resolve()),
