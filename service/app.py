@@ -226,31 +226,26 @@ def create_app(
                 401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
             )
 
+    def require(
+        tokens: list[str], given: str | None, setting: str, what: str, how: str
+    ) -> None:
+        """403 while ``setting`` configures no token; 401 unless ``given`` matches one."""
+        if not tokens:
+            raise RequestError(
+                403, f"{what}_disabled", f"{what} routes are disabled: set {setting} to enable them"
+            )
+        if not _matches(given, tokens):
+            raise RequestError(401, "unauthorized", f"the {what} token is required ({how})")
+
     def require_admin() -> None:
-        if admin_token is None:
-            raise RequestError(
-                403,
-                "admin_disabled",
-                "admin routes are disabled: set MODERATION_ADMIN_TOKEN to enable them",
-            )
-        if not _matches(_bearer(), [admin_token]):
-            raise RequestError(
-                401, "unauthorized", "the admin token is required (Authorization: Bearer <token>)"
-            )
+        tokens = [admin_token] if admin_token else []
+        require(tokens, _bearer(), "MODERATION_ADMIN_TOKEN", "admin",
+                "Authorization: Bearer <token>")
 
     def require_reader() -> None:
-        if not reader_tokens:
-            raise RequestError(
-                403,
-                "reader_disabled",
-                "the decision log is disabled for reading: set MODERATION_READER_TOKEN",
-            )
         given = _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
-        if not _matches(given, reader_tokens):
-            raise RequestError(
-                401, "unauthorized", "the reader token is required (Authorization: Bearer "
-                "<token>, or ?token= for the dashboard)"
-            )
+        require(reader_tokens, given, "MODERATION_READER_TOKEN", "reader",
+                "Authorization: Bearer <token>, or ?token= for the dashboard")
 
     def parse_moderate() -> ModerateRequest:
         max_images = int(app.config["MAX_IMAGES"])
