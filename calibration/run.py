@@ -94,7 +94,7 @@ def image_scores(
         except OSError as e:
             left_out.append(f"{item.path}: cannot read: {e.strerror or e}")
             continue
-        key = f"image:{hashlib.sha256(data).hexdigest()}:frames<={moderator.max_frames}"
+        key = f"image:{hashlib.sha256(data).hexdigest()}:frames<={moderator.limits.max_frames}"
         cached = cache.get(encoder.identity, [key]).get(key) if cache is not None else None
         if cached is None:
             try:

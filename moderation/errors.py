@@ -21,7 +21,8 @@ class PolicyError(ModerationError, ValueError):
 class ImageError(ModerationError, ValueError):
     """One image could not be decoded. ``code`` says why, in a word a client can branch on.
 
-    Codes: ``empty``, ``unsupported_format``, ``corrupt_image``, ``too_many_pixels``.
+    Codes: ``empty``, ``unreadable``, ``unsupported_format``, ``corrupt_image``,
+    ``too_many_pixels``, ``too_many_frames``, ``animation_too_large``, ``too_many_scans``.
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -4,6 +4,13 @@ Handles EXIF orientation, every common mode (palette, alpha, CMYK, 16-bit, greys
 animations (up to ``max_frames`` frames sampled evenly), and decodes JPEGs at reduced size
 (Pillow's draft mode) since the model sees 224 px anyway. Refuses, with an
 :class:`~moderation.errors.ImageError`, what is empty, not an image, truncated, or too large.
+
+Every image costs a bounded amount of work (:class:`ImageLimits`), checked from the header
+before anything expensive is decoded: pixels per frame, frames × canvas pixels for an
+animation (a GIF frame can only be reached by compositing every frame before it), and the
+number of scans of a progressive JPEG (each scan is a pass over all the coefficients). Frames
+are cut to their central part of at most :data:`MAX_ASPECT` : 1 before the encoder resizes
+them, so a 20000×1 image never becomes a 4,480,000×224 intermediate.
 """
 
 from __future__ import annotations
@@ -18,15 +25,62 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-__all__ = ["ACCEPTED_FORMATS", "DecodedImage", "check_pixels", "decode_image", "to_rgb"]
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "DecodedImage",
+    "ImageLimits",
+    "check_pixels",
+    "decode_image",
+    "to_rgb",
+]
 
 #: Formats we decode (JPEG includes MPO). Others (PSD, EPS, …) are refused, not parsed.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_FRAMES = 8
-#: Animations longer than this are refused: seeking far into one is quadratic work for GIF.
-MAX_ANIMATION_FRAMES = 10_000
+#: Frames are cut to their central part of at most this aspect ratio before resizing. The
+#: model sees the central square (open_clip resizes the short side, then centre-crops), which
+#: lies inside that part, so what it sees does not change; the resize stays small.
+MAX_ASPECT = 2.0
+#: Formats whose frame k can only be decoded by decoding (and compositing) every frame before
+#: it: their whole animation counts against ``max_animation_pixels``.
+SEQUENTIAL_FORMATS = ("GIF", "PNG", "WEBP")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The work one image may cost; past a limit it is refused before it is decoded.
+
+    Each field is also a service setting: ``MODERATION_`` + its name in capitals.
+    """
+
+    #: pixels of one frame (width × height)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: frames of an animation that are scored, sampled evenly (first and last included)
+    max_frames: int = DEFAULT_MAX_FRAMES
+    #: frames an animation may have at all
+    max_animation_frames: int = 10_000
+    #: frames that must be decoded × canvas pixels, for an animation (GIF, APNG, WebP: every
+    #: frame up to the last sampled one; TIFF, MPO: the sampled frames)
+    max_animation_pixels: int = 256_000_000
+    #: scans of a progressive JPEG (libjpeg writes 10; each scan is a pass over the image)
+    max_jpeg_scans: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_frames", "max_animation_frames",
+                     "max_animation_pixels", "max_jpeg_scans"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ImageLimits.{name} must be a positive integer; got {value!r}")
+
+
+def _refuse(code: str, what: str, limit: int, setting: str) -> ImageError:
+    return ImageError(
+        code,
+        f"{what}; the limit is {limit:,} (setting {setting}, "
+        f"MODERATION_{setting.upper()} in the service)",
+    )
 #: Background that transparent pixels are composited onto.
 BACKGROUND = (255, 255, 255)
 
@@ -78,25 +132,67 @@ def to_rgb(frame: Image.Image) -> Image.Image:
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
     """Raise ``ImageError("too_many_pixels")`` for an image over ``max_pixels``."""
     if width * height > max_pixels:
-        raise ImageError(
+        raise _refuse(
             "too_many_pixels",
-            f"the image is {width}x{height} = {width * height:,} pixels; "
-            f"the limit is {max_pixels:,}",
+            f"the image is {width}x{height} = {width * height:,} pixels",
+            max_pixels,
+            "max_pixels",
         )
+
+
+def crop_aspect(frame: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """The central part of ``frame`` whose long side is at most ``max_aspect`` × its short
+    side (``frame`` itself when it is already within)."""
+    width, height = frame.size
+    short = max(1, min(width, height))
+    long_side = max(1, int(short * max_aspect))
+    if width > long_side:
+        left = (width - long_side) // 2
+        return frame.crop((left, 0, left + long_side, height))
+    if height > long_side:
+        top = (height - long_side) // 2
+        return frame.crop((0, top, width, top + long_side))
+    return frame
+
+
+def count_jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) a JPEG has, without decoding it.
+
+    Marker segments before the first scan are skipped by their lengths (so that bytes inside
+    EXIF or ICC data are not mistaken for markers). After it, ``FF DA`` is counted where it
+    occurs: inside entropy-coded data every ``FF`` byte is followed by ``00`` or a restart
+    marker, so only a table segment between scans could add a spurious count, which can only
+    make a crafted file look worse.
+    """
+    i = 2  # after SOI
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return 0  # not a marker: corrupt, the decoder will say so
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:
+            return data.count(b"\xff\xda", i)
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return 0
 
 
 def decode_image(
     source: bytes | str | Path,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_frames: int = DEFAULT_MAX_FRAMES,
+    limits: ImageLimits | None = None,
     draft_size: int | None = 224,
 ) -> DecodedImage:
-    """Decode one image from bytes or a file path.
+    """Decode one image from bytes or a file path, within ``limits`` (default: the defaults).
 
     ``draft_size`` lets JPEGs decode at a reduced scale that keeps both sides at least this
     many pixels (``None`` decodes at full size). Raises :class:`ImageError`.
     """
+    limits = limits or ImageLimits()
     if isinstance(source, (str, Path)):
         try:
             data = Path(source).read_bytes()
@@ -124,34 +220,68 @@ def decode_image(
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError("corrupt_image", f"the {_guess(data)} data is corrupt: {e}") from e
 
+    try:
+        return _decode_opened(image, data, limits, draft_size)
+    finally:
+        image.close()
+
+
+def _decode_opened(
+    image: Image.Image, data: bytes, limits: ImageLimits, draft_size: int | None
+) -> DecodedImage:
     width, height = image.size
-    check_pixels(width, height, max_pixels)
-    n_frames = getattr(image, "n_frames", 1)
-    if n_frames > MAX_ANIMATION_FRAMES:
-        raise ImageError(
-            "too_many_frames",
-            f"the animation has {n_frames:,} frames; the limit is {MAX_ANIMATION_FRAMES:,}",
-        )
+    check_pixels(width, height, limits.max_pixels)
     fmt = image.format or "unknown"
+    if fmt in ("JPEG", "MPO"):
+        scans = count_jpeg_scans(data)
+        if scans > limits.max_jpeg_scans:
+            raise _refuse(
+                "too_many_scans",
+                f"the progressive JPEG has {scans:,} scans (each one a pass over all "
+                "its pixels)",
+                limits.max_jpeg_scans,
+                "max_jpeg_scans",
+            )
+    try:
+        n_frames = getattr(image, "n_frames", 1)  # reads frame headers only, decodes nothing
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError("corrupt_image", f"the {fmt} image is truncated or corrupt: {e}") from e
+    if n_frames > limits.max_animation_frames:
+        raise _refuse(
+            "too_many_frames",
+            f"the animation has {n_frames:,} frames",
+            limits.max_animation_frames,
+            "max_animation_frames",
+        )
+    indices = sample_frame_indices(n_frames, limits.max_frames)
+    if n_frames > 1:
+        decoded_frames = indices[-1] + 1 if fmt in SEQUENTIAL_FORMATS else len(indices)
+        work = decoded_frames * width * height
+        if work > limits.max_animation_pixels:
+            raise _refuse(
+                "animation_too_large",
+                f"the animation needs {decoded_frames:,} frames of {width}x{height} decoded "
+                f"= {work:,} pixels",
+                limits.max_animation_pixels,
+                "max_animation_pixels",
+            )
     try:
         if n_frames == 1:
             if draft_size is not None and fmt in ("JPEG", "MPO"):
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            frames = [to_rgb(ImageOps.exif_transpose(image))]
-            indices = [0]
+            frames = [crop_aspect(to_rgb(ImageOps.exif_transpose(image)))]
         else:
-            indices = sample_frame_indices(n_frames, max_frames)
             frames = []
-            for index in indices:
+            for index in indices:  # in increasing order: each seek only moves forward
                 image.seek(index)
-                frames.append(to_rgb(ImageOps.exif_transpose(image.convert("RGBA"))))
+                frames.append(
+                    crop_aspect(to_rgb(ImageOps.exif_transpose(image.convert("RGBA"))))
+                )
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             "corrupt_image", f"the {fmt} image is truncated or corrupt: {e}"
         ) from e
-    finally:
-        image.close()
     return DecodedImage(frames, indices, n_frames, fmt, width, height)
 
 

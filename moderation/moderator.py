@@ -12,14 +12,7 @@ from PIL import Image
 
 from .decision import Decision, decide, worst
 from .errors import ImageError, ModelMismatchError
-from .images import (
-    DEFAULT_MAX_FRAMES,
-    DEFAULT_MAX_PIXELS,
-    DecodedImage,
-    check_pixels,
-    decode_image,
-    to_rgb,
-)
+from .images import DecodedImage, ImageLimits, check_pixels, crop_aspect, decode_image, to_rgb
 from .policy import DEFAULT_PROFILE, Policy, load_policy
 from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
 from .scoring import score_images
@@ -106,8 +99,7 @@ class Moderator:
         encoder: ImageTextEncoder,
         cache: EmbeddingCache | None = None,
         *,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_frames: int = DEFAULT_MAX_FRAMES,
+        limits: ImageLimits | None = None,
     ) -> None:
         mismatched = {
             cid: model
@@ -125,8 +117,7 @@ class Moderator:
         self.policy = policy
         self.encoder = encoder
         self.cache = cache
-        self.max_pixels = max_pixels
-        self.max_frames = max_frames
+        self.limits = limits or ImageLimits()
         self.text: PolicyEmbeddings = embed_policy(policy, encoder, cache)
 
     @classmethod
@@ -174,8 +165,7 @@ class Moderator:
             self.policy,
             encoder,
             self.cache,
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
+            limits=self.limits,
         )
 
     def with_policy(self, policy: Policy) -> Moderator:
@@ -184,23 +174,22 @@ class Moderator:
             policy,
             self.encoder,
             self.cache,
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
+            limits=self.limits,
         )
 
     def decode(self, source: ImageInput) -> DecodedImage:
         """Decode one input for this moderator's model. Raises :class:`ImageError`."""
         if isinstance(source, Image.Image):
-            check_pixels(source.width, source.height, self.max_pixels)
+            check_pixels(source.width, source.height, self.limits.max_pixels)
             return DecodedImage(
-                [to_rgb(source)], [0], 1, source.format or "PIL", source.width, source.height
+                [crop_aspect(to_rgb(source))],
+                [0],
+                1,
+                source.format or "PIL",
+                source.width,
+                source.height,
             )
-        return decode_image(
-            source,
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
-            draft_size=self.encoder.image_size,
-        )
+        return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size)
 
     def moderate(
         self,

@@ -21,7 +21,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from moderation import ImageError, ModerationError, Moderator, PolicyError
-from moderation.images import DecodedImage
+from moderation.images import DecodedImage, ImageLimits
 
 from .dashboard import render_dashboard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -59,7 +59,12 @@ DEFAULTS: dict[str, Any] = {
     "GIL_SWITCH_INTERVAL": 0.0005,
     "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,  # bytes per request; Flask answers 413 past it
     "MAX_IMAGES": 32,
+    # Work per image (moderation.images.ImageLimits): refused past these, before decoding.
     "MAX_PIXELS": 64_000_000,
+    "MAX_FRAMES": 8,
+    "MAX_ANIMATION_FRAMES": 10_000,
+    "MAX_ANIMATION_PIXELS": 256_000_000,
+    "MAX_JPEG_SCANS": 100,
     "ADMIN_TOKEN": None,
     "READER_TOKEN": None,  # for the decision log API and the dashboard (admin works too)
     "API_KEYS": None,
@@ -72,7 +77,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: HTTP status for a request whose only image failed, by the image's error code.
-IMAGE_ERROR_STATUS = {"unsupported_format": 415, "too_many_pixels": 413, "too_many_frames": 413}
+IMAGE_ERROR_STATUS = {
+    "unsupported_format": 415,
+    "too_many_pixels": 413,
+    "too_many_frames": 413,
+    "animation_too_large": 413,
+    "too_many_scans": 413,
+}
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
@@ -134,7 +145,13 @@ def _load_moderator(config: dict[str, Any]) -> Moderator:
         random_weights=bool(config["RANDOM_WEIGHTS"]),
         cache_dir=config["CACHE_DIR"],
         threads=config["TORCH_THREADS"],
-        max_pixels=int(config["MAX_PIXELS"]),
+        limits=ImageLimits(
+            max_pixels=int(config["MAX_PIXELS"]),
+            max_frames=int(config["MAX_FRAMES"]),
+            max_animation_frames=int(config["MAX_ANIMATION_FRAMES"]),
+            max_animation_pixels=int(config["MAX_ANIMATION_PIXELS"]),
+            max_jpeg_scans=int(config["MAX_JPEG_SCANS"]),
+        ),
     )
     if config["TRACE"]:
         moderator.encoder.trace_image_tower()  # type: ignore[attr-defined]

@@ -8,7 +8,12 @@ import pytest
 from PIL import Image
 
 from moderation import ImageError
-from moderation.images import ACCEPTED_FORMATS, decode_image, sample_frame_indices
+from moderation.images import (
+    ACCEPTED_FORMATS,
+    ImageLimits,
+    decode_image,
+    sample_frame_indices,
+)
 from tests.conftest import image_bytes
 
 
@@ -73,7 +78,7 @@ def test_transparency_is_composited_onto_white(mode: str) -> None:
 def test_animation_frames_are_sampled_evenly(fmt: str) -> None:
     frames = [Image.new("RGB", (16, 16), (i * 10, 0, 0)) for i in range(20)]
     data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    decoded = decode_image(data, max_frames=4)
+    decoded = decode_image(data, limits=ImageLimits(max_frames=4))
     assert decoded.n_frames == 20
     assert decoded.frame_indices == [0, 6, 13, 19]
     reds = [f.getpixel((8, 8))[0] for f in decoded.frames]
@@ -99,7 +104,7 @@ def test_jpeg_is_decoded_at_reduced_size_but_not_below_the_model_input() -> None
 def test_too_many_pixels_is_refused_before_decoding() -> None:
     data = image_bytes((0, 0, 0), "PNG", size=(200, 100))
     with pytest.raises(ImageError, match=r"200x100 = 20,000 pixels; the limit is 19,999") as e:
-        decode_image(data, max_pixels=19_999)
+        decode_image(data, limits=ImageLimits(max_pixels=19_999))
     assert e.value.code == "too_many_pixels"
 
 

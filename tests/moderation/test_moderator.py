@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from moderation import ModelMismatchError, Moderator, load_policy
+from moderation.images import ImageLimits
 from moderation.policy import parse_policy
 from tests.conftest import (
     BLUE,
@@ -69,7 +70,7 @@ def test_an_animation_scores_as_its_worst_frame(moderator: Moderator) -> None:
 
 def test_too_large_pil_image_is_refused(fake_encoder: FakeEncoder) -> None:
     policy = parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False))
-    small = Moderator(policy, fake_encoder, max_pixels=100)
+    small = Moderator(policy, fake_encoder, limits=ImageLimits(max_pixels=100))
     [result] = small.moderate([Image.new("RGB", (20, 20))])
     assert result.error is not None and result.error.code == "too_many_pixels"
 

@@ -15,6 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 
+from moderation.images import ImageLimits
 from service.app import create_app
 from tests.conftest import BLUE, GREEN, HAND_POLICY, PURPLE, RED, FakeEncoder, image_bytes
 from tests.service.conftest import ADMIN
@@ -107,7 +108,8 @@ def test_pixel_limit_and_bombs(make_app: Callable[..., Flask], fake_encoder: Fak
     from moderation import Moderator
     from moderation.policy import parse_policy
 
-    moderator = Moderator(parse_policy(yaml.safe_dump(HAND_POLICY)), fake_encoder, max_pixels=100)
+    policy = parse_policy(yaml.safe_dump(HAND_POLICY))
+    moderator = Moderator(policy, fake_encoder, limits=ImageLimits(max_pixels=100))
     client = create_app({"ADMIN_TOKEN": ADMIN}, moderator=moderator).test_client()
     r = client.post("/v1/moderate", data=files((image_bytes(RED, size=(20, 20)), "big.png")))
     assert r.status_code == 413 and r.get_json()["error"]["code"] == "too_many_pixels"
