@@ -26,7 +26,15 @@ from moderation.images import DecodedImage, ImageLimits
 from .dashboard import render_dashboard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import openapi_document
-from .parsing import IMAGE_FIELD, ModerateRequest, RequestError, parse_json, parse_multipart
+from .parsing import (
+    IMAGE_FIELD,
+    MAX_ID_LENGTH,
+    ModerateRequest,
+    RequestError,
+    load_json,
+    parse_json,
+    parse_multipart,
+)
 from .state import ModelOccupancy, PolicyHolder
 from .store import (
     BUCKETS,
@@ -58,6 +66,10 @@ DEFAULTS: dict[str, Any] = {
     # it back sooner from request threads (CPython's default is 0.005).
     "GIL_SWITCH_INTERVAL": 0.0005,
     "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,  # bytes per request; Flask answers 413 past it
+    # Multipart parts per request (files and fields), and bytes per text field (an id): a
+    # form past either is refused before it is parsed further.
+    "MAX_FORM_PARTS": 100,
+    "MAX_FORM_MEMORY_SIZE": 64 * 1024,
     "MAX_IMAGES": 32,
     # Work per image (moderation.images.ImageLimits): refused past these, before decoding.
     "MAX_PIXELS": 64_000_000,
@@ -229,7 +241,20 @@ def create_app(
         code = (e.name or "error").lower().replace(" ", "_")
         if e.code == 413:
             limit = app.config["MAX_CONTENT_LENGTH"]
-            return _error(413, "request_too_large", f"the request is over {limit:,} bytes")
+            if request.content_length is None or request.content_length > limit:
+                return _error(
+                    413, "request_too_large",
+                    f"the request is over {limit:,} bytes (MODERATION_MAX_CONTENT_LENGTH)",
+                )
+            # werkzeug raises the same error for both form limits
+            return _error(
+                413, "form_too_large",
+                f"the form has more than {app.config['MAX_FORM_PARTS']:,} parts "
+                "(MODERATION_MAX_FORM_PARTS) or a text field over "
+                f"{app.config['MAX_FORM_MEMORY_SIZE']:,} bytes (MODERATION_MAX_FORM_MEMORY_SIZE): "
+                f"send at most {app.config['MAX_IMAGES']} files in '{IMAGE_FIELD}', with at "
+                f"most one 'id' field each, of at most {MAX_ID_LENGTH} characters",
+            )
         return _error(e.code or 500, code, e.description or e.name)
 
     @app.errorhandler(Exception)
@@ -271,10 +296,7 @@ def create_app(
             form = {k: request.form.getlist(k) for k in request.form}
             return parse_multipart(files, form, max_images)
         if request.mimetype == "application/json":
-            body = request.get_json(silent=True)
-            if body is None:
-                raise RequestError(400, "invalid_json", "the body is not valid JSON")
-            return parse_json(body, max_images)
+            return parse_json(load_json(request.get_data(cache=False)), max_images)
         raise RequestError(
             415,
             "unsupported_media_type",

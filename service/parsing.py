@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ModerateRequest", "RequestError", "Upload", "parse_json", "parse_multipart"]
+__all__ = [
+    "MAX_ID_LENGTH",
+    "ModerateRequest",
+    "RequestError",
+    "Upload",
+    "check_text",
+    "decode_base64",
+    "load_json",
+    "parse_json",
+    "parse_multipart",
+]
 
 IMAGE_FIELD = "image"
+#: Longest client id (or profile name) accepted, in characters: it is stored with every
+#: decision and echoed back.
+MAX_ID_LENGTH = 256
 
 
 class RequestError(Exception):
@@ -56,12 +72,86 @@ def _check_count(n: int, max_images: int) -> None:
         )
 
 
+def check_text(value: str, where: str) -> str:
+    """``value`` if it is fit to store and echo as an id: at most :data:`MAX_ID_LENGTH`
+    characters, no control characters, no unpaired surrogates (JSON lets ``"\\ud800"`` through,
+    and no database can store it as text). Else a 400 naming ``where``."""
+    if len(value) > MAX_ID_LENGTH:
+        raise RequestError(
+            400, "invalid_id",
+            f"{where} is {len(value):,} characters long; at most {MAX_ID_LENGTH} are accepted",
+        )
+    for position, char in enumerate(value):
+        kind = unicodedata.category(char)
+        if kind in ("Cc", "Cs"):
+            what = "an unpaired surrogate" if kind == "Cs" else "a control character"
+            raise RequestError(
+                400, "invalid_id",
+                f"{where} has {what} (U+{ord(char):04X}) at position {position}; ids must be "
+                "printable text",
+            )
+    return value
+
+
 def _profile(value: Any) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise RequestError(400, "invalid_field", "'profile' must be a string")
-    return value
+    return check_text(value, "'profile'")
+
+
+def load_json(data: bytes) -> Any:
+    """The parsed body, or a 400 that says what is wrong with it."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise RequestError(
+            400, "invalid_json",
+            "the JSON body is nested too deeply; send {\"images\": [{\"data\": \"<base64>\", "
+            "\"id\": \"...\"}]}",
+        ) from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    """Standard base64 (RFC 4648, no line breaks) → bytes; a ``ValueError`` whose message
+    says what is wrong (a data: URL, line breaks, the URL-safe alphabet, a stray character,
+    a length that is not a multiple of 4)."""
+    if text.startswith("data:"):
+        raise ValueError(
+            f"{where} is a data: URL; send only the base64 text after its comma "
+            f"(without {text[: text.find(',') + 1 or 30]!r})"
+        )
+    match = _BASE64.match(text)
+    end = match.end() if match else 0
+    if end < len(text):
+        char = text[end]
+        if char in "\r\n":
+            hint = "a line break (MIME-style base64); send it on one line"
+        elif char.isspace():
+            hint = "white space; send the base64 text without spaces"
+        elif text[end - 1 : end] == "=":
+            hint = "text after its '=' padding (two base64 strings joined?)"
+        elif char in "-_":
+            hint = (f"{char!r}, from the URL-safe alphabet; use the standard one "
+                    "('+' and '/')")
+        else:
+            hint = f"{char!r}, which is not in the base64 alphabet (A-Z, a-z, 0-9, +, /, =)"
+        raise ValueError(f"{where} is not valid base64: at position {end} it has {hint}")
+    if len(text) % 4:
+        raise ValueError(
+            f"{where} is not valid base64: its length ({len(text):,}) is not a multiple of 4 "
+            "(is its '=' padding missing?)"
+        )
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where} is not valid base64: {e}") from None
 
 
 def parse_multipart(
@@ -82,10 +172,13 @@ def parse_multipart(
             f"got {len(files)} images but {len(ids)} 'id' fields: give one id per image, "
             "in the same order, or none",
         )
-    uploads = [
-        Upload(ids[i] if ids else (filename or None), data)
-        for i, (filename, data) in enumerate(files)
-    ]
+    uploads = []
+    for i, (filename, data) in enumerate(files):
+        if ids:
+            item_id: str | None = check_text(ids[i], f"'id' field {i + 1} (of image {i + 1})")
+        else:
+            item_id = check_text(filename, f"the file name of image {i + 1}") if filename else None
+        uploads.append(Upload(item_id, data))
     profiles = form.get("profile", [])
     return ModerateRequest(uploads, _profile(profiles[0] if profiles else None))
 
@@ -117,12 +210,18 @@ def parse_json(body: Any, max_images: int) -> ModerateRequest:
         item_id = item.get("id")
         if item_id is not None and not isinstance(item_id, str):
             raise RequestError(400, "invalid_field", f"images[{i}].id must be a string")
-        try:
-            data = base64.b64decode(item["data"], validate=True)
-        except (binascii.Error, ValueError):
-            uploads.append(
-                Upload(item_id, b"", ("invalid_base64", f"images[{i}].data is not valid base64"))
+        if item_id is not None:
+            check_text(item_id, f"images[{i}].id")
+        unknown_item = sorted(set(item) - {"data", "id"})
+        if unknown_item:
+            raise RequestError(
+                400, "invalid_field",
+                f"images[{i}] has unknown keys {unknown_item}; accepted: 'data', 'id'",
             )
+        try:
+            data = decode_base64(item["data"], f"images[{i}].data")
+        except ValueError as e:
+            uploads.append(Upload(item_id, b"", ("invalid_base64", str(e))))
             continue
         uploads.append(Upload(item_id, data))
     return ModerateRequest(uploads, _profile(body.get("profile")))

@@ -147,6 +147,51 @@ def test_malformed_requests(make_app: Callable[..., Flask], kwargs: dict[str, An
     assert message in r.get_json()["error"]["message"]
 
 
+def test_hostile_request_bodies_get_the_documented_error(make_app: Callable[..., Flask]) -> None:
+    """Deep JSON, a form with too many parts or a huge text field, bad ids: each a 4xx in the
+    JSON shape naming what was wrong."""
+    app = make_app()
+    client = app.test_client()
+    png = image_bytes(RED)
+
+    def error(r: Any) -> tuple[int, str, str]:
+        body = r.get_json()
+        return r.status_code, body["error"]["code"], body["error"]["message"]
+
+    status, code, message = error(client.post(
+        "/v1/moderate", data=b"[" * 100_000 + b"]" * 100_000, content_type="application/json"))
+    assert (status, code) == (400, "invalid_json") and "nested too deeply" in message
+
+    fields = {f"f{i}": "x" for i in range(1500)}
+    status, code, message = error(client.post("/v1/moderate", data={
+        **files((png, "r.png")), **fields}))
+    assert (status, code) == (413, "form_too_large")
+    assert "more than 100 parts (MODERATION_MAX_FORM_PARTS)" in message
+
+    status, code, message = error(client.post("/v1/moderate", data={
+        **files((png, "r.png")), "id": "x" * (1 << 20)}))
+    assert (status, code) == (413, "form_too_large")
+    assert "a text field over 65,536 bytes (MODERATION_MAX_FORM_MEMORY_SIZE)" in message
+
+    status, code, message = error(client.post("/v1/moderate", data={
+        **files((png, "r.png")), "id": "x" * 10_000}))
+    assert (status, code) == (400, "invalid_id") and "at most 256 are accepted" in message
+
+    for bad in ("x\ud800y", "x" * (1 << 20)):
+        status, code, message = error(client.post("/v1/moderate", json={
+            "images": [{"data": base64.b64encode(png).decode(), "id": bad}]}))
+        assert (status, code) == (400, "invalid_id") and message.startswith("images[0].id ")
+
+    status, code, message = error(client.post("/v1/moderate", json={
+        "images": [{"data": "data:image/png;base64," + base64.b64encode(png).decode()}]}))
+    assert (status, code) == (400, "invalid_base64") and "is a data: URL" in message
+
+    store, recorder = app.extensions["decisions"]
+    recorder.flush()  # refused requests record nothing; a bad image is an error on record
+    [record] = store.query()[0]
+    assert record["action"] == "error" and record["error_code"] == "invalid_base64"
+
+
 def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
     r = client.get("/nope")
     assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
