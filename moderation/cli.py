@@ -125,12 +125,14 @@ def policy_check(path: Path) -> None:
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_model_options
 def score(images: tuple[Path, ...], **model_options: Any) -> None:
     """Moderate IMAGES: one JSON object per image on stdout.
 
-    Exits 1 if any image could not be read (its line carries the error).
+    Exits 1 if any image could not be read (its line carries the error); 2, before the model
+    is loaded, if a path does not exist.
     """
     moderator = _load_moderator(**model_options)
     results = moderator.moderate(list(images), ids=[str(p) for p in images])
@@ -217,11 +219,17 @@ def run_scan(
 def scan(directory: Path, out: Path, **model_options: Any) -> None:
     """Moderate every file under DIRECTORY, in batches, appending JSON lines to --out.
 
-    A file that cannot be read becomes an error line and the scan goes on; running the same
-    scan again skips the files already in --out.
+    A file that cannot be read becomes an error line and the scan goes on; the scan then exits
+    1 and says how many failed. Running the same scan again skips the files already in --out.
     """
     from tqdm import tqdm
 
+    try:  # fail before the model is loaded, not after
+        out.open("a", encoding="utf-8").close()
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot write {out}: {e.strerror or e}", param_hint="--out"
+        ) from e
     done = _done_ids(out)
     todo = [p for p in _files_under(directory) if str(p) not in done]
     click.echo(
@@ -235,6 +243,10 @@ def scan(directory: Path, out: Path, **model_options: Any) -> None:
         counts = run_scan(moderator, todo, out, model_options["batch_size"], progress.update)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     click.echo(f"done: {summary}; results in {out}", err=True)
+    if counts["error"]:
+        click.secho(f"{counts['error']} of {len(todo)} files could not be moderated (their "
+                    f"lines in {out} say why)", fg="red", err=True)
+        sys.exit(1)
 
 
 @main.group()
@@ -315,6 +327,28 @@ def decisions_purge(older_than_days: float, database_url: str | None) -> None:
     store = _store(database_url)
     removed = store.purge(time.time() - older_than_days * 86400)
     click.echo(f"purged {removed} decisions older than {older_than_days:g} days")
+
+
+@decisions.command("replay")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="MODERATION_DEAD_LETTER_PATH",
+              help="The dead-letter file ($MODERATION_DEAD_LETTER_PATH; default: beside a SQLite "
+                   "log, else under the data folder).")
+@_database_option
+def decisions_replay(path: Path | None, database_url: str | None) -> None:
+    """Write decisions set aside in the dead-letter file into the log.
+
+    Those the log already has are skipped; those it still cannot take stay in the file (exit 1).
+    """
+    from service.store import DeadLetters, default_dead_letter_path, replay_dead_letters
+
+    store = _store(database_url)
+    dead = DeadLetters(path or default_dead_letter_path(store.url))
+    written, present, failing = replay_dead_letters(store, dead)
+    click.echo(f"{dead.path}: {written} written, {present} already in the log, "
+               f"{failing} still failing")
+    if failing:
+        sys.exit(1)
 
 
 @main.command()

@@ -38,10 +38,12 @@ from .parsing import (
 from .state import ModelOccupancy, PolicyHolder
 from .store import (
     BUCKETS,
+    DeadLetters,
     DecisionRecord,
     DecisionStore,
     Recorder,
     default_database_url,
+    default_dead_letter_path,
     parse_time,
 )
 
@@ -84,6 +86,10 @@ DEFAULTS: dict[str, Any] = {
     # file under $XDG_DATA_HOME/moderation); RECORD_DECISIONS false turns recording off.
     "DATABASE_URL": None,
     "RECORD_DECISIONS": True,
+    # Where a record the log cannot take is set aside (default: beside a SQLite log, else
+    # under the data folder), and how long a request waits for its records to be written.
+    "DEAD_LETTER_PATH": None,
+    "RECORD_TIMEOUT_S": 10.0,
     "RETENTION_DAYS": 90,
     "STATE_DIR": None,
 }
@@ -212,7 +218,13 @@ def create_app(
     app.extensions["moderation"] = holder
     reader_tokens = [t for t in (app.config["READER_TOKEN"], admin_token) if t]
     store = DecisionStore(app.config["DATABASE_URL"] or default_database_url())
-    recorder = Recorder(store) if app.config["RECORD_DECISIONS"] else None
+    dead_letters = DeadLetters(Path(
+        app.config["DEAD_LETTER_PATH"] or default_dead_letter_path(store.url)
+    ))
+    recorder = (
+        Recorder(store, dead_letters, timeout=float(app.config["RECORD_TIMEOUT_S"]))
+        if app.config["RECORD_DECISIONS"] else None
+    )
     app.extensions["decisions"] = (store, recorder)
     if recorder is not None:
         atexit.register(recorder.close)  # a worker that stops writes what it has queued
@@ -352,7 +364,8 @@ def create_app(
             )
         ] if recorder is not None else []
         if recorder is not None:
-            recorder.record(records)  # failures too: every result is on record
+            # failures too: every result is on record, before the client hears of it
+            recorder.record(records)
         for result in results:
             decision = result.decision
             if decision is None:

@@ -99,7 +99,8 @@ def test_scan_is_recursive_survives_bad_files_and_resumes(
             "--random-weights", "--batch-size", "2", "--cache-dir", str(tmp_path / "c")]
 
     result = runner.invoke(main, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a file failed: said, and not a success
+    assert "1 of 3 files could not be moderated" in result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     by_id = {line["id"]: line for line in lines}
     assert sorted(by_id) == sorted(
@@ -132,3 +133,44 @@ def test_scan_redoes_a_line_cut_short(
     assert result.exit_code == 0, result.output
     last = out.read_text().splitlines()[-1]
     assert json.loads(last)["id"] == str(root / "a.png")
+
+
+def test_paths_are_checked_before_the_model_is_loaded(
+    runner: CliRunner, tiny_policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `score missing.jpg` loaded the model (~9 s for ViT-B-32) and only then failed."""
+    import moderation.cli
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(moderation.cli, "_load_moderator", no_model)
+    result = runner.invoke(main, ["score", str(tmp_path / "missing.jpg"), "--policy",
+                                  str(tiny_policy), "--random-weights"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(image_bytes(RED))
+    result = runner.invoke(main, ["scan", str(tmp_path / "in"), "--out",
+                                  str(tmp_path / "no" / "such" / "dir" / "out.jsonl"),
+                                  "--policy", str(tiny_policy), "--random-weights"])
+    assert result.exit_code == 2 and "cannot write" in result.output
+    result = runner.invoke(main, ["scan", str(tmp_path / "missing"), "--out", "x.jsonl"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_decisions_replay(runner: CliRunner, tmp_path: Path) -> None:
+    import uuid
+
+    from service.store import DeadLetters, DecisionRecord, DecisionStore
+
+    url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
+    r = DecisionRecord(id=uuid.uuid4().hex, created_at=1.0, client_id="c", image_sha256="a",
+                       image_size=1, policy_name="p", policy_version="v", model="m",
+                       profile="default", action="allow", triggered=[], categories={},
+                       latency_ms=1.0)
+    DeadLetters(tmp_path / "dead.jsonl").add([r], "the database was down")
+    result = runner.invoke(main, ["decisions", "replay", "--file", str(tmp_path / "dead.jsonl"),
+                                  "--database-url", url])
+    assert result.exit_code == 0, result.output
+    assert "1 written, 0 already in the log, 0 still failing" in result.output
+    assert DecisionStore(url).get(r.id) is not None

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.store import DecisionRecord, DecisionStore, Recorder
+from service.store import (
+    DeadLetters,
+    DecisionRecord,
+    DecisionStore,
+    Recorder,
+    replay_dead_letters,
+)
 
 POSTGRES = os.environ.get("MODERATION_TEST_POSTGRES_URL")
 
@@ -126,13 +134,108 @@ def test_purge_and_export(url: str) -> None:
     assert store.query(category="weapons", limit=10)[0][0]["created_at"] == T0 + 4
 
 
-def test_recorder_writes_in_the_background(url: str) -> None:
+def test_recorder_returns_once_the_records_are_committed(url: str, tmp_path: Path) -> None:
     store = DecisionStore(url)
-    recorder = Recorder(store, batch=8)
+    recorder = Recorder(store, DeadLetters(tmp_path / "dead.jsonl"), batch=8)
     recorder.record([record(T0 + i) for i in range(50)])
-    recorder.flush()
-    assert store.count() == 50
+    # no flush: another connection (another process, after a SIGKILL) already sees them all
+    assert DecisionStore(url).count() == 50
     recorder.close()
+    assert not (tmp_path / "dead.jsonl").exists()
+
+
+def test_concurrent_requests_share_commits(url: str, tmp_path: Path) -> None:
+    store = DecisionStore(url)
+    transactions: list[int] = []
+    add_many = store.add_many
+
+    def counting(records: Any) -> None:
+        transactions.append(len(records))
+        add_many(records)
+
+    store.add_many = counting  # type: ignore[method-assign]
+    recorder = Recorder(store, DeadLetters(tmp_path / "dead.jsonl"))
+
+    def requests() -> None:
+        for _ in range(20):
+            recorder.record([record(T0)])
+
+    threads = [threading.Thread(target=requests) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(transactions) == 160 and store.count() == 160
+    assert len(transactions) < 160  # waiting requests were written together
+    recorder.close()
+
+
+def test_a_record_that_cannot_be_written_is_set_aside_not_retried_forever(
+    url: str, tmp_path: Path
+) -> None:
+    """A lone surrogate cannot be encoded by any database driver. Before: the recorder
+    retried that batch forever and its worker never logged another decision."""
+    store = DecisionStore(url)
+    dead = DeadLetters(tmp_path / "dead.jsonl")
+    recorder = Recorder(store, dead)
+    poison = record(T0, client="x\ud800y")
+    good = [record(T0 + i, client=f"c{i}") for i in range(1, 21)]
+    threads = [threading.Thread(target=recorder.record, args=([r],)) for r in [poison, *good]]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recorder.record([record(T0 + 30, client="after")])
+    assert time.monotonic() - started < 5
+    assert store.count() == 21  # every good record, before and after, is in the log
+    assert store.get(poison.id) is None
+    [(kept, reason)] = dead.read()
+    assert kept == poison and "UnicodeEncodeError" in reason
+    started = time.monotonic()
+    recorder.close()
+    assert time.monotonic() - started < 2  # before: 32 s, and its queue dropped
+
+
+def test_a_stuck_database_does_not_hold_requests_or_lose_records(
+    url: str, tmp_path: Path
+) -> None:
+    store = DecisionStore(url)
+    release = threading.Event()
+    add_many = store.add_many
+
+    def stuck(records: Any) -> None:
+        release.wait()
+        add_many(records)
+
+    store.add_many = stuck  # type: ignore[method-assign]
+    dead = DeadLetters(tmp_path / "dead.jsonl")
+    recorder = Recorder(store, dead, timeout=0.5)
+    late = record(T0, client="late")
+    started = time.monotonic()
+    recorder.record([late])
+    assert 0.4 < time.monotonic() - started < 3
+    [(kept, reason)] = dead.read()
+    assert kept == late and reason == "not written within 0.5 s"
+    release.set()  # the stuck write goes through after all: replaying skips it
+    recorder.flush()
+    store.add_many = add_many  # type: ignore[method-assign]
+    assert replay_dead_letters(store, dead) == (0, 1, 0)
+    assert store.count() == 1 and not dead.path.exists()
+    recorder.close()
+
+
+def test_replay_writes_set_aside_records_and_keeps_the_unwritable(
+    url: str, tmp_path: Path
+) -> None:
+    store = DecisionStore(url)
+    dead = DeadLetters(tmp_path / "dead.jsonl")
+    fine, poison = record(T0, client="fine"), record(T0 + 1, client="x\udfffy")
+    dead.add([fine, poison], "the database was down")
+    assert replay_dead_letters(store, dead) == (1, 0, 1)
+    assert store.get(fine.id) is not None and store.embedding(fine.id) is not None
+    [(kept, reason)] = dead.read()
+    assert kept == poison and "(first: the database was down)" in reason
 
 
 def _writer(url: str, worker: int, n: int) -> None:
