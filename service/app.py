@@ -214,6 +214,8 @@ def create_app(
         app.config["POLICY"],
         Path(state_dir) / "policy-snapshot.json" if state_dir else None,
     )
+    if holder.snapshot is not None:
+        holder.follow_in_background()
     metrics = Metrics()
     app.extensions["moderation"] = holder
     reader_tokens = [t for t in (app.config["READER_TOKEN"], admin_token) if t]

@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,14 @@ class PolicyHolder:
     ``current()`` is what a request calls once, at its start: a request in flight keeps the
     moderator (and so the policy) it started with while a reload swaps in a new one.
 
-    With several workers, the worker that reloads writes the validated policy text to
-    ``snapshot`` (atomically); every other worker notices the new file on its next request
-    and switches to it. A worker busy switching keeps serving the old policy meanwhile.
+    With several workers, the worker that reloads encodes the new policy's prompts (into the
+    text-embedding cache the workers share), swaps it in, and only then writes the validated
+    text to ``snapshot`` (atomically) and answers. Every request first compares the
+    snapshot's stamp (one ``stat``) with the one its worker follows; if the snapshot is newer,
+    it waits until its worker has switched, so that once a reload has answered, every request
+    that starts afterwards, on any worker, is decided with the new policy. Switching takes
+    the embeddings from the cache (no encoding) and is normally done before any request needs
+    it, by each worker's follower thread (:meth:`follow_in_background`).
     """
 
     def __init__(
@@ -47,14 +53,28 @@ class PolicyHolder:
         self._seen = _stamp(snapshot) if snapshot is not None else None
 
     def current(self) -> Moderator:
-        if self.snapshot is not None:
-            stamp = _stamp(self.snapshot)
-            if stamp != self._seen and self._lock.acquire(blocking=False):
-                try:
+        if self.snapshot is not None and _stamp(self.snapshot) != self._seen:
+            with self._lock:  # wait for the switch (ours, or the follower thread's)
+                stamp = _stamp(self.snapshot)
+                if stamp != self._seen:
                     self._follow(stamp)
-                finally:
-                    self._lock.release()
         return self._moderator
+
+    def follow_in_background(self, interval: float = 0.2) -> threading.Thread:
+        """Start a daemon thread that switches to a newer snapshot within ``interval``
+        seconds, so that requests seldom wait for it."""
+
+        def run() -> None:
+            while True:
+                time.sleep(interval)
+                try:
+                    self.current()
+                except Exception:  # never stop following
+                    log.exception("following the policy snapshot failed")
+
+        thread = threading.Thread(target=run, name="policy-follower", daemon=True)
+        thread.start()
+        return thread
 
     def reload(self) -> Moderator:
         """Read the policy file again; raise (keeping the old policy) if it is not valid."""
@@ -65,7 +85,7 @@ class PolicyHolder:
             policy = parse_policy(
                 text, source=self.policy_path.name, base_dir=self.policy_path.parent
             )
-            self._moderator = self._moderator.with_policy(policy)
+            self._moderator = self._moderator.with_policy(policy)  # encodes new prompts
             if self.snapshot is not None:
                 self._write_snapshot(text)
         log.info("policy %s version %s is active", policy.name, policy.version)

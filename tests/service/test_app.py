@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -319,6 +321,59 @@ def test_reload_reaches_every_worker(fake_encoder: FakeEncoder, policy_path: Pat
     assert b.get("/v1/policy").get_json()["version"] == version
     r = b.post("/v1/moderate", data=files((image_bytes(RED), "r.png")))
     assert r.get_json()["policy"] == {"name": "next", "version": version}
+
+
+def test_once_reload_answers_every_worker_decides_with_the_new_policy(
+    policy_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: requests sent at once to idle workers right after the reload answered were
+    still decided with the old version (3 of 8), and a follower re-encoded on a request
+    thread. Now: a request that starts after the answer waits for its worker's switch, and
+    the switch only reads the cache the reloading worker filled."""
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+    from moderation.prompts import EmbeddingCache
+    from tests.conftest import HAND_COLOURS, HAND_TEXTS, unit
+
+    texts = dict(HAND_TEXTS, **{"a pistol": unit(1, 1, 0), "the pistol": unit(1, 1, 0)})
+    encoders = [FakeEncoder(dict(texts), dict(HAND_COLOURS)) for _ in range(2)]
+
+    def worker(encoder: FakeEncoder) -> Flask:
+        cache = EmbeddingCache(tmp_path / "shared-cache.sqlite3")
+        moderator = Moderator(parse_policy(policy_path.read_text()), encoder, cache)
+        return create_app({"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN,
+                           "STATE_DIR": str(tmp_path), "RECORD_DECISIONS": False},
+                          moderator=moderator)
+
+    a, b = (worker(e) for e in encoders)
+    slow_with_policy = Moderator.with_policy
+
+    def slow(self: Moderator, policy: Any) -> Moderator:
+        time.sleep(0.3)  # a follower that is slow to switch
+        return slow_with_policy(self, policy)
+
+    monkeypatch.setattr(Moderator, "with_policy", slow)
+    edited = copy.deepcopy(HAND_POLICY)
+    edited["categories"]["weapons"]["terms"].append("pistol")
+    policy_path.write_text(yaml.safe_dump(edited, sort_keys=False))
+    for encoder in encoders:
+        encoder.encoded_texts.clear()
+    version = a.test_client().post("/v1/policy/reload", headers=admin()).get_json()["version"]
+
+    seen: list[str] = []
+
+    def request() -> None:
+        r = b.test_client().post("/v1/moderate", data=files((image_bytes(RED), "r.png")))
+        seen.append(r.get_json()["policy"]["version"])
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [version] * 8
+    assert encoders[0].encoded_texts == ["a pistol", "the pistol"]  # the reloading worker
+    assert encoders[1].encoded_texts == []  # the follower only read the shared cache
 
 
 def test_health_ready_openapi_metrics(client: FlaskClient) -> None:
