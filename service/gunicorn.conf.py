@@ -9,8 +9,11 @@ import shutil
 import tempfile
 
 # gthread workers: each serves `threads` requests at once; torch releases the GIL while it
-# computes, so a worker's threads overlap decoding with the model.
-worker_class = "gthread"
+# computes, so a worker's threads overlap decoding with the model. This subclass reads each
+# whole request in the worker's event loop before a thread gets it, so slow or stalled
+# clients hold no thread (408 after MODERATION_READ_TIMEOUT_S, 30 s), and answers gunicorn's
+# own errors (oversized headers, bad request lines) in the JSON error shape: service/worker.py.
+worker_class = "service.worker.BufferingThreadWorker"
 # Worker processes (moderation serve --workers): one per core, each with one torch thread,
 # measured best on 2 cores (BENCHMARKS.md); each worker holds its own model (~1.5 GB here).
 workers = int(os.environ.get("MODERATION_WORKERS", str(min(os.cpu_count() or 1, 4))))
@@ -29,9 +32,12 @@ preload_app = False
 accesslog = "-"
 # The path without its query string: the dashboard may carry its token there (?token=).
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
-# Request line and header limits (gunicorn's defaults, stated).
+# Request line and header limits (gunicorn's defaults, stated): past them, a JSON 414 or 431.
 limit_request_line = 4094
 limit_request_fields = 100
+limit_request_field_size = 8190
+# Connections a worker holds at once, requests being read included (gunicorn's default).
+worker_connections = 1000
 
 _cores = os.cpu_count() or 1
 # State shared by the workers of this server: the policy snapshot that carries a reload to

@@ -1,10 +1,19 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from flask import Flask
 from flask.testing import FlaskClient
@@ -12,7 +21,7 @@ from flask.testing import FlaskClient
 from moderation import Moderator
 from moderation.policy import parse_policy
 from service.app import create_app
-from tests.conftest import HAND_POLICY, FakeEncoder
+from tests.conftest import HAND_POLICY, TINY_ARCH, FakeEncoder
 
 ADMIN = "admin-secret"
 READER = "reader-secret"
@@ -46,3 +55,106 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+# --- the real `moderation serve` (gunicorn, the tiny test architecture) on loopback --------
+
+TOKEN = "integration-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tiny_policy_text(arch: Path, weapons_threshold: float) -> str:
+    data = copy.deepcopy(HAND_POLICY)
+    data["model"] = {"name": TINY_ARCH, "pretrained": "none", "config": str(arch)}
+    data["categories"]["weapons"]["threshold"] = {"value": weapons_threshold}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass
+class Server:
+    base: str
+    port: int
+    policy_path: Path
+    database: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def workers(self) -> list[int]:
+        """The pids of the gunicorn workers (children of the master)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return sorted(pids)
+
+
+@pytest.fixture
+def start_server(tiny_arch_file: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``start_server(workers=2, **env)``: a ready `moderation serve` with its own policy
+    file and SQLite log; stopped (SIGTERM) at the end of the test."""
+    started: list[tuple[subprocess.Popen[bytes], Any]] = []
+
+    def start(workers: int = 2, threads: int = 4, **env: str) -> Server:
+        folder = tmp_path / f"server{len(started)}"
+        folder.mkdir()
+        policy_path = folder / "policy.yaml"
+        policy_path.write_text(tiny_policy_text(tiny_arch_file, 0.5))
+        port = free_port()
+        database = folder / "decisions.sqlite3"
+        environment = dict(
+            os.environ, MODERATION_ADMIN_TOKEN=TOKEN, MODERATION_READER_TOKEN=READER,
+            MODERATION_CACHE_DIR=str(tmp_path / "cache"),
+            MODERATION_DATABASE_URL=f"sqlite:///{database}", **env,
+        )
+        log_path = folder / "server.log"
+        log = log_path.open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moderation.cli", "serve", "--policy", str(policy_path),
+             "--port", str(port), "--workers", str(workers), "--threads", str(threads),
+             "--random-weights"],
+            env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+        )
+        started.append((process, log))
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                pytest.fail("server exited:\n" + log_path.read_text())
+            try:
+                if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):  # workers still loading
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server not ready:\n" + log_path.read_text())
+            time.sleep(0.3)
+        server = Server(base, port, policy_path, database, process, log_path)
+        deadline = time.monotonic() + 60
+        while len(server.workers()) < workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return server
+
+    yield start
+    for process, log in started:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> tuple[str, Path]:
+    """A server with 2 workers: its base URL and its policy file."""
+    s = start_server()
+    return s.base, s.policy_path

@@ -4,80 +4,19 @@ multipart and JSON requests while valid and invalid policies are reloaded."""
 from __future__ import annotations
 
 import base64
-import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
-import yaml
 
-from tests.conftest import GREEN, HAND_POLICY, RED, TINY_ARCH, image_bytes
+from tests.conftest import GREEN, RED, image_bytes
+from tests.service.conftest import READER, TOKEN, tiny_policy_text
 
-TOKEN = "integration-admin-token"
-READER = "integration-reader-token"
 MAX_REQUESTS = 400  # the load is bounded in count...
 MAX_SECONDS = 60  # ...and in time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def policy(arch: Path, weapons_threshold: float) -> str:
-    data = copy.deepcopy(HAND_POLICY)
-    data["model"] = {"name": TINY_ARCH, "pretrained": "none", "config": str(arch)}
-    data["categories"]["weapons"]["threshold"] = {"value": weapons_threshold}
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-@pytest.fixture
-def server(tiny_arch_file: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    policy_path = tmp_path / "policy.yaml"
-    policy_path.write_text(policy(tiny_arch_file, 0.5))
-    port = free_port()
-    env = dict(os.environ, MODERATION_ADMIN_TOKEN=TOKEN, MODERATION_READER_TOKEN=READER,
-               MODERATION_CACHE_DIR=str(tmp_path / "cache"),
-               MODERATION_DATABASE_URL=f"sqlite:///{tmp_path / 'decisions.sqlite3'}")
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moderation.cli", "serve", "--policy", str(policy_path),
-         "--port", str(port), "--workers", "2", "--threads", "4", "--random-weights"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail("server exited:\n" + (tmp_path / "server.log").read_text())
-            try:
-                if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # workers still loading
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready:\n" + (tmp_path / "server.log").read_text())
-            time.sleep(0.3)
-        yield base, policy_path
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def reload(base: str) -> requests.Response:
@@ -120,7 +59,7 @@ def test_reloads_under_load_drop_nothing(server: tuple[str, Path], tiny_arch_fil
         c.start()
     try:
         time.sleep(1.0)
-        policy_path.write_text(policy(tiny_arch_file, 0.9))
+        policy_path.write_text(tiny_policy_text(tiny_arch_file, 0.9))
         r = reload(base)
         assert r.status_code == 200, r.text
         threshold_of[r.json()["version"]] = 0.9
@@ -132,7 +71,7 @@ def test_reloads_under_load_drop_nothing(server: tuple[str, Path], tiny_arch_fil
         assert "policy.yaml: model: missing key" in r.json()["error"]["faults"]
         time.sleep(1.0)
 
-        policy_path.write_text(policy(tiny_arch_file, -0.9))
+        policy_path.write_text(tiny_policy_text(tiny_arch_file, -0.9))
         r = reload(base)
         assert r.status_code == 200, r.text
         final = r.json()["version"]
@@ -170,21 +109,16 @@ def test_reloads_under_load_drop_nothing(server: tuple[str, Path], tiny_arch_fil
     headers = {"Authorization": f"Bearer {READER}"}
     expected = {r["decision_id"]: (body["policy"]["version"], r["id"])
                 for _, body in responses for r in body["results"]}
-    deadline = time.monotonic() + 30
+    stored, cursor = {}, None  # no waiting: a decision is committed before it is answered
     while True:
-        stored, cursor = {}, None
-        while True:
-            page = requests.get(f"{base}/v1/decisions", headers=headers, timeout=10,
-                                params={"limit": 500, **({"cursor": cursor} if cursor else {})})
-            assert page.status_code == 200, page.text
-            for d in page.json()["decisions"]:
-                stored[d["id"]] = (d["policy"]["version"], d["client_id"])
-            cursor = page.json()["next_cursor"]
-            if cursor is None:
-                break
-        if set(expected) <= set(stored) or time.monotonic() > deadline:
+        page = requests.get(f"{base}/v1/decisions", headers=headers, timeout=10,
+                            params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200, page.text
+        for d in page.json()["decisions"]:
+            stored[d["id"]] = (d["policy"]["version"], d["client_id"])
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
             break
-        time.sleep(0.5)  # recording is asynchronous: give the writers a moment
     assert {k: stored.get(k) for k in expected} == expected
     one = next(iter(expected))
     found = requests.get(f"{base}/v1/decisions/{one}", headers=headers, timeout=10).json()
