@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,3 +160,56 @@ def server(start_server: Callable[..., Server]) -> tuple[str, Path]:
     """A server with 2 workers: its base URL and its policy file."""
     s = start_server()
     return s.base, s.policy_path
+
+
+NGINX = os.environ.get("MODERATION_TEST_NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
+DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx-moderation.conf"
+
+
+@pytest.fixture
+def nginx_in_front(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """``nginx_in_front(upstream_port, **directives)``: Debian's nginx running the shipped
+    deploy/nginx-moderation.conf in front of a server, with some directives' values replaced
+    (e.g. ``client_body_timeout="2s"``); returns the port nginx listens on."""
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed (.ci/services installs it)")
+    prefix = tmp_path / "nginx"
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream_port: int, **directives: str) -> int:
+        prefix.mkdir(mode=0o777)
+        (prefix / "logs").mkdir()
+        port = free_port()
+        site = DEPLOY_CONF.read_text()
+        site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        for name, value in directives.items():
+            site, n = re.subn(rf"(\n\s*{name}) [^;]+;", rf"\1 {value};", site)
+            assert n == 1, f"{name} is not in {DEPLOY_CONF.name}"
+        (prefix / "site.conf").write_text(site)
+        (prefix / "nginx.conf").write_text(
+            ("user root;\n" if os.geteuid() == 0 else "")  # as CI runs: keep the tmp dirs
+            + f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
+            f"error_log {prefix}/logs/error.log warn;\nevents {{ worker_connections 1024; }}\n"
+            f"http {{\n  access_log {prefix}/logs/access.log;\n"
+            f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
+            f"  include {prefix}/site.conf;\n}}\n"
+        )
+        process = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        started.append(process)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return port
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("nginx did not start: " + (prefix / "logs" / "error.log")
+                                .read_text(errors="replace"))
+                time.sleep(0.1)
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
