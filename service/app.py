@@ -69,9 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "GIL_SWITCH_INTERVAL": 0.0005,
     "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,  # bytes per request; Flask answers 413 past it
     # Multipart parts per request (files and fields), and bytes per text field (an id): a
-    # form past either is refused before it is parsed further.
+    # form past either is refused before it is parsed further. Keep the second well above
+    # 64 KiB: werkzeug applies it to its read buffer too, which holds 64 KiB of a file.
     "MAX_FORM_PARTS": 100,
-    "MAX_FORM_MEMORY_SIZE": 64 * 1024,
+    "MAX_FORM_MEMORY_SIZE": 256 * 1024,
     "MAX_IMAGES": 32,
     # Work per image (moderation.images.ImageLimits): refused past these, before decoding.
     "MAX_PIXELS": 64_000_000,
