@@ -379,7 +379,9 @@ class BufferingThreadWorker(ThreadWorker):
         super().murder_keepalived(force)
         now = time.monotonic()
         for conn, reader in list(self.reading.items()):
-            if force:
+            if force or (not self.alive and not reader.head_done):
+                # stopping: a connection that has not even sent its headers is not a request
+                # in progress, so it does not hold up the stop
                 self._drop(conn)
             elif now - reader.started > self.read_timeout:
                 part = "body" if reader.head_done else "headers"
