@@ -216,6 +216,7 @@ def create_app(
         Path(state_dir) / "policy-snapshot.json" if state_dir else None,
     )
     if holder.snapshot is not None:
+        holder.current()  # catch up with a reload made before this worker was ready
         holder.follow_in_background()
     metrics = Metrics()
     app.extensions["moderation"] = holder

@@ -50,7 +50,10 @@ class PolicyHolder:
         self.policy_path = Path(policy_path) if policy_path is not None else None
         self.snapshot = snapshot
         self._lock = threading.Lock()
-        self._seen = _stamp(snapshot) if snapshot is not None else None
+        # Nothing seen yet: a snapshot that exists already (a reload before this worker
+        # started, or before it was restarted) is the server's active policy, and is followed
+        # on the first call; the policy file may have been edited since without a reload.
+        self._seen: tuple[int, int, int] | None = None
 
     def current(self) -> Moderator:
         if self.snapshot is not None and _stamp(self.snapshot) != self._seen:

