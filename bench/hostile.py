@@ -6,8 +6,8 @@
 One server (ViT-B-32, random weights, 2 workers x 4 threads, the default policy) on loopback:
   files     each hostile file posted alone: seconds to the answer, status and error code, and
             how much the workers' peak RSS (VmHWM, reset before each file) grew
-  stall     12 connections that send headers and part of a declared body, then wait: the
-            slowest of 5 health checks sent meanwhile
+  stall     24 connections (3 per thread) that send headers and part of a declared body, then
+            wait: how many of 5 health checks sent meanwhile are answered
   kill      6 clients while a worker is killed with SIGKILL: answered decisions missing
   poison    a JSON id with a lone surrogate, then 20 ordinary requests: how many answered
             decisions are missing from the log
@@ -157,7 +157,7 @@ def files_phase(server: Server) -> None:
 
 def stall_phase(server: Server) -> None:
     stalled = []
-    for _ in range(12):
+    for _ in range(24):
         s = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
         s.sendall(b"POST /v1/moderate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100000\r\n\r\n{\"images\": [")
@@ -173,7 +173,7 @@ def stall_phase(server: Server) -> None:
             unanswered += 1
     for s in stalled:
         s.close()
-    print(f"stall: 5 health checks with 12 stalled bodies open: {unanswered} unanswered within "
+    print(f"stall: 5 health checks with 24 stalled bodies open: {unanswered} unanswered within "
           f"15 s, the slowest answered one took {slowest:.2f} s")
 
 
@@ -252,16 +252,18 @@ def reload_phase(server: Server) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=ROOT, help="checkout to serve")
+    parser.add_argument("--phases", default="files,stall,kill,poison,reload",
+                        help="comma-separated, in this order (kill before poison: a poisoned "
+                        "recorder loses decisions by itself)")
     args = parser.parse_args()
+    phases = {"files": files_phase, "stall": stall_phase, "kill": kill_phase,
+              "poison": poison_phase, "reload": reload_phase}
     with tempfile.TemporaryDirectory() as folder:
         server = Server(args.repo.resolve(), Path(folder))
         print(f"server from {args.repo}: ViT-B-32, random weights, 2 workers x 4 threads")
         try:
-            files_phase(server)
-            stall_phase(server)
-            kill_phase(server)  # before poison: a poisoned recorder loses decisions by itself
-            poison_phase(server)
-            reload_phase(server)
+            for name in args.phases.split(","):
+                phases[name](server)
         finally:
             started = time.monotonic()
             server.stop()
