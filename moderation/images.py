@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -115,9 +115,10 @@ def to_rgb(frame: Image.Image) -> Image.Image:
     """Any Pillow mode → 8-bit RGB, transparency composited onto :data:`BACKGROUND`."""
     if frame.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit greyscale: Pillow's convert() clips to 0..255 rather than rescaling.
-        values = np.asarray(frame, dtype=np.float64)
+        values = np.asarray(frame, dtype=np.float32)
         top = 65535.0 if values.max(initial=0) > 255 else 255.0
-        frame = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), "L")
+        values *= 255.0 / top
+        frame = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), "L")
     if frame.mode == "P":
         frame = frame.convert("RGBA" if "transparency" in frame.info else "RGB")
     if frame.mode in ("LA", "La", "PA", "RGBa"):
@@ -127,6 +128,43 @@ def to_rgb(frame: Image.Image) -> Image.Image:
         background.paste(frame, mask=frame.getchannel("A"))
         return background
     return frame.convert("RGB") if frame.mode != "RGB" else frame
+
+
+#: Modes whose pixels can be averaged (Image.reduce): not palette indices, not 1-bit.
+_REDUCIBLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def shrink(frame: Image.Image, size: int) -> Image.Image:
+    """``frame`` averaged down by a whole factor (a box filter: cheap, in C) while its short
+    side stays at least twice ``size``; unchanged when it is already small.
+
+    Converting and copying a full 64-megapixel frame (alpha compositing, 16-bit rescaling,
+    EXIF rotation) costs gigabytes; the model only looks at ``size`` pixels, so everything
+    after decoding works on the reduced frame. For JPEGs, draft mode already did this.
+    """
+    factor = min(frame.size) // (2 * size)
+    if factor < 2:
+        return frame
+    if frame.mode not in _REDUCIBLE:
+        target = {"P": "RGBA" if "transparency" in frame.info else "RGB", "PA": "RGBA",
+                  "1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I"}.get(frame.mode, "RGB")
+        frame = frame.convert(target)
+    return frame.reduce(factor)
+
+
+def orient(frame: Image.Image, orientation: int | None) -> Image.Image:
+    """``frame`` turned upright by its EXIF orientation (1 to 8; anything else: as it is)."""
+    method = _ORIENTATIONS.get(orientation or 1)
+    return frame.transpose(method) if method is not None else frame
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -266,18 +304,24 @@ def _decode_opened(
                 "max_animation_pixels",
             )
     try:
+        orientation = image.getexif().get(0x0112)
         if n_frames == 1:
             if draft_size is not None and fmt in ("JPEG", "MPO"):
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            frames = [crop_aspect(to_rgb(ImageOps.exif_transpose(image)))]
+            frame = orient(shrink(image, draft_size) if draft_size is not None else image,
+                           orientation)
+            if frame is image:  # ``image`` is closed on return: keep a copy of its pixels
+                frame = image.copy()
+            frames = [crop_aspect(to_rgb(frame))]
         else:
             frames = []
             for index in indices:  # in increasing order: each seek only moves forward
                 image.seek(index)
-                frames.append(
-                    crop_aspect(to_rgb(ImageOps.exif_transpose(image.convert("RGBA"))))
-                )
+                frame = image.convert("RGBA")
+                if draft_size is not None:
+                    frame = shrink(frame, draft_size)
+                frames.append(crop_aspect(to_rgb(orient(frame, orientation))))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             "corrupt_image", f"the {fmt} image is truncated or corrupt: {e}"

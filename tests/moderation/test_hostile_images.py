@@ -37,7 +37,55 @@ def test_extreme_aspect_ratios_are_cut_to_the_central_part(
     assert (decoded.width, decoded.height) == size  # reported as uploaded
     [frame] = decoded.frames
     assert max(frame.size) <= MAX_ASPECT * min(frame.size)
-    assert min(frame.size) == min(size)
+    # large frames are also averaged down, keeping the short side >= 2 x 224
+    assert min(frame.size) == (min(size) if min(size) < 2 * 2 * 224 else min(size) // 6)
+
+
+def test_frames_at_the_pixel_limit_stay_cheap_through_conversion() -> None:
+    """A 141 kB 16-bit PNG of 8000x8000 went through float64 at full size: 4.5 s and +1.7 GB.
+    Frames are now averaged down before any conversion or rotation."""
+    script = """
+import io, json, resource, time
+from PIL import Image
+from moderation.images import decode_image
+files = []
+for mode, value in (("I;16", 40000), ("RGB", (1, 2, 3)), ("P", 3)):
+    buffer = io.BytesIO()
+    Image.new(mode, (8000, 8000), value).save(buffer, "PNG")
+    files.append(buffer.getvalue())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+sizes = [decode_image(d).frames[0].size for d in files]
+print(json.dumps({"sizes": sizes, "seconds": time.perf_counter() - started,
+                  "grew_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["sizes"] == [[471, 471]] * 3  # 8000 / 17, rounded up: short side >= 448
+    assert figures["seconds"] < 3 * SECONDS
+    assert figures["grew_mb"] < 600  # the decoded frame itself (192-256 MB), and no copies
+
+
+def test_shrinking_keeps_colours_and_orientation() -> None:
+    """Palette images are converted before averaging (averaging palette indices would invent
+    colours), and the EXIF orientation of the original is applied to the reduced frame."""
+    image = Image.new("P", (2000, 1000), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.paste(1, (0, 0, 1000, 1000))  # left half blue, right half red
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    [frame] = decode_image(buffer.getvalue()).frames
+    assert frame.size == (1000, 500)
+    assert frame.getpixel((10, 10)) == (0, 0, 255) and frame.getpixel((990, 10)) == (255, 0, 0)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: turn 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 1000), (0, 200, 0)).save(buffer, "JPEG", exif=exif.tobytes())
+    decoded = decode_image(buffer.getvalue(), draft_size=100)  # JPEG draft, then shrink
+    assert decoded.frames[0].size[1] > decoded.frames[0].size[0]  # upright: portrait
 
 
 def test_the_cut_keeps_what_the_model_sees() -> None:
