@@ -19,7 +19,6 @@ from sklearn.model_selection import train_test_split
 from moderation import Moderator
 from moderation.errors import ImageError, PolicyError
 from moderation.policy import DEFAULT_PROFILE, Goal, Policy, load_policy, parse_policy
-from moderation.scoring import score_images
 
 from .fitting import Evaluation, ThresholdFitter, evaluate
 from .labels import LabelError, LabelledImage, fingerprint, load_labels
@@ -84,6 +83,7 @@ def image_scores(
     image that could not be read.
     """
     encoder, cache = moderator.encoder, moderator.cache
+    scorer = moderator.scorer()
     rows: list[np.ndarray] = []
     kept: list[int] = []
     left_out: list[str] = []
@@ -107,7 +107,7 @@ def image_scores(
                 cache.put(encoder.identity, {key: vectors.reshape(-1)})
         else:
             vectors = cached.reshape(-1, dim)
-        rows.append(score_images(vectors, moderator.text).score.max(axis=0))
+        rows.append(scorer.scores([vectors])[0])  # the service's rule, per category
         kept.append(index)
     n_categories = len(moderator.text.category_ids)
     scores = np.stack(rows) if rows else np.zeros((0, n_categories), np.float32)

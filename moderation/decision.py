@@ -11,7 +11,7 @@ from .policy import Action, Policy
 from .prompts import PolicyEmbeddings
 from .scoring import Scores
 
-__all__ = ["CategoryDecision", "Decision", "TermMatch", "decide", "worst"]
+__all__ = ["CategoryDecision", "Decision", "TermMatch", "assemble", "decide"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class CategoryDecision:
     """One image against one category.
 
     ``margin = score - threshold``: positive means the score is over the category threshold
-    by that much. Scores in ``[review_from, threshold)`` are flagged for review.
+    by that much. Scores in ``[review_from, threshold)`` are flagged for review. ``frame`` is
+    the index (in the file) of the frame the score came from: an animation's category score
+    is its maximum over the sampled frames; 0 for a still image.
     """
 
     score: float
@@ -42,6 +44,7 @@ class CategoryDecision:
     action: Action
     top_terms: list[TermMatch]
     closest_exception: TermMatch | None
+    frame: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +59,7 @@ class CategoryDecision:
             "closest_exception": (
                 self.closest_exception.to_dict() if self.closest_exception else None
             ),
+            "frame": self.frame,
         }
 
 
@@ -75,8 +79,13 @@ class Decision:
     def flagged(self) -> bool:
         return self.action is not Action.ALLOW
 
-    def _rank(self) -> tuple[int, float]:
-        return self.action.severity, max(c.margin for c in self.categories.values())
+    @property
+    def frame(self) -> int:
+        """The frame of the most severe triggered category (of the highest margin when none
+        triggered): the one frame to show a reviewer."""
+        if self.triggered:
+            return self.categories[self.triggered[0]].frame
+        return max(self.categories.values(), key=lambda c: c.margin).frame
 
 
 def _category_action(score: float, configured: str, value: float, band: float | None) -> Action:
@@ -125,16 +134,16 @@ def decide(
                     else None
                 ),
             )
-        triggered = sorted(
-            (cid for cid, c in categories.items() if c.flagged),
-            key=lambda cid: (-categories[cid].action.severity, -categories[cid].margin),
-        )
-        overall = categories[triggered[0]].action if triggered else Action.ALLOW
-        decisions.append(Decision(overall, categories, triggered))
+        decisions.append(assemble(categories))
     return decisions
 
 
-def worst(decisions: list[Decision]) -> int:
-    """Index of the most severe decision (ties: the largest margin, then the first)."""
-    ranks = [d._rank() for d in decisions]
-    return max(range(len(decisions)), key=lambda i: (ranks[i], -i))
+def assemble(categories: dict[str, CategoryDecision]) -> Decision:
+    """The decision of an image from its category decisions: the categories that fired, most
+    severe and largest margin first, and the most severe action among them."""
+    triggered = sorted(
+        (cid for cid, c in categories.items() if c.flagged),
+        key=lambda cid: (-categories[cid].action.severity, -categories[cid].margin),
+    )
+    overall = categories[triggered[0]].action if triggered else Action.ALLOW
+    return Decision(overall, categories, triggered)

@@ -10,12 +10,12 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .decision import Decision, decide, worst
+from .decision import Decision
 from .errors import ImageError, ModelMismatchError
 from .images import DecodedImage, ImageLimits, check_pixels, crop_aspect, decode_image, to_rgb
 from .policy import DEFAULT_PROFILE, Policy, load_policy
 from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
-from .scoring import score_images
+from .scorer import Scorer
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
 
@@ -36,8 +36,9 @@ class ImageTextEncoder(Protocol):
 class ModerationResult:
     """The outcome for one input: a ``decision``, or an ``error`` when it could not be read.
 
-    ``frame`` is the index (in the file) of the frame the decision is about: for an animation
-    the worst of the ``frames_scored`` sampled frames; 0 for a still image.
+    ``frame`` is the index (in the file) of the frame to show for the decision: that of the
+    most severe category that fired (each category names the frame its score came from: the
+    maximum over the ``frames_scored`` sampled frames); 0 for a still image.
     """
 
     id: str | None
@@ -51,7 +52,7 @@ class ModerationResult:
     frame: int | None = None
     frames_scored: int = 0
     image: dict[str, Any] | None = None
-    #: the decided frame's image embedding, ndarray of shape (dim,), float32 (not in to_dict)
+    #: the image embedding of ``frame``, ndarray of shape (dim,), float32 (not in to_dict)
     embedding: np.ndarray | None = None
 
     @property
@@ -177,6 +178,10 @@ class Moderator:
             limits=self.limits,
         )
 
+    def scorer(self, profile: str | None = None) -> Scorer:
+        """The :class:`~moderation.scorer.Scorer` of this policy (and ``profile``)."""
+        return Scorer(self.policy, self.text, profile)
+
     def decode(self, source: ImageInput) -> DecodedImage:
         """Decode one input for this moderator's model. Raises :class:`ImageError`."""
         if isinstance(source, Image.Image):
@@ -223,15 +228,14 @@ class Moderator:
             ids = [None] * len(decoded)
         if len(ids) != len(decoded):
             raise ValueError(f"got {len(decoded)} images but {len(ids)} ids")
-        frames = [f for d in decoded if isinstance(d, DecodedImage) for f in d.frames]
-        if frames:
-            vectors = self.encoder.encode_images(frames)
-            decisions = decide(
-                score_images(vectors, self.text),
-                self.text,
-                self.policy,
-                profile,
-            )
+        images = [d for d in decoded if isinstance(d, DecodedImage)]
+        frames = [f for d in images for f in d.frames]
+        vectors = self.encoder.encode_images(frames) if frames else np.zeros((0, 0), np.float32)
+        bounds = np.cumsum([0] + [len(d.frames) for d in images])
+        per_image = [vectors[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        decisions = iter(
+            self.scorer(profile).decide(per_image, [d.frame_indices for d in images])
+        )
         version, scores_version = self.policy.version, self.policy.scores_version
 
         def result(item_id: str | None, **fields: Any) -> ModerationResult:
@@ -246,21 +250,18 @@ class Moderator:
             )
 
         results = []
-        offset = 0
+        embeddings = iter(per_image)
         for item, item_id in zip(decoded, ids, strict=True):
             if isinstance(item, ImageError):
                 results.append(result(item_id, error=item))
                 continue
-            mine = decisions[offset : offset + len(item.frames)]
-            pick = worst(mine)
-            embedding = vectors[offset + pick]
-            offset += len(item.frames)
+            decision, image_vectors = next(decisions), next(embeddings)
             results.append(
                 result(
                     item_id,
-                    decision=mine[pick],
-                    embedding=embedding,
-                    frame=item.frame_indices[pick],
+                    decision=decision,
+                    embedding=image_vectors[item.frame_indices.index(decision.frame)],
+                    frame=decision.frame,
                     frames_scored=len(item.frames),
                     image={
                         "format": item.format,

@@ -58,7 +58,7 @@ SCHEMAS: dict[str, Any] = {
     "CategoryResult": {
         "type": "object",
         "required": ["score", "similarity", "threshold", "margin", "flagged", "action",
-                     "top_terms", "closest_exception", "review_from"],
+                     "top_terms", "closest_exception", "review_from", "frame"],
         "properties": {
             "score": {"type": "number", "minimum": -1, "maximum": 1,
                       "description": "similarity minus the exception penalty (README)"},
@@ -70,6 +70,9 @@ SCHEMAS: dict[str, Any] = {
             "action": ACTION,
             "top_terms": {"type": "array", "items": _ref("TermMatch")},
             "closest_exception": {"oneOf": [_ref("TermMatch"), {"type": "null"}]},
+            "frame": {"type": "integer", "minimum": 0,
+                      "description": "the frame the score came from (an animation's "
+                                     "category score is its maximum over the sampled frames)"},
         },
     },
     "ImageDecision": {
@@ -82,7 +85,8 @@ SCHEMAS: dict[str, Any] = {
             "action": ACTION,
             "flagged": {"type": "boolean"},
             "triggered": {"type": "array", "items": {"type": "string"}},
-            "frame": {"type": "integer", "description": "the frame decided on (animations)"},
+            "frame": {"type": "integer",
+                      "description": "the frame of the most severe category that fired"},
             "frames_scored": {"type": "integer"},
             "image": {
                 "type": "object",

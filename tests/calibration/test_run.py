@@ -296,3 +296,47 @@ def test_calibrate_cli_exits_3_when_a_target_cannot_be_met(tiny_arch_file: Path,
     assert result.exit_code == 3
     assert "NOT CALIBRATED: weapons" in result.stderr
     assert (tmp_path / "o.yaml").is_file() and (tmp_path / "r" / "index.html").is_file()
+
+
+def test_calibration_fits_on_the_scores_the_service_decides_with(
+    fake_encoder: FakeEncoder, tmp_path: Path
+) -> None:
+    """Stills and animations: calibration's per-category score of an image is exactly the
+    score the moderator (the service, scan) compares with the threshold, because both go
+    through one scorer (before: serving decided an animation by its single worst frame)."""
+    import io
+
+    from PIL import Image
+
+    from calibration.labels import LabelledImage
+    from calibration.run import image_scores
+    from moderation.policy import parse_policy
+    from tests.conftest import BLUE, GREEN, GREY, HAND_POLICY, PURPLE, RED
+
+    moderator = Moderator(parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False)),
+                          fake_encoder)
+    files = []
+    for i, colours in enumerate([(RED,), (GREY, GREEN, PURPLE), (BLUE, GREY), (GREEN,)]):
+        frames = [Image.new("RGB", (16, 16), c) for c in colours]
+        buffer = io.BytesIO()
+        if len(frames) == 1:
+            frames[0].save(buffer, "PNG")
+        else:
+            frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)
+        path = tmp_path / f"{i}.{'png' if len(frames) == 1 else 'gif'}"
+        path.write_bytes(buffer.getvalue())
+        files.append(path)
+    scores, kept, left_out = image_scores(
+        moderator, [LabelledImage(p, frozenset()) for p in files]
+    )
+    assert kept == [0, 1, 2, 3] and left_out == []
+    served = moderator.moderate(files)
+    for row, result in zip(scores, served, strict=True):
+        assert result.decision is not None
+        assert row.tolist() == [result.decision.categories[c].score for c in ("weapons",
+                                                                              "alcohol")]
+    # the animation with a beer and a between-frame: both categories, each from its frame
+    animation = served[1].decision
+    assert animation is not None and animation.triggered == ["weapons", "alcohol"]
+    assert animation.categories["weapons"].frame == 2
+    assert animation.categories["alcohol"].frame == 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from moderation.decision import decide, worst
+from moderation.decision import decide
 from moderation.policy import Action, parse_policy
 from moderation.prompts import embed_policy
 from moderation.scoring import score_images
@@ -57,10 +57,3 @@ def test_top_terms_explain_the_flag(decisions) -> None:  # type: ignore[no-untyp
     as_json = decisions[0].categories["weapons"].to_dict()
     assert as_json["top_terms"][0] == {"text": "rifle", "similarity": 1.0}
     assert as_json["action"] == "block"
-
-
-def test_worst_picks_severity_then_margin(decisions) -> None:  # type: ignore[no-untyped-def]
-    rifle, toy, between, beer = decisions
-    assert worst([toy, beer, rifle, between]) == 2
-    assert worst([toy, beer]) == 1
-    assert worst([toy]) == 0

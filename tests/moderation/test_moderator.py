@@ -58,13 +58,18 @@ def test_a_bad_image_does_not_cost_the_others(moderator: Moderator,
     assert fake_encoder.image_calls == 1  # the good ones still went through in one batch
 
 
-def test_an_animation_scores_as_its_worst_frame(moderator: Moderator) -> None:
+def test_an_animation_is_decided_per_category_over_its_frames(moderator: Moderator) -> None:
+    """A rifle in frame 2 and a beer in frame 1: both categories fire, each naming its frame
+    (before: only the single worst frame was reported, and alcohol was lost)."""
     frames = [Image.new("RGB", (16, 16), c) for c in (GREY, GREEN, RED, PURPLE, GREY)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)
     [result] = moderator.moderate([buffer.getvalue()])
     out = result.to_dict()
     assert out["action"] == "block" and out["frame"] == 2
+    assert out["triggered"] == ["weapons", "alcohol"]
+    assert out["categories"]["weapons"]["frame"] == 2
+    assert out["categories"]["alcohol"]["frame"] == 1
     assert out["frames_scored"] == 5 and out["image"]["frames"] == 5
 
 

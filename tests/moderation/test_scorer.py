@@ -1,0 +1,71 @@
+"""The one scorer, with vectors worked out on paper (see test_scoring.py for the hand policy):
+per-category maximum over frames, the frame named per category, the most severe action."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from moderation import PolicyError
+from moderation.policy import Action, parse_policy
+from moderation.prompts import embed_policy
+from moderation.scorer import Scorer
+from tests.conftest import HAND_POLICY, FakeEncoder, unit
+
+RIFLE, TOY, BETWEEN, BEER, NOTHING = (unit(1, 0, 0), unit(0, 0, 1), unit(1, 0, 1),
+                                      unit(0, 1, 0), unit(-1, -1, -1))
+
+
+@pytest.fixture
+def scorer(fake_encoder: FakeEncoder) -> Scorer:
+    policy = parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False))
+    return Scorer(policy, embed_policy(policy, fake_encoder))
+
+
+def test_a_still_image_is_an_animation_of_one_frame(scorer: Scorer) -> None:
+    [rifle, beer] = scorer.decide([RIFLE[None], BEER[None]])
+    assert rifle.action is Action.BLOCK and rifle.triggered == ["weapons"]
+    assert rifle.categories["weapons"].frame == 0 and rifle.frame == 0
+    assert beer.action is Action.FLAG and beer.triggered == ["alcohol"]
+
+
+def test_each_category_takes_its_own_best_frame(scorer: Scorer) -> None:
+    frames = np.stack([NOTHING, BEER, BETWEEN, NOTHING])
+    [decision] = scorer.decide([frames], [[0, 7, 14, 21]])
+    weapons, alcohol = decision.categories["weapons"], decision.categories["alcohol"]
+    # weapons: frame 14 (between a gun and a toy gun) is in the review band
+    assert weapons.frame == 14 and weapons.action is Action.REVIEW
+    assert weapons.score == pytest.approx(6 / math.sqrt(20) - 1 / math.sqrt(2))
+    # alcohol: frame 7 (a beer): cosine 1 with "a beer"
+    assert alcohol.frame == 7 and alcohol.action is Action.FLAG
+    assert decision.triggered == ["weapons", "alcohol"]  # review is more severe than flag
+    assert decision.action is Action.REVIEW and decision.frame == 14
+
+
+def test_scores_are_the_maximum_over_frames_and_match_the_decisions(scorer: Scorer) -> None:
+    images = [np.stack([NOTHING, BEER, RIFLE]), TOY[None], np.stack([BETWEEN, TOY])]
+    scores = scorer.scores(images)
+    assert scores.shape == (3, 2)
+    decisions = scorer.decide(images)
+    for row, decision in zip(scores, decisions, strict=True):
+        assert row.tolist() == pytest.approx(
+            [decision.categories[c].score for c in ("weapons", "alcohol")]
+        )
+    assert scores[0].tolist() == pytest.approx([3 / math.sqrt(10), 1.0])  # (3, 1, 0)/sqrt(10)
+
+
+def test_ties_name_the_first_frame_and_empty_input(scorer: Scorer) -> None:
+    [decision] = scorer.decide([np.stack([RIFLE, RIFLE])], [[3, 9]])
+    assert decision.categories["weapons"].frame == 3
+    assert scorer.decide([]) == [] and scorer.scores([]).shape == (0, 2)
+    with pytest.raises(ValueError, match="at least one frame"):
+        scorer.decide([np.zeros((0, 3), np.float32)])
+
+
+def test_a_profile_is_checked_when_the_scorer_is_built(fake_encoder: FakeEncoder) -> None:
+    policy = parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False))
+    with pytest.raises(PolicyError, match="nope"):
+        Scorer(policy, embed_policy(policy, fake_encoder), profile="nope")
