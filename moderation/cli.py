@@ -67,7 +67,7 @@ def _load_moderator(
     cache_dir: Path | None,
     batch_size: int,
 ) -> Any:
-    from .encoder import RandomWeightsWarning
+    from .backends import RandomWeightsWarning
     from .moderator import Moderator
 
     with warnings.catch_warnings(record=True) as caught:

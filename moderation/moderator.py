@@ -140,7 +140,7 @@ class Moderator:
         :func:`moderation.prompts.default_cache_path`); ``threads`` sets torch's intra-op
         threads (default: torch's choice). Other keyword arguments go to the constructor.
         """
-        from .encoder import Encoder
+        from .backends.torch import Encoder
 
         policy = load_policy(path)
         spec = policy.model

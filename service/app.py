@@ -176,7 +176,7 @@ def _load_moderator(config: dict[str, Any]) -> Moderator:
         moderator.encoder.trace_image_tower()  # type: ignore[attr-defined]
     max_batch = int(config["BATCH_MAX"])
     if max_batch > 1:
-        from moderation.encoder import BatchingEncoder  # the torch side stays in moderation/
+        from moderation.batching import BatchingEncoder
 
         batching = BatchingEncoder(
             moderator.encoder,  # type: ignore[arg-type]

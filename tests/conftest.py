@@ -44,7 +44,8 @@ def tiny_arch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_arch_file: Path) -> Any:
-    from moderation.encoder import Encoder, RandomWeightsWarning
+    from moderation.backends import RandomWeightsWarning
+    from moderation.backends.torch import Encoder
 
     with pytest.warns(RandomWeightsWarning):
         return Encoder.load(TINY_ARCH, random_weights=True, batch_size=4)

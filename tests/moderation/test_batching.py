@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from moderation.encoder import BatchingEncoder, Encoder
+from moderation.backends.torch import Encoder
+from moderation.batching import BatchingEncoder
 
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -71,6 +72,12 @@ def test_a_failed_forward_reaches_every_caller_of_its_batch(tiny_encoder: Encode
 
         def encode_pixels(self, pixels: Any) -> Any:
             raise RuntimeError("out of memory")
+
+        def get_threads(self) -> int:
+            return 1
+
+        def set_threads(self, threads: int) -> None:
+            pass
 
     batcher = BatchingEncoder(Broken(), max_batch=4)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="out of memory"):

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from moderation import ModelError, WeightsUnavailableError
-from moderation.encoder import Encoder, RandomWeightsWarning
+from moderation.backends import RandomWeightsWarning
+from moderation.backends.torch import Encoder
 from tests.conftest import TINY_ARCH
 
 
@@ -104,7 +105,7 @@ def test_no_weights_at_all_needs_an_explicit_choice(tiny_arch_file: Path) -> Non
 def test_uncached_weights_fail_fast_with_instructions(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, offline: bool
 ) -> None:
-    import moderation.encoder as encoder_module
+    import moderation.weights as encoder_module
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -126,7 +127,7 @@ def test_uncached_weights_fail_fast_with_instructions(
 
 
 def test_network_probe_gives_up_quickly() -> None:
-    from moderation.encoder import _reachable
+    from moderation.weights import _reachable
 
     started = time.monotonic()
     assert _reachable("192.0.2.1", port=9, timeout=0.5) is False  # TEST-NET-1: never answers
@@ -139,7 +140,7 @@ def test_cached_pretrained_tag_is_used_without_network(
     """A tag whose file is in open_clip's URL cache loads from there, probe or not."""
     import open_clip
 
-    import moderation.encoder as encoder_module
+    import moderation.weights as encoder_module
 
     cfg = {"url": "https://example.invalid/weights/tiny.pt"}
     monkeypatch.setattr(

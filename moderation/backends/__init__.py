@@ -1,0 +1,56 @@
+"""Inference backends behind one contract: images and texts in, unit vectors out.
+
+One module per runtime (``torch`` today), as clip-as-service keeps one executor per runtime;
+what is not about a runtime (where weights come from: :mod:`moderation.weights`; sharing
+forward passes between requests: :mod:`moderation.batching`) works on numpy arrays for all.
+Importing this package imports no runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ImageEncoder", "RandomWeightsWarning", "TextEncoder"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """The model has random weights: its scores mean nothing."""
+
+
+class TextEncoder(Protocol):
+    """Texts → ndarray of shape (n_texts, dim), float32, unit rows."""
+
+    identity: str
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class ImageEncoder(Protocol):
+    """Images → unit vectors, in two steps that a batcher can separate: ``preprocess_images``
+    (in the caller's thread) and ``encode_pixels`` (one forward pass for many callers)."""
+
+    identity: str
+    #: the side of the square the model looks at, in pixels
+    image_size: int
+    dim: int
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images → ndarray of shape (n, 3, image_size, image_size), float32."""
+        ...
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """ndarray of shape (n, 3, image_size, image_size) → ndarray of shape (n, dim),
+        float32, unit rows."""
+        ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def get_threads(self) -> int:
+        """Threads one forward pass uses in this process."""
+        ...
+
+    def set_threads(self, threads: int) -> None: ...
