@@ -71,7 +71,7 @@ def main() -> None:
         for cid, c in policy.categories.items()
     )
     with tempfile.TemporaryDirectory() as tmp:
-        cache = EmbeddingCache(Path(tmp) / "e.sqlite3")
+        cache = EmbeddingCache(Path(tmp) / "e")
         cold = timed(lambda: Moderator(policy, encoder, cache))
         warm = timed(lambda: Moderator(policy, encoder, EmbeddingCache(cache.path)), repeat=3)
     print(f"policy load, cold cache:          {cold:8.2f} s  ({n_prompts} prompts)")

@@ -156,7 +156,7 @@ class Moderator:
             threads=threads,
         )
         cache = EmbeddingCache(
-            Path(cache_dir) / "embeddings.sqlite3" if cache_dir is not None else None
+            Path(cache_dir) / "embeddings" if cache_dir is not None else None
         )
         return cls(policy, encoder, cache, **kwargs)
 

@@ -15,8 +15,9 @@ so a restart encodes nothing and editing one term encodes only the prompts that 
 
 from __future__ import annotations
 
+import hashlib
 import os
-import sqlite3
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,56 +51,48 @@ def default_cache_path() -> Path:
     root = os.environ.get("MODERATION_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moderation"
     )
-    return Path(root) / "embeddings.sqlite3"
+    return Path(root) / "embeddings"
 
 
 class EmbeddingCache:
-    """Vectors on disk, keyed by ``(model identity, key)``; a key is a prompt's text.
+    """Vectors on disk, keyed by ``(model identity, key)``; a key is a prompt's text (or, for
+    calibration, an image's hash).
 
-    SQLite in WAL mode, so several processes (gunicorn workers, a scan) can share one file.
+    One small ``.npy`` file per vector in a folder, named by a hash of model and key, written
+    to a temporary name and renamed into place: several processes (gunicorn workers, a scan)
+    share one folder safely, with no database in the core. A file that cannot be read counts
+    as missing (it is encoded again).
     """
-
-    _CHUNK = 500  # stays under SQLite's limit on bound parameters
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS embeddings ("
-            " model TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL,"
-            " PRIMARY KEY (model, key))"
-        )
-        self._db.commit()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, model: str, key: str) -> Path:
+        digest = hashlib.sha256(f"{model}\0{key}".encode()).hexdigest()
+        return self.path / digest[:2] / f"{digest}.npy"
 
     def get(self, model: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
         """The cached vectors among ``keys`` (float32, shape (dim,)); missing keys are absent."""
-        keys = list(dict.fromkeys(keys))
         found: dict[str, np.ndarray] = {}
-        for start in range(0, len(keys), self._CHUNK):
-            chunk = keys[start : start + self._CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT key, vector FROM embeddings WHERE model = ? AND key IN ({marks})",
-                [model, *chunk],
-            )
-            for key, blob in rows:
-                found[key] = np.frombuffer(blob, dtype=np.float32)
+        for key in dict.fromkeys(keys):
+            try:
+                found[key] = np.load(self._file(model, key), allow_pickle=False)
+            except (OSError, ValueError):
+                continue
         return found
 
     def put(self, model: str, vectors: dict[str, np.ndarray]) -> None:
-        with self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO embeddings (model, key, vector) VALUES (?, ?, ?)",
-                [
-                    (model, key, np.asarray(v, dtype=np.float32).tobytes())
-                    for key, v in vectors.items()
-                ],
-            )
+        for key, vector in vectors.items():
+            target = self._file(model, key)
+            target.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+            os.replace(tmp, target)
 
     def close(self) -> None:
-        self._db.close()
+        """Nothing to release (kept for callers that close what they open)."""
 
 
 def encode_cached(

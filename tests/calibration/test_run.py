@@ -160,7 +160,7 @@ def test_image_embeddings_are_cached(dataset: tuple[Path, Path], tmp_path: Path)
     from moderation.prompts import EmbeddingCache
 
     labels, policy = dataset
-    cache = EmbeddingCache(tmp_path / "cache.sqlite3")
+    cache = EmbeddingCache(tmp_path / "cache")
     encoder = FakeEncoder(dict(TEXTS), dict(COLOURS))
     calibrate(policy, labels, min_positives=5,
               load_moderator=lambda: Moderator(load_policy(policy), encoder, cache))

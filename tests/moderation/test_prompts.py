@@ -23,20 +23,20 @@ def test_expand_is_phrase_major() -> None:
 
 
 def test_a_warm_cache_encodes_nothing(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "e.sqlite3")
+    cache = EmbeddingCache(tmp_path / "e")
     first = FakeEncoder(dict(HAND_TEXTS))
     cold = embed_policy(policy_with(), first, cache)
     assert sorted(first.encoded_texts) == sorted(HAND_TEXTS)
 
     # a new process: a new cache object on the same file
     second = FakeEncoder(dict(HAND_TEXTS))
-    warm = embed_policy(policy_with(), second, EmbeddingCache(tmp_path / "e.sqlite3"))
+    warm = embed_policy(policy_with(), second, EmbeddingCache(tmp_path / "e"))
     assert second.encoded_texts == []
     np.testing.assert_array_equal(cold.categories, warm.categories)
 
 
 def test_editing_one_term_encodes_only_its_prompts(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "e.sqlite3")
+    cache = EmbeddingCache(tmp_path / "e")
     texts = dict(HAND_TEXTS, **{"a pistol": unit(1, 0, 0), "the pistol": unit(1, 1, 1)})
     embed_policy(policy_with(), FakeEncoder(texts), cache)
 
@@ -54,7 +54,7 @@ def test_prompts_are_encoded_once_even_when_repeated(tmp_path: Path) -> None:
 
 
 def test_cache_is_keyed_by_model_identity(tmp_path: Path) -> None:
-    cache = EmbeddingCache(tmp_path / "e.sqlite3")
+    cache = EmbeddingCache(tmp_path / "e")
     a = FakeEncoder({"x": unit(1, 0)})
     b = FakeEncoder({"x": unit(0, 1)})
     b.identity = "fake/another-model"
@@ -71,7 +71,7 @@ def test_default_cache_location_follows_the_environment(
     from moderation.prompts import default_cache_path
 
     monkeypatch.setenv("MODERATION_CACHE_DIR", str(tmp_path / "c"))
-    assert default_cache_path() == tmp_path / "c" / "embeddings.sqlite3"
+    assert default_cache_path() == tmp_path / "c" / "embeddings"
     monkeypatch.delenv("MODERATION_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert default_cache_path() == tmp_path / "x" / "moderation" / "embeddings.sqlite3"
+    assert default_cache_path() == tmp_path / "x" / "moderation" / "embeddings"

@@ -369,7 +369,7 @@ def test_once_reload_answers_every_worker_decides_with_the_new_policy(
     encoders = [FakeEncoder(dict(texts), dict(HAND_COLOURS)) for _ in range(2)]
 
     def worker(encoder: FakeEncoder) -> Flask:
-        cache = EmbeddingCache(tmp_path / "shared-cache.sqlite3")
+        cache = EmbeddingCache(tmp_path / "shared-cache")
         moderator = Moderator(parse_policy(policy_path.read_text()), encoder, cache)
         return create_app({"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN,
                            "STATE_DIR": str(tmp_path), "RECORD_DECISIONS": False},
