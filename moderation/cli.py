@@ -5,93 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from .errors import ImageError, ModerationError, PolicyError
+from .command import load_moderator, model_options
+from .errors import ImageError, PolicyError
 from .policy import load_policy
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-DEFAULT_POLICY = os.environ.get("MODERATION_POLICY", "policies/default.yaml")
-
-
-def _model_options(command: F) -> F:
-    """The options every command that loads a model shares."""
-    options = [
-        click.option(
-            "--policy",
-            "policy_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=DEFAULT_POLICY,
-            show_default=True,
-            help="Policy YAML file ($MODERATION_POLICY sets the default).",
-        ),
-        click.option("--model", help="open_clip architecture; default: the policy's."),
-        click.option(
-            "--pretrained",
-            help="open_clip pretrained tag or checkpoint file; default: the policy's.",
-        ),
-        click.option(
-            "--random-weights",
-            is_flag=True,
-            help="Random weights instead of pretrained ones: scores are MEANINGLESS. "
-            "For benchmarks and smoke tests only.",
-        ),
-        click.option(
-            "--cache-dir",
-            type=click.Path(file_okay=False, path_type=Path),
-            help="Where text embeddings are cached (default: $MODERATION_CACHE_DIR or "
-            "~/.cache/moderation).",
-        ),
-        click.option(
-            "--batch-size", type=click.IntRange(1, 512), default=16, show_default=True
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _load_moderator(
-    policy_path: Path,
-    model: str | None,
-    pretrained: str | None,
-    random_weights: bool,
-    cache_dir: Path | None,
-    batch_size: int,
-) -> Any:
-    from .backends import RandomWeightsWarning
-    from .moderator import Moderator
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RandomWeightsWarning)
-        try:
-            moderator = Moderator.from_policy(
-                policy_path,
-                model=model,
-                pretrained=pretrained,
-                random_weights=random_weights,
-                cache_dir=cache_dir,
-                batch_size=batch_size,
-            )
-        except ModerationError as e:
-            raise click.ClickException(str(e)) from e
-    for warning in caught:
-        if issubclass(warning.category, RandomWeightsWarning):
-            _loud_warning(str(warning.message))
-    return moderator
-
-
-def _loud_warning(message: str) -> None:
-    bar = "!" * 78
-    click.secho(f"{bar}\n!! WARNING: {message}\n{bar}", fg="red", err=True)
 
 
 @click.group()
@@ -127,14 +51,14 @@ def policy_check(path: Path) -> None:
 @main.command()
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_model_options
+@model_options
 def score(images: tuple[Path, ...], **model_options: Any) -> None:
     """Moderate IMAGES: one JSON object per image on stdout.
 
     Exits 1 if any image could not be read (its line carries the error); 2, before the model
     is loaded, if a path does not exist.
     """
-    moderator = _load_moderator(**model_options)
+    moderator = load_moderator(**model_options)
     results = moderator.moderate(list(images), ids=[str(p) for p in images])
     for result in results:
         click.echo(json.dumps(result.to_dict()))
@@ -215,7 +139,7 @@ def run_scan(
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSONL file: one line per image. Files already in it are skipped.",
 )
-@_model_options
+@model_options
 def scan(directory: Path, out: Path, **model_options: Any) -> None:
     """Moderate every file under DIRECTORY, in batches, appending JSON lines to --out.
 
@@ -238,7 +162,7 @@ def scan(directory: Path, out: Path, **model_options: Any) -> None:
     )
     if not todo:
         return
-    moderator = _load_moderator(**model_options)
+    moderator = load_moderator(**model_options)
     with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
         counts = run_scan(moderator, todo, out, model_options["batch_size"], progress.update)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
@@ -249,247 +173,18 @@ def scan(directory: Path, out: Path, **model_options: Any) -> None:
         sys.exit(1)
 
 
-@main.group()
-def decisions() -> None:
-    """The decision log: export it, purge old decisions."""
+def _add_package_commands() -> None:
+    """Commands other packages contribute through the ``moderation.commands`` entry-point
+    group (as packages add ``flask`` commands): ``decisions`` (decisionlog), ``calibrate``
+    (calibration), ``serve`` (service). The core imports none of them."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="moderation.commands"):
+        if entry.name not in main.commands:
+            main.add_command(entry.load(), entry.name)
 
 
-_database_option = click.option(
-    "--database-url",
-    envvar="MODERATION_DATABASE_URL",
-    help="sqlite:///path or postgresql://… ($MODERATION_DATABASE_URL; default: the service's "
-    "default SQLite file).",
-)
-
-
-def _store(database_url: str | None) -> Any:
-    from service.store import DecisionStore, default_database_url
-
-    try:
-        return DecisionStore(database_url or default_database_url())
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
-
-
-def _time_option(value: str | None) -> float | None:
-    from service.store import parse_time
-
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
-
-
-@decisions.command("export")
-@click.option("--since", help="Unix seconds, ISO 8601, or an age (24h, 7d).")
-@click.option("--until", help="Same forms as --since.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
-              show_default=True)
-@click.option("--out", type=click.File("w", encoding="utf-8"), default="-",
-              help="Output file (default: standard output).")
-@_database_option
-def decisions_export(since: str | None, until: str | None, fmt: str, out: Any,
-                     database_url: str | None) -> None:
-    """Write recorded decisions, oldest first, for offline analysis."""
-    import csv
-
-    store = _store(database_url)
-    rows = store.export(since=_time_option(since), until=_time_option(until))
-    if fmt == "jsonl":
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-        return
-    columns = ["id", "created_at", "client_id", "image_sha256", "image_size", "policy_name",
-               "policy_version", "model", "profile", "action", "triggered", "latency_ms",
-               "error_code", "categories"]
-    writer = csv.writer(out)
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([
-            row["id"], row["created_at"], row["client_id"], row["image"]["sha256"],
-            row["image"]["size"], row["policy"]["name"], row["policy"]["version"], row["model"],
-            row["profile"], row["action"], ";".join(row["triggered"]), row["latency_ms"],
-            row["error_code"] or "", json.dumps(row["categories"]),
-        ])
-
-
-@decisions.command("purge")
-@click.option("--older-than-days", type=click.FloatRange(min=0), envvar="MODERATION_RETENTION_DAYS",
-              default=90, show_default=True,
-              help="Maximum age kept ($MODERATION_RETENTION_DAYS).")
-@_database_option
-def decisions_purge(older_than_days: float, database_url: str | None) -> None:
-    """Delete decisions older than the retention period."""
-    import time
-
-    store = _store(database_url)
-    removed = store.purge(time.time() - older_than_days * 86400)
-    click.echo(f"purged {removed} decisions older than {older_than_days:g} days")
-
-
-@decisions.command("replay")
-@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="MODERATION_DEAD_LETTER_PATH",
-              help="The dead-letter file ($MODERATION_DEAD_LETTER_PATH; default: beside a SQLite "
-                   "log, else under the data folder).")
-@_database_option
-def decisions_replay(path: Path | None, database_url: str | None) -> None:
-    """Write decisions set aside in the dead-letter file into the log.
-
-    Those the log already has are skipped; those it still cannot take stay in the file (exit 1).
-    """
-    from service.store import DeadLetters, default_dead_letter_path, replay_dead_letters
-
-    store = _store(database_url)
-    dead = DeadLetters(path or default_dead_letter_path(store.url))
-    written, present, failing = replay_dead_letters(store, dead)
-    click.echo(f"{dead.path}: {written} written, {present} already in the log, "
-               f"{failing} still failing")
-    if failing:
-        sys.exit(1)
-
-
-@main.command()
-@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Labelled images: a CSV manifest (path,labels) or a folder per category.")
-@click.option("--test", type=click.Path(exists=True, path_type=Path),
-              help="A held-out labelled set to report on (else a stratified split of --labels).")
-@click.option("--scores", "scan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A 'moderation scan' output with the images' scores: nothing is encoded.")
-@click.option("--target-precision", type=click.FloatRange(0, 1),
-              help="For every category: maximise recall subject to this precision.")
-@click.option("--target-recall", type=click.FloatRange(0, 1),
-              help="For every category: maximise precision subject to this recall.")
-@click.option("--profile", help="Write the thresholds into this calibration profile "
-                                "(default: the categories' own thresholds).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the calibrated policy.")
-@click.option("--report", "report_dir", required=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
-@click.option("--test-size", type=click.FloatRange(0.05, 0.95), default=0.3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--min-positives", type=click.IntRange(1), default=10, show_default=True,
-              help="Fewer positive images than this in a split: the category is not calibrated.")
-@_model_options
-def calibrate(
-    labels: Path,
-    test: Path | None,
-    scan: Path | None,
-    target_precision: float | None,
-    target_recall: float | None,
-    profile: str | None,
-    out: Path,
-    report_dir: Path,
-    test_size: float,
-    seed: int,
-    min_positives: int,
-    **model_options: Any,
-) -> None:
-    """Fit per-category thresholds on labelled images; write a new policy and a report.
-
-    Exits 3 (after writing both) when a category with a target could not be calibrated.
-    """
-    from calibration.labels import LabelError
-    from calibration.report import write_report
-    from calibration.run import calibrate as run
-    from calibration.run import threshold_diff, write_policy
-
-    from .policy import Goal
-
-    if target_precision is not None and target_recall is not None:
-        raise click.UsageError("give --target-precision or --target-recall, not both")
-    goal = None
-    if target_precision is not None or target_recall is not None:
-        goal = Goal(precision=target_precision, recall=target_recall)
-    policy_path: Path = model_options["policy_path"]
-    try:
-        result = run(
-            policy_path, labels, test=test, scan=scan, goal=goal, profile=profile,
-            load_moderator=lambda: _load_moderator(**model_options), test_size=test_size,
-            seed=seed, min_positives=min_positives,
-        )
-    except (LabelError, PolicyError) as e:
-        raise click.ClickException(str(e)) from e
-    write_policy(result, policy_path, out)
-    index = write_report(result, report_dir)
-    for line in threshold_diff(result):
-        click.echo(line)
-    for line in result.left_out:
-        click.echo(f"left out: {line}", err=True)
-    click.echo(f"wrote {out} (version {result.new_policy.version}) and {index}")
-    if result.failed:
-        names = ", ".join(o.category for o in result.failed)
-        click.secho(f"NOT CALIBRATED: {names} (see above); their thresholds are unchanged",
-                    fg="red", err=True)
-        sys.exit(3)
-
-
-@main.command()
-@click.option(
-    "--policy",
-    "policy_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=DEFAULT_POLICY,
-    show_default=True,
-    help="Policy YAML file; POST /v1/policy/reload reads it again.",
-)
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--workers", type=click.IntRange(1, 64),
-              default=lambda: min(os.cpu_count() or 1, 4), show_default="cores, at most 4",
-              help="Worker processes; each gets cores/workers torch threads (BENCHMARKS.md).")
-@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Concurrent requests per worker.")
-@click.option("--model", help="open_clip architecture; default: the policy's.")
-@click.option("--pretrained", help="Pretrained tag or checkpoint file; default: the policy's.")
-@click.option("--random-weights", is_flag=True,
-              help="Random weights: scores are MEANINGLESS. Benchmarks and smoke tests only.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
-def serve(
-    policy_path: Path,
-    host: str,
-    port: int,
-    workers: int,
-    threads: int,
-    model: str | None,
-    pretrained: str | None,
-    random_weights: bool,
-    cache_dir: Path | None,
-) -> None:
-    """Serve the HTTP API with gunicorn (see service/gunicorn.conf.py).
-
-    Admin routes need MODERATION_ADMIN_TOKEN; MODERATION_API_KEYS (comma-separated) makes
-    /v1/moderate and /v1/policy require a key.
-    """
-    import service
-
-    try:
-        load_policy(policy_path)  # fail here, once, rather than in every worker
-    except PolicyError as e:
-        raise click.ClickException(str(e)) from e
-    if random_weights:
-        _loud_warning("serving with RANDOM WEIGHTS: every score is meaningless.")
-    env = dict(os.environ)
-    env.update(
-        MODERATION_POLICY=str(policy_path.resolve()),
-        MODERATION_WORKERS=str(workers),
-        MODERATION_THREADS=str(threads),
-        MODERATION_RANDOM_WEIGHTS="true" if random_weights else "false",
-    )
-    for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir)):
-        if value is not None:
-            env[f"MODERATION_{key}"] = str(value)
-    conf = Path(service.__file__).parent / "gunicorn.conf.py"
-    argv = [
-        sys.executable, "-m", "gunicorn",
-        "--config", str(conf),
-        "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        "service.app:create_app()",
-    ]
-    os.execve(sys.executable, argv, env)
-
+_add_package_commands()
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,16 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from decisionlog import (
+    DeadLetters,
+    DecisionRecord,
+    DecisionStore,
+    Recorder,
+    default_database_url,
+    default_dead_letter_path,
+    parse_time,
+)
+from decisionlog.store import BUCKETS
 from moderation import ImageError, ModerationError, Moderator, PolicyError
 from moderation.images import DecodedImage, ImageLimits
 
@@ -36,16 +46,6 @@ from .parsing import (
     parse_multipart,
 )
 from .state import ModelOccupancy, PolicyHolder
-from .store import (
-    BUCKETS,
-    DeadLetters,
-    DecisionRecord,
-    DecisionStore,
-    Recorder,
-    default_database_url,
-    default_dead_letter_path,
-    parse_time,
-)
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from typing import Any
 
 from flask import render_template
 
+from decisionlog import DecisionStore
 from moderation import Moderator
-
-from .store import DecisionStore
 
 __all__ = ["render_dashboard"]
 

@@ -144,7 +144,7 @@ def test_paths_are_checked_before_the_model_is_loaded(
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(moderation.cli, "_load_moderator", no_model)
+    monkeypatch.setattr(moderation.cli, "load_moderator", no_model)
     result = runner.invoke(main, ["score", str(tmp_path / "missing.jpg"), "--policy",
                                   str(tiny_policy), "--random-weights"])
     assert result.exit_code == 2 and "does not exist" in result.output
@@ -161,7 +161,7 @@ def test_paths_are_checked_before_the_model_is_loaded(
 def test_decisions_replay(runner: CliRunner, tmp_path: Path) -> None:
     import uuid
 
-    from service.store import DeadLetters, DecisionRecord, DecisionStore
+    from decisionlog import DeadLetters, DecisionRecord, DecisionStore
 
     url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
     r = DecisionRecord(id=uuid.uuid4().hex, created_at=1.0, client_id="c", image_sha256="a",

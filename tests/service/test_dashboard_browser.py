@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from werkzeug.serving import make_server
 
-from service.store import DecisionRecord
+from decisionlog import DecisionRecord
 from tests.service.conftest import READER
 
 CHROMIUM = os.environ.get("MODERATION_TEST_CHROMIUM") or shutil.which("chromium")

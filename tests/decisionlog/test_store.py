@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.store import (
+from decisionlog import (
     DeadLetters,
     DecisionRecord,
     DecisionStore,
@@ -270,7 +270,7 @@ def test_unsupported_url() -> None:
 
 
 def test_parse_time_forms() -> None:
-    from service.store import parse_time
+    from decisionlog import parse_time
 
     assert parse_time("1790000000") == 1_790_000_000.0
     assert parse_time("2026-11-23T10:00:00Z") == parse_time("2026-11-23T10:00:00")

@@ -1,0 +1,87 @@
+"""``moderation calibrate``: thresholds fitted on labelled images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moderation import PolicyError
+from moderation.command import load_moderator, model_options
+
+
+@click.command()
+@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Labelled images: a CSV manifest (path,labels) or a folder per category.")
+@click.option("--test", type=click.Path(exists=True, path_type=Path),
+              help="A held-out labelled set to report on (else a stratified split of --labels).")
+@click.option("--scores", "scan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A 'moderation scan' output with the images' scores: nothing is encoded.")
+@click.option("--target-precision", type=click.FloatRange(0, 1),
+              help="For every category: maximise recall subject to this precision.")
+@click.option("--target-recall", type=click.FloatRange(0, 1),
+              help="For every category: maximise precision subject to this recall.")
+@click.option("--profile", help="Write the thresholds into this calibration profile "
+                                "(default: the categories' own thresholds).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the calibrated policy.")
+@click.option("--report", "report_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
+@click.option("--test-size", type=click.FloatRange(0.05, 0.95), default=0.3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-positives", type=click.IntRange(1), default=10, show_default=True,
+              help="Fewer positive images than this in a split: the category is not calibrated.")
+@model_options
+def calibrate(
+    labels: Path,
+    test: Path | None,
+    scan: Path | None,
+    target_precision: float | None,
+    target_recall: float | None,
+    profile: str | None,
+    out: Path,
+    report_dir: Path,
+    test_size: float,
+    seed: int,
+    min_positives: int,
+    **model_options: Any,
+) -> None:
+    """Fit per-category thresholds on labelled images; write a new policy and a report.
+
+    Exits 3 (after writing both) when a category with a target could not be calibrated.
+    """
+    from moderation.policy import Goal
+
+    from .labels import LabelError
+    from .report import write_report
+    from .run import calibrate as run
+    from .run import threshold_diff, write_policy
+
+    if target_precision is not None and target_recall is not None:
+        raise click.UsageError("give --target-precision or --target-recall, not both")
+    goal = None
+    if target_precision is not None or target_recall is not None:
+        goal = Goal(precision=target_precision, recall=target_recall)
+    policy_path: Path = model_options["policy_path"]
+    try:
+        result = run(
+            policy_path, labels, test=test, scan=scan, goal=goal, profile=profile,
+            load_moderator=lambda: load_moderator(**model_options), test_size=test_size,
+            seed=seed, min_positives=min_positives,
+        )
+    except (LabelError, PolicyError) as e:
+        raise click.ClickException(str(e)) from e
+    write_policy(result, policy_path, out)
+    index = write_report(result, report_dir)
+    for line in threshold_diff(result):
+        click.echo(line)
+    for line in result.left_out:
+        click.echo(f"left out: {line}", err=True)
+    click.echo(f"wrote {out} (version {result.new_policy.version}) and {index}")
+    if result.failed:
+        names = ", ".join(o.category for o in result.failed)
+        click.secho(f"NOT CALIBRATED: {names} (see above); their thresholds are unchanged",
+                    fg="red", err=True)
+        sys.exit(3)

@@ -1,0 +1,75 @@
+"""``moderation serve``: the HTTP service under gunicorn."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from moderation import PolicyError, load_policy
+from moderation.command import DEFAULT_POLICY, loud_warning
+
+
+@click.command()
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=DEFAULT_POLICY,
+    show_default=True,
+    help="Policy YAML file; POST /v1/policy/reload reads it again.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64),
+              default=lambda: min(os.cpu_count() or 1, 4), show_default="cores, at most 4",
+              help="Worker processes; each gets cores/workers torch threads (BENCHMARKS.md).")
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Concurrent requests per worker.")
+@click.option("--model", help="open_clip architecture; default: the policy's.")
+@click.option("--pretrained", help="Pretrained tag or checkpoint file; default: the policy's.")
+@click.option("--random-weights", is_flag=True,
+              help="Random weights: scores are MEANINGLESS. Benchmarks and smoke tests only.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+def serve(
+    policy_path: Path,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    model: str | None,
+    pretrained: str | None,
+    random_weights: bool,
+    cache_dir: Path | None,
+) -> None:
+    """Serve the HTTP API with gunicorn (see service/gunicorn.conf.py).
+
+    Admin routes need MODERATION_ADMIN_TOKEN; MODERATION_API_KEYS (comma-separated) makes
+    /v1/moderate and /v1/policy require a key.
+    """
+    try:
+        load_policy(policy_path)  # fail here, once, rather than in every worker
+    except PolicyError as e:
+        raise click.ClickException(str(e)) from e
+    if random_weights:
+        loud_warning("serving with RANDOM WEIGHTS: every score is meaningless.")
+    env = dict(os.environ)
+    env.update(
+        MODERATION_POLICY=str(policy_path.resolve()),
+        MODERATION_WORKERS=str(workers),
+        MODERATION_THREADS=str(threads),
+        MODERATION_RANDOM_WEIGHTS="true" if random_weights else "false",
+    )
+    for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir)):
+        if value is not None:
+            env[f"MODERATION_{key}"] = str(value)
+    conf = Path(__file__).parent / "gunicorn.conf.py"
+    argv = [
+        sys.executable, "-m", "gunicorn",
+        "--config", str(conf),
+        "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "service.app:create_app()",
+    ]
+    os.execve(sys.executable, argv, env)
