@@ -1,7 +1,7 @@
 """The Flask application: ``create_app(config=None, moderator=None)``.
 
-Configuration comes from ``config``, else from ``MODERATION_*`` environment variables
-(``MODERATION_POLICY``, ``MODERATION_ADMIN_TOKEN``, ``MODERATION_API_KEYS``, …; see README).
+Settings come from ``config`` (a mapping), else from ``MODERATION_*`` environment variables:
+:mod:`service.settings` declares each one, its type and its default.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -31,7 +31,7 @@ from decisionlog import (
 )
 from decisionlog.store import BUCKETS
 from moderation import ImageError, ModerationError, Moderator, PolicyError
-from moderation.images import DecodedImage, ImageLimits
+from moderation.images import DecodedImage
 
 from .dashboard import render_dashboard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -45,55 +45,13 @@ from .parsing import (
     parse_json,
     parse_multipart,
 )
+from .settings import Settings, load_settings
 from .state import ModelOccupancy, PolicyHolder
 
 log = logging.getLogger(__name__)
 
 __all__ = ["create_app"]
 
-DEFAULTS: dict[str, Any] = {
-    "POLICY": "policies/default.yaml",
-    "MODEL": None,
-    "PRETRAINED": None,
-    "RANDOM_WEIGHTS": False,
-    "CACHE_DIR": None,
-    "TORCH_THREADS": None,
-    # Requests' images share forward passes: up to BATCH_MAX images, waiting at most
-    # BATCH_MAX_WAIT_MS for company (1 turns batching off). See BENCHMARKS.md.
-    "BATCH_MAX": 16,
-    "BATCH_MAX_WAIT_MS": 20,
-    # TorchScript-trace the image tower: fewer GIL hand-offs under concurrent requests.
-    "TRACE": True,
-    # How often (s) Python hands the GIL between threads; shorter lets the model's thread win
-    # it back sooner from request threads (CPython's default is 0.005).
-    "GIL_SWITCH_INTERVAL": 0.0005,
-    "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,  # bytes per request; Flask answers 413 past it
-    # Multipart parts per request (files and fields), and bytes per text field (an id): a
-    # form past either is refused before it is parsed further. Keep the second well above
-    # 64 KiB: werkzeug applies it to its read buffer too, which holds 64 KiB of a file.
-    "MAX_FORM_PARTS": 100,
-    "MAX_FORM_MEMORY_SIZE": 256 * 1024,
-    "MAX_IMAGES": 32,
-    # Work per image (moderation.images.ImageLimits): refused past these, before decoding.
-    "MAX_PIXELS": 64_000_000,
-    "MAX_FRAMES": 8,
-    "MAX_ANIMATION_FRAMES": 10_000,
-    "MAX_ANIMATION_PIXELS": 256_000_000,
-    "MAX_JPEG_SCANS": 100,
-    "ADMIN_TOKEN": None,
-    "READER_TOKEN": None,  # for the decision log API and the dashboard (admin works too)
-    "API_KEYS": None,
-    # Where decisions are recorded: sqlite:///path or postgresql://… (default: a SQLite
-    # file under $XDG_DATA_HOME/moderation); RECORD_DECISIONS false turns recording off.
-    "DATABASE_URL": None,
-    "RECORD_DECISIONS": True,
-    # Where a record the log cannot take is set aside (default: beside a SQLite log, else
-    # under the data folder), and how long a request waits for its records to be written.
-    "DEAD_LETTER_PATH": None,
-    "RECORD_TIMEOUT_S": 10.0,
-    "RETENTION_DAYS": 90,
-    "STATE_DIR": None,
-}
 
 #: HTTP status for a request whose only image failed, by the image's error code.
 IMAGE_ERROR_STATUS = {
@@ -155,79 +113,69 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return number
 
 
-def _load_moderator(config: dict[str, Any]) -> Moderator:
-    state_dir = config["STATE_DIR"] or os.environ.get("MODERATION_STATE_DIR")
+def _load_moderator(settings: Settings) -> Moderator:
     moderator = Moderator.from_policy(
-        config["POLICY"],
-        model=config["MODEL"],
-        pretrained=config["PRETRAINED"],
-        random_weights=bool(config["RANDOM_WEIGHTS"]),
-        cache_dir=config["CACHE_DIR"],
-        threads=config["TORCH_THREADS"],
-        limits=ImageLimits(
-            max_pixels=int(config["MAX_PIXELS"]),
-            max_frames=int(config["MAX_FRAMES"]),
-            max_animation_frames=int(config["MAX_ANIMATION_FRAMES"]),
-            max_animation_pixels=int(config["MAX_ANIMATION_PIXELS"]),
-            max_jpeg_scans=int(config["MAX_JPEG_SCANS"]),
-        ),
+        settings.policy,
+        model=settings.model,
+        pretrained=settings.pretrained,
+        random_weights=settings.random_weights,
+        cache_dir=settings.cache_dir,
+        threads=settings.torch_threads,
+        limits=settings.image_limits,
     )
-    if config["TRACE"]:
+    if settings.trace:
         moderator.encoder.trace_image_tower()  # type: ignore[attr-defined]
-    max_batch = int(config["BATCH_MAX"])
-    if max_batch > 1:
+    if settings.batch_max > 1:
         from moderation.batching import BatchingEncoder
 
+        state_dir = settings.state_dir
         batching = BatchingEncoder(
             moderator.encoder,  # type: ignore[arg-type]
-            max_batch=max_batch,
-            max_wait=float(config["BATCH_MAX_WAIT_MS"]) / 1000,
+            max_batch=settings.batch_max,
+            max_wait=settings.batch_max_wait_ms / 1000,
             lone_threads=os.cpu_count() or 1,
-            occupancy=ModelOccupancy(Path(state_dir) / "model-occupancy") if state_dir else None,
+            occupancy=ModelOccupancy(state_dir / "model-occupancy") if state_dir else None,
         )
         moderator = moderator.with_encoder(batching)
     return moderator
 
 
 def create_app(
-    config: dict[str, Any] | None = None, moderator: Moderator | None = None
+    config: Mapping[str, Any] | None = None, moderator: Moderator | None = None
 ) -> Flask:
     """Build the app. Without ``moderator``, load the policy and model the config names,
     before the app is returned (so a gunicorn worker is ready when it accepts requests)."""
+    settings = load_settings(config)
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # categories keep policy order
-    app.config.from_mapping(DEFAULTS)
-    if config is None:
-        app.config.from_prefixed_env("MODERATION")
-    else:
-        app.config.from_mapping(config)
-    keys = app.config["API_KEYS"]
-    api_keys = [k.strip() for k in keys.split(",") if k.strip()] if isinstance(keys, str) else (
-        list(keys or [])
+    app.config.update(  # the limits werkzeug enforces while parsing
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        MAX_FORM_PARTS=settings.max_form_parts,
+        MAX_FORM_MEMORY_SIZE=settings.max_form_memory_size,
     )
-    admin_token = app.config["ADMIN_TOKEN"] or None
+    app.extensions["settings"] = settings
+    api_keys = settings.api_key_list
+    admin_token = settings.admin_token
     if moderator is None:
-        sys.setswitchinterval(float(app.config["GIL_SWITCH_INTERVAL"]))
-        moderator = _load_moderator(app.config)
-    state_dir = app.config["STATE_DIR"] or os.environ.get("MODERATION_STATE_DIR")
+        sys.setswitchinterval(settings.gil_switch_interval)
+        moderator = _load_moderator(settings)
+    state_dir = settings.state_dir
     holder = PolicyHolder(
         moderator,
-        app.config["POLICY"],
-        Path(state_dir) / "policy-snapshot.json" if state_dir else None,
+        settings.policy,
+        state_dir / "policy-snapshot.json" if state_dir else None,
     )
     if holder.snapshot is not None:
         holder.current()  # catch up with a reload made before this worker was ready
         holder.follow_in_background()
     metrics = Metrics()
     app.extensions["moderation"] = holder
-    reader_tokens = [t for t in (app.config["READER_TOKEN"], admin_token) if t]
-    store = DecisionStore(app.config["DATABASE_URL"] or default_database_url())
-    dead_letters = DeadLetters(Path(
-        app.config["DEAD_LETTER_PATH"] or default_dead_letter_path(store.url)
-    ))
+    reader_tokens = [t for t in (settings.reader_token, admin_token) if t]
+    store = DecisionStore(settings.database_url or default_database_url())
+    dead_letters = DeadLetters(settings.dead_letter_path or default_dead_letter_path(store.url))
     recorder = (
-        Recorder(store, dead_letters, timeout=float(app.config["RECORD_TIMEOUT_S"]))
-        if app.config["RECORD_DECISIONS"] else None
+        Recorder(store, dead_letters, timeout=settings.record_timeout_s)
+        if settings.record_decisions else None
     )
     app.extensions["decisions"] = (store, recorder)
     if recorder is not None:
@@ -256,7 +204,7 @@ def create_app(
     def http_error(e: HTTPException) -> tuple[Response, int]:
         code = (e.name or "error").lower().replace(" ", "_")
         if e.code == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"]
+            limit = settings.max_content_length
             if request.content_length is None or request.content_length > limit:
                 return _error(
                     413, "request_too_large",
@@ -265,10 +213,10 @@ def create_app(
             # werkzeug raises the same error for both form limits
             return _error(
                 413, "form_too_large",
-                f"the form has more than {app.config['MAX_FORM_PARTS']:,} parts "
+                f"the form has more than {settings.max_form_parts:,} parts "
                 "(MODERATION_MAX_FORM_PARTS) or a text field over "
-                f"{app.config['MAX_FORM_MEMORY_SIZE']:,} bytes (MODERATION_MAX_FORM_MEMORY_SIZE): "
-                f"send at most {app.config['MAX_IMAGES']} files in '{IMAGE_FIELD}', with at "
+                f"{settings.max_form_memory_size:,} bytes (MODERATION_MAX_FORM_MEMORY_SIZE): "
+                f"send at most {settings.max_images} files in '{IMAGE_FIELD}', with at "
                 f"most one 'id' field each, of at most {MAX_ID_LENGTH} characters",
             )
         return _error(e.code or 500, code, e.description or e.name)
@@ -306,7 +254,7 @@ def create_app(
                 "Authorization: Bearer <token>, or ?token= for the dashboard")
 
     def parse_moderate() -> ModerateRequest:
-        max_images = int(app.config["MAX_IMAGES"])
+        max_images = settings.max_images
         if request.mimetype == "multipart/form-data":
             files = [(f.filename, f.read()) for f in request.files.getlist(IMAGE_FIELD)]
             form = {k: request.form.getlist(k) for k in request.form}

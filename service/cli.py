@@ -11,6 +11,8 @@ import click
 from moderation import PolicyError, load_policy
 from moderation.command import DEFAULT_POLICY, loud_warning
 
+from .settings import SettingsError, load_settings
+
 
 @click.command()
 @click.option(
@@ -65,6 +67,11 @@ def serve(
     for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir)):
         if value is not None:
             env[f"MODERATION_{key}"] = str(value)
+    os.environ.update(env)  # gunicorn is exec'ed with it just below
+    try:  # every MODERATION_* variable, checked here rather than in each worker
+        load_settings()
+    except SettingsError as e:
+        raise click.ClickException(str(e)) from e
     conf = Path(__file__).parent / "gunicorn.conf.py"
     argv = [
         sys.executable, "-m", "gunicorn",

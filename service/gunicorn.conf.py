@@ -8,6 +8,11 @@ import os
 import shutil
 import tempfile
 
+from service.settings import load_settings
+
+# Every MODERATION_* variable, checked once more here (moderation serve already did).
+_settings = load_settings()
+
 # gthread workers: each serves `threads` requests at once; torch releases the GIL while it
 # computes, so a worker's threads overlap decoding with the model. This subclass reads each
 # whole request in the worker's event loop before a thread gets it, so slow or stalled
@@ -16,9 +21,9 @@ import tempfile
 worker_class = "service.worker.BufferingThreadWorker"
 # Worker processes (moderation serve --workers): one per core, each with one torch thread,
 # measured best on 2 cores (BENCHMARKS.md); each worker holds its own model (~1.5 GB here).
-workers = int(os.environ.get("MODERATION_WORKERS", str(min(os.cpu_count() or 1, 4))))
+workers = _settings.workers
 # Concurrent requests per worker.
-threads = int(os.environ.get("MODERATION_THREADS", "4"))
+threads = _settings.threads
 # A worker silent for this long (stuck) is killed and replaced. Loading a large model takes
 # a while, so this is generous.
 timeout = 120

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import selectors
 import socket
@@ -34,11 +33,10 @@ from typing import IO, Any
 from gunicorn import http
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from .settings import load_settings
+
 __all__ = ["BufferingThreadWorker", "RequestReader", "json_error_response"]
 
-#: How long a request (headers and body) may take to arrive, from its first byte.
-READ_TIMEOUT_S = float(os.environ.get("MODERATION_READ_TIMEOUT_S", "30"))
-MAX_CONTENT_LENGTH = int(os.environ.get("MODERATION_MAX_CONTENT_LENGTH", str(64 * 1024 * 1024)))
 #: Header blocks past this many bytes are refused (gunicorn's own, finer limits apply below).
 MAX_HEADER_BYTES = 64 * 1024
 SPOOL_BYTES = 1024 * 1024
@@ -268,9 +266,10 @@ class BufferingThreadWorker(ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        settings = load_settings()  # MODERATION_READ_TIMEOUT_S, MODERATION_MAX_CONTENT_LENGTH
         self.reading: dict[TConn, RequestReader] = {}
-        self.read_timeout = READ_TIMEOUT_S
-        self.max_body = MAX_CONTENT_LENGTH
+        self.read_timeout = settings.read_timeout_s
+        self.max_body = settings.max_content_length
 
     # --- connections come here instead of straight to a thread ----------------------------
 

@@ -1,0 +1,160 @@
+"""Every setting of the service, declared once with its type, default and meaning.
+
+Read from ``MODERATION_<NAME>`` environment variables (pydantic-settings), or from a mapping
+(``create_app(config={...})``, names in any case). As strict as policies: a value of the wrong
+type or range, or a ``MODERATION_*`` variable that names no setting (a typo silently ignored
+is a classic production bug), stops the start with the variable's name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from moderation import ModerationError
+from moderation.images import ImageLimits
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+PREFIX = "MODERATION_"
+#: Variables with the prefix that are not service settings: read by the library, or by tests.
+NOT_SETTINGS = ("MODERATION_OFFLINE", "MODERATION_TEST_")
+#: False while settings are built from a mapping: then the environment is not read at all.
+_FROM_ENVIRONMENT: ContextVar[bool] = ContextVar("from_environment", default=True)
+
+
+class SettingsError(ModerationError, ValueError):
+    """The service's settings are not valid; ``faults`` names each variable and why."""
+
+    def __init__(self, faults: list[str]) -> None:
+        super().__init__(
+            f"invalid settings ({len(faults)} fault{'s' if len(faults) > 1 else ''}):\n"
+            + "\n".join(f"  - {f}" for f in faults)
+        )
+        self.faults = faults
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, case_sensitive=False, extra="forbid", frozen=True
+    )
+
+    # --- the policy and the model
+    policy: Path = Field(default=Path("policies/default.yaml"), description="policy YAML file")
+    model: str | None = Field(default=None, description="open_clip architecture")
+    pretrained: str | None = Field(default=None, description="tag or checkpoint file")
+    random_weights: bool = Field(default=False, description="smoke tests only: scores meaningless")
+    cache_dir: Path | None = Field(default=None, description="text-embedding cache folder")
+    torch_threads: int | None = Field(default=None, ge=1, description="default: cores / workers")
+    # --- throughput (BENCHMARKS.md)
+    batch_max: int = Field(default=16, ge=1, description="images per shared forward pass; 1: off")
+    batch_max_wait_ms: float = Field(default=20, ge=0, le=1000)
+    trace: bool = Field(default=True, description="TorchScript-trace the image tower")
+    gil_switch_interval: float = Field(default=0.0005, gt=0, le=1)
+    workers: int = Field(default=min(os.cpu_count() or 1, 4), ge=1, le=64)
+    threads: int = Field(default=4, ge=1, le=64, description="concurrent requests per worker")
+    # --- what a request may cost
+    max_content_length: int = Field(default=64 * 1024 * 1024, ge=1024)
+    read_timeout_s: float = Field(default=30, gt=0, description="a request must arrive within this")
+    max_form_parts: int = Field(default=100, ge=2)
+    # werkzeug applies this to its 64 KiB read buffer too: below ~128 KiB it refuses files
+    max_form_memory_size: int = Field(default=256 * 1024, ge=128 * 1024)
+    max_images: int = Field(default=32, ge=1)
+    max_pixels: int = Field(default=ImageLimits.max_pixels, ge=1)
+    max_frames: int = Field(default=ImageLimits.max_frames, ge=1)
+    max_animation_frames: int = Field(default=ImageLimits.max_animation_frames, ge=1)
+    max_animation_pixels: int = Field(default=ImageLimits.max_animation_pixels, ge=1)
+    max_jpeg_scans: int = Field(default=ImageLimits.max_jpeg_scans, ge=1)
+    # --- access
+    admin_token: str | None = Field(default=None, description="enables the admin routes")
+    reader_token: str | None = Field(default=None, description="decision log API and dashboard")
+    api_keys: str | None = Field(default=None, description="comma-separated keys for /v1/moderate")
+    # --- the decision log
+    database_url: str | None = Field(default=None, description="sqlite:///… or postgresql://…")
+    record_decisions: bool = True
+    dead_letter_path: Path | None = None
+    record_timeout_s: float = Field(default=10, gt=0)
+    retention_days: float = Field(default=90, ge=0)
+    # --- set by `moderation serve` for its workers
+    state_dir: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if not _FROM_ENVIRONMENT.get():
+            return (init_settings,)
+        return (init_settings, env_settings)
+
+    @model_validator(mode="after")
+    def _tokens_are_not_blank(self) -> Settings:
+        for name in ("admin_token", "reader_token"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"{name} is blank: unset it, or give a token")
+        return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            max_pixels=self.max_pixels,
+            max_frames=self.max_frames,
+            max_animation_frames=self.max_animation_frames,
+            max_animation_pixels=self.max_animation_pixels,
+            max_jpeg_scans=self.max_jpeg_scans,
+        )
+
+
+def _faults(e: ValidationError, from_env: bool) -> list[str]:
+    faults = []
+    for error in e.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        where = f"{PREFIX}{name.upper()}" if from_env else name
+        got = error.get("input")
+        shown = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        faults.append(f"{where}: {error['msg']}{shown}")
+    return faults
+
+
+def load_settings(config: Mapping[str, Any] | None = None) -> Settings:
+    """The settings from ``config`` (names in any case; nothing from the environment), or
+    else from ``MODERATION_*`` variables. Raises :class:`SettingsError` with every fault."""
+    if config is not None:
+        token = _FROM_ENVIRONMENT.set(False)
+        try:
+            return Settings(**{k.lower(): v for k, v in config.items()})
+        except ValidationError as e:
+            raise SettingsError(_faults(e, from_env=False)) from None
+        finally:
+            _FROM_ENVIRONMENT.reset(token)
+    known = {f"{PREFIX}{name.upper()}" for name in Settings.model_fields}
+    faults = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper.startswith(PREFIX) and upper not in known and not upper.startswith(NOT_SETTINGS):
+            close = difflib.get_close_matches(upper, sorted(known), n=1)
+            faults.append(f"{name}: not a setting" + (f"; did you mean {close[0]}?" if close
+                                                      else ""))
+    try:
+        settings = Settings()  # pydantic-settings reads MODERATION_* from the environment
+    except ValidationError as e:
+        raise SettingsError(faults + _faults(e, from_env=True)) from None
+    if faults:
+        raise SettingsError(faults)
+    return settings
