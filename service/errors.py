@@ -1,0 +1,81 @@
+"""Errors become responses here, and only here: views raise, handlers answer, always
+``{"error": {"code", "message"}}`` and never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from moderation import ImageError
+
+from .parsing import IMAGE_FIELD, MAX_ID_LENGTH, RequestError
+
+__all__ = ["IMAGE_ERROR_STATUS", "error_response", "register_error_handlers"]
+
+log = logging.getLogger(__name__)
+
+#: The status of a request whose only image failed, by the image's error code (else 400).
+IMAGE_ERROR_STATUS = {
+    "unsupported_format": 415,
+    "too_many_pixels": 413,
+    "too_many_frames": 413,
+    "animation_too_large": 413,
+    "too_many_scans": 413,
+}
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
+    return jsonify(body), status
+
+
+def _request_error(e: RequestError) -> tuple[Response, int]:
+    return error_response(e.status, e.code, e.message, **e.extra)
+
+
+def _image_error(e: ImageError) -> tuple[Response, int]:
+    return error_response(IMAGE_ERROR_STATUS.get(e.code, 400), e.code, e.message)
+
+
+def _http_error(e: HTTPException) -> tuple[Response, int]:
+    if e.code == 413:
+        settings = current_app.extensions["settings"]
+        limit = settings.max_content_length
+        if request.content_length is None or request.content_length > limit:
+            return error_response(
+                413, "request_too_large",
+                f"the request is over {limit:,} bytes (MODERATION_MAX_CONTENT_LENGTH)",
+            )
+        # werkzeug raises the same error for both form limits
+        return error_response(
+            413, "form_too_large",
+            f"the form has more than {settings.max_form_parts:,} parts "
+            "(MODERATION_MAX_FORM_PARTS) or a text field over "
+            f"{settings.max_form_memory_size:,} bytes (MODERATION_MAX_FORM_MEMORY_SIZE): "
+            f"send at most {settings.max_images} files in '{IMAGE_FIELD}', with at "
+            f"most one 'id' field each, of at most {MAX_ID_LENGTH} characters",
+        )
+    code = (e.name or "error").lower().replace(" ", "_")
+    return error_response(e.code or 500, code, e.description or e.name)
+
+
+def _internal_error(e: Exception) -> tuple[Response, int]:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(500, "internal", "internal error; the server log has the details")
+
+
+#: One table from error types to the handler that gives their status and code.
+HANDLERS: dict[type[Exception], Any] = {
+    RequestError: _request_error,  # status and code carried by the error
+    ImageError: _image_error,  # IMAGE_ERROR_STATUS by code
+    HTTPException: _http_error,  # werkzeug's: 404, 405, 413 (with the limit named), …
+    Exception: _internal_error,  # anything else: 500, logged, no traceback to the client
+}
+
+
+def register_error_handlers(app: Flask) -> None:
+    for kind, handler in HANDLERS.items():
+        app.register_error_handler(kind, handler)

@@ -1,0 +1,68 @@
+"""The service's blueprints, one per area, and what their views share: the objects
+``create_app`` wires into the app, and query-string parsing."""
+
+from __future__ import annotations
+
+from flask import current_app, request
+
+from decisionlog import DecisionStore, Recorder, parse_time
+
+from ..metrics import Metrics
+from ..parsing import RequestError
+from ..settings import Settings
+from ..state import PolicyHolder
+
+__all__ = ["holder", "int_arg", "metrics", "recorder", "settings", "store", "time_arg"]
+
+
+def holder() -> PolicyHolder:
+    found: PolicyHolder = current_app.extensions["moderation"]
+    return found
+
+
+def store() -> DecisionStore:
+    found: DecisionStore = current_app.extensions["decisions"][0]
+    return found
+
+
+def recorder() -> Recorder | None:
+    found: Recorder | None = current_app.extensions["decisions"][1]
+    return found
+
+
+def metrics() -> Metrics:
+    found: Metrics = current_app.extensions["metrics"]
+    return found
+
+
+def settings() -> Settings:
+    found: Settings = current_app.extensions["settings"]
+    return found
+
+
+def time_arg(name: str) -> float | None:
+    """A time query parameter: unix seconds, ISO 8601, or an age (``24h``, ``7d``)."""
+    value = request.args.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise RequestError(400, "invalid_field", f"{name}: {e}") from e
+
+
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    value = request.args.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise RequestError(
+            400, "invalid_field", f"{name} must be an integer from {low} to {high}; got {value!r}"
+        )
+    return number
+
+
