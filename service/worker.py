@@ -7,8 +7,8 @@ reads requests itself, without blocking (the way nginx buffers a request before 
 on): a thread only ever gets a request whose headers and body have fully arrived. A request
 that has not fully arrived within ``MODERATION_READ_TIMEOUT_S`` seconds of its first byte is
 answered 408 and closed; one that announces more than ``MODERATION_MAX_CONTENT_LENGTH`` bytes
-is answered 413 without reading the body. Bodies are held in memory up to 1 MiB, then
-spooled to a temporary file.
+is answered 413 without reading the body. Bodies are held in memory up to 8 MiB (while the
+requests being read hold under 256 MiB between them), else spooled to a temporary file.
 
 Errors gunicorn answers itself (a header over its limits, a malformed request line) are
 written in the service's JSON shape instead of gunicorn's HTML page.
@@ -39,8 +39,11 @@ __all__ = ["BufferingThreadWorker", "RequestReader", "json_error_response"]
 
 #: Header blocks past this many bytes are refused (gunicorn's own, finer limits apply below).
 MAX_HEADER_BYTES = 64 * 1024
-SPOOL_BYTES = 1024 * 1024
-CHUNK = 64 * 1024
+#: A body is held in memory up to this size, then spooled to a temporary file; and only while
+#: the worker's requests being read hold less than MEMORY_BUDGET in memory between them.
+SPOOL_BYTES = 8 * 1024 * 1024
+MEMORY_BUDGET = 256 * 1024 * 1024
+CHUNK = 256 * 1024
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
             411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
@@ -80,12 +83,13 @@ class RequestReader:
     end of the request (a pipelined next request) are kept in ``rest``.
     """
 
-    def __init__(self, max_body: int, prefix: bytes = b"") -> None:
+    def __init__(self, max_body: int, prefix: bytes = b"", in_memory: int = SPOOL_BYTES) -> None:
         self.max_body = max_body
         self.started = time.monotonic()
         self.head = bytearray()
         self.head_done = False
-        self.body: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        self.in_memory = in_memory  # bytes of body held in memory before spooling to disk
+        self.body: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=in_memory)
         self.body_size = 0
         self.remaining = 0  # Content-Length bytes still to come
         self.chunked = False
@@ -219,7 +223,7 @@ class RequestReader:
         yield bytes(self.head)
         self.body.seek(0)
         while True:
-            block = self.body.read(CHUNK)
+            block = self.body.read(4 * CHUNK)
             if not block:
                 break
             yield block
@@ -294,8 +298,10 @@ class BufferingThreadWorker(ThreadWorker):
         self._start_reading(conn, b"")
 
     def _start_reading(self, conn: TConn, prefix: bytes) -> None:
+        held = sum(r.in_memory for r in self.reading.values())
+        in_memory = SPOOL_BYTES if held + SPOOL_BYTES <= MEMORY_BUDGET else 0
         try:
-            reader = RequestReader(self.max_body, prefix)
+            reader = RequestReader(self.max_body, prefix, in_memory)
         except RequestRefused as e:
             self._refuse(conn, e.status, e.message)
             return

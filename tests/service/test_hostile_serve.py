@@ -122,8 +122,8 @@ def test_errors_before_the_app_are_the_json_shape(start_server: Callable[..., Se
     r = requests.post(f"{server.base}/v1/moderate", timeout=10, headers={"Expect": "100-continue"},
                       files={"image": ("r.png", png)})
     assert r.status_code == 200
-    # a body past 1 MiB is spooled to disk while it arrives, and reaches the app whole
-    big = png + b"\0" * 5_000_000
+    # a body past 8 MiB is spooled to disk while it arrives, and reaches the app whole
+    big = png + b"\0" * 10_000_000
     r = requests.post(f"{server.base}/v1/moderate", timeout=30,
                       files=[("image", ("big.png", big)), ("image", ("r.png", png))])
     assert r.status_code == 200, r.text
