@@ -21,10 +21,10 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
+from .backends import TextEncoder  # what prompt ensembles need (a backend, or a fake)
 from .policy import PLACEHOLDER, Policy
 
 __all__ = [
@@ -36,14 +36,6 @@ __all__ = [
     "encode_cached",
     "expand",
 ]
-
-
-class TextEncoder(Protocol):
-    """What prompt ensembles need from an encoder (the real one, or a fake in tests)."""
-
-    identity: str
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def default_cache_path() -> Path:
