@@ -43,7 +43,6 @@ def parse_moderate() -> ModerateRequest:
     )
 
 
-
 @bp.post("/v1/moderate")
 @api_key_required
 def moderate() -> Any:
