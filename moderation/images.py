@@ -31,6 +31,7 @@ __all__ = [
     "ImageLimits",
     "check_pixels",
     "decode_image",
+    "prepare_frame",
     "to_rgb",
 ]
 
@@ -46,6 +47,8 @@ MAX_ASPECT = 2.0
 #: Formats whose frame k can only be decoded by decoding (and compositing) every frame before
 #: it: their whole animation counts against ``max_animation_pixels``.
 SEQUENTIAL_FORMATS = ("GIF", "PNG", "WEBP")
+#: Background that transparent pixels are composited onto.
+BACKGROUND = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,7 @@ def _refuse(code: str, what: str, limit: int, setting: str) -> ImageError:
         f"{what}; the limit is {limit:,} (setting {setting}, "
         f"MODERATION_{setting.upper()} in the service)",
     )
-#: Background that transparent pixels are composited onto.
-BACKGROUND = (255, 255, 255)
+
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.init()  # registers every plugin, so that formats= can name MPO, WEBP, …
@@ -165,6 +167,16 @@ def orient(frame: Image.Image, orientation: int | None) -> Image.Image:
     """``frame`` turned upright by its EXIF orientation (1 to 8; anything else: as it is)."""
     method = _ORIENTATIONS.get(orientation or 1)
     return frame.transpose(method) if method is not None else frame
+
+
+def prepare_frame(
+    frame: Image.Image, size: int | None, orientation: int | None = None
+) -> Image.Image:
+    """A decoded frame → what the encoder takes: averaged down while it stays at least twice
+    ``size`` (``None``: kept whole), turned upright, RGB, cut to :data:`MAX_ASPECT`."""
+    if size is not None:
+        frame = shrink(frame, size)
+    return crop_aspect(to_rgb(orient(frame, orientation)))
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -309,19 +321,15 @@ def _decode_opened(
             if draft_size is not None and fmt in ("JPEG", "MPO"):
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            frame = orient(shrink(image, draft_size) if draft_size is not None else image,
-                           orientation)
+            frame = prepare_frame(image, draft_size, orientation)
             if frame is image:  # ``image`` is closed on return: keep a copy of its pixels
                 frame = image.copy()
-            frames = [crop_aspect(to_rgb(frame))]
+            frames = [frame]
         else:
             frames = []
             for index in indices:  # in increasing order: each seek only moves forward
                 image.seek(index)
-                frame = image.convert("RGBA")
-                if draft_size is not None:
-                    frame = shrink(frame, draft_size)
-                frames.append(crop_aspect(to_rgb(orient(frame, orientation))))
+                frames.append(prepare_frame(image.convert("RGBA"), draft_size, orientation))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             "corrupt_image", f"the {fmt} image is truncated or corrupt: {e}"

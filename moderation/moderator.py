@@ -12,7 +12,7 @@ from PIL import Image
 
 from .decision import Decision
 from .errors import ImageError, ModelMismatchError
-from .images import DecodedImage, ImageLimits, check_pixels, crop_aspect, decode_image, to_rgb
+from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
 from .policy import DEFAULT_PROFILE, Policy, load_policy
 from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
 from .scorer import Scorer
@@ -187,7 +187,7 @@ class Moderator:
         if isinstance(source, Image.Image):
             check_pixels(source.width, source.height, self.limits.max_pixels)
             return DecodedImage(
-                [crop_aspect(to_rgb(source))],
+                [prepare_frame(source, None)],  # a caller's image: not averaged down
                 [0],
                 1,
                 source.format or "PIL",

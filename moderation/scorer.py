@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +21,14 @@ from .prompts import PolicyEmbeddings
 from .scoring import score_images
 
 __all__ = ["Scorer"]
+
+R = TypeVar("R", np.ndarray, list[Decision])
+
+
+def _per_image(rows: R, frames: Sequence[np.ndarray]) -> list[R]:
+    """Rows of all frames, concatenated, split back into each image's rows."""
+    bounds = np.cumsum([0] + [len(f) for f in frames]).tolist()
+    return [rows[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 class Scorer:
@@ -43,12 +52,10 @@ class Scorer:
         (n_images, n_categories), float32: what calibration fits thresholds on, and what
         :meth:`decide` compares with them.
         """
-        n_categories = len(self.text.category_ids)
         if not frames:
-            return np.zeros((0, n_categories), np.float32)
+            return np.zeros((0, len(self.text.category_ids)), np.float32)
         score = score_images(np.concatenate(frames), self.text).score
-        bounds = np.cumsum([0] + [len(f) for f in frames])
-        return np.stack([score[a:b].max(axis=0) for a, b in zip(bounds, bounds[1:], strict=False)])
+        return np.stack([part.max(axis=0) for part in _per_image(score, frames)])
 
     def decide(
         self,
@@ -70,10 +77,7 @@ class Scorer:
             self.profile,
         )
         decisions = []
-        start = 0
-        for i, image_frames in enumerate(frames):
-            mine = per_frame[start : start + len(image_frames)]
-            start += len(image_frames)
+        for i, mine in enumerate(_per_image(per_frame, frames)):
             names = list(frame_indices[i]) if frame_indices is not None else list(
                 range(len(mine))
             )
