@@ -67,9 +67,14 @@ def parse_time(value: str, now: float | None = None) -> float:
     return parsed.timestamp()
 
 
-def default_database_url() -> str:
+def _data_dir() -> Path:
+    """``$XDG_DATA_HOME/moderation``, else ``~/.local/share/moderation``."""
     root = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return f"sqlite:///{Path(root) / 'moderation' / 'decisions.sqlite3'}"
+    return Path(root) / "moderation"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{_data_dir() / 'decisions.sqlite3'}"
 
 
 @dataclass(frozen=True)
@@ -510,8 +515,7 @@ def default_dead_letter_path(database_url: str) -> Path:
     if database_url.startswith("sqlite:///"):
         db = Path(database_url[len("sqlite:///") :])
         return db.with_name(db.name + ".dead-letter.jsonl")
-    root = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(root) / "moderation" / "dead-letter.jsonl"
+    return _data_dir() / "dead-letter.jsonl"
 
 
 def record_to_json(r: DecisionRecord) -> dict[str, Any]:
@@ -555,7 +559,6 @@ class Recorder:
         self.dead_letters = dead_letters or DeadLetters(default_dead_letter_path(store.url))
         self.batch = batch
         self.timeout = timeout
-        self.set_aside = 0  # records sent to the dead-letter file by this process
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="decision-recorder", daemon=True)
         self._thread.start()
@@ -567,17 +570,13 @@ class Recorder:
             return
         pending = _Batch(records)
         if not self._thread.is_alive():
-            self._set_aside(pending.records, "the recorder has stopped")
+            self.dead_letters.add(pending.records, "the recorder has stopped")
             return
         self._queue.put(pending)
         if not pending.done.wait(self.timeout):
             # The database is stuck. The records go to the dead-letter file now; should the
             # stuck write still succeed, replaying them later skips what the log already has.
-            self._set_aside(pending.records, f"not written within {self.timeout:g} s")
-
-    def _set_aside(self, records: Sequence[DecisionRecord], reason: str) -> None:
-        self.set_aside += len(records)
-        self.dead_letters.add(records, reason)
+            self.dead_letters.add(pending.records, f"not written within {self.timeout:g} s")
 
     def _run(self) -> None:
         while True:
@@ -620,7 +619,7 @@ class Recorder:
             try:
                 self.store.add_many([r])
             except Exception as e:
-                self._set_aside([r], f"{type(e).__name__}: {e}")
+                self.dead_letters.add([r], f"{type(e).__name__}: {e}")
 
     def flush(self) -> None:
         """Wait until everything queued so far is written."""

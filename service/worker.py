@@ -155,12 +155,16 @@ class RequestReader:
         if len(set(lengths)) > 1 or not lengths[0].isdigit():
             raise RequestRefused(400, "the Content-Length header is not one whole number")
         self.remaining = int(lengths[0])
-        if self.remaining > self.max_body:
+        self._check_size(self.remaining)
+        self.complete = self.remaining == 0
+
+    def _check_size(self, size: int) -> None:
+        """A body over the limit, declared or (chunked) so far: refused unread."""
+        if size > self.max_body:
             raise RequestRefused(
                 413, f"the request is over {self.max_body:,} bytes "
                 "(MODERATION_MAX_CONTENT_LENGTH)",
             )
-        self.complete = self.remaining == 0
 
     def _feed_body(self, data: bytes) -> None:
         if not self.chunked:
@@ -204,11 +208,7 @@ class RequestReader:
                 except ValueError:
                     raise RequestRefused(400, "the chunked body has a bad chunk size") from None
                 self.decoded += size
-                if self.decoded > self.max_body:
-                    raise RequestRefused(
-                        413, f"the request is over {self.max_body:,} bytes "
-                        "(MODERATION_MAX_CONTENT_LENGTH)",
-                    )
+                self._check_size(self.decoded)
                 self._chunk_left = size
                 self._chunk_state = "data" if size else "trailer"
             elif self._chunk_state == "data_end":
@@ -328,8 +328,7 @@ class BufferingThreadWorker(ThreadWorker):
         try:
             reader.feed(data)
         except RequestRefused as e:
-            self._stop_reading(conn)
-            self._refuse(conn, e.status, e.message)
+            self._refuse(conn, e.status, e.message)  # stops reading it too
             return
         if reader.head_done and not had_head and reader.expects_continue and not reader.complete:
             self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -390,7 +389,6 @@ class BufferingThreadWorker(ThreadWorker):
                 self._drop(conn)
             elif now - reader.started > self.read_timeout:
                 part = "body" if reader.head_done else "headers"
-                self._stop_reading(conn)
                 self._refuse(
                     conn, 408,
                     f"the request {part} did not arrive within {self.read_timeout:g} s "
