@@ -41,7 +41,7 @@ class BatchingEncoder:
     waiting image, then keeps collecting, up to ``max_batch``, while more images are already
     queued or while callers that announced themselves with :meth:`expect` (requests still
     decoding) have yet to submit, for at most ``max_wait`` seconds. A lone request never
-    waits. Results are the same as :class:`Encoder`'s, up to float rounding.
+    waits. Results are the same as the wrapped encoder's, up to float rounding.
     """
 
     def __init__(

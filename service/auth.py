@@ -12,20 +12,15 @@ import hmac
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import current_app, request
+from flask import request
 
 from .parsing import RequestError
-from .settings import Settings
+from .settings import current_settings
 
 __all__ = ["TOKEN_COOKIE", "admin_required", "api_key_required", "reader_required"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 TOKEN_COOKIE = "moderation_token"
-
-
-def _settings() -> Settings:
-    settings: Settings = current_app.extensions["settings"]
-    return settings
 
 
 def _bearer() -> str | None:
@@ -58,7 +53,7 @@ def api_key_required(view: F) -> F:
 
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        keys = _settings().api_key_list
+        keys = current_settings().api_key_list
         if keys and not _matches(_bearer(), keys):
             raise RequestError(
                 401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
@@ -71,7 +66,7 @@ def api_key_required(view: F) -> F:
 def admin_required(view: F) -> F:
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        token = _settings().admin_token
+        token = current_settings().admin_token
         _require([token] if token else [], _bearer(), "MODERATION_ADMIN_TOKEN", "admin",
                  "Authorization: Bearer <token>")
         return view(*args, **kwargs)
@@ -84,7 +79,7 @@ def reader_required(view: F) -> F:
 
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        settings = _settings()
+        settings = current_settings()
         tokens = [t for t in (settings.reader_token, settings.admin_token) if t]
         given = _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
         _require(tokens, given, "MODERATION_READER_TOKEN", "reader",

@@ -57,8 +57,8 @@ def serve(
         raise click.ClickException(str(e)) from e
     if random_weights:
         loud_warning("serving with RANDOM WEIGHTS: every score is meaningless.")
-    env = dict(os.environ)
-    env.update(
+    # the workers' settings: checked here, then gunicorn is exec'ed with this environment
+    os.environ.update(
         MODERATION_POLICY=str(policy_path.resolve()),
         MODERATION_WORKERS=str(workers),
         MODERATION_THREADS=str(threads),
@@ -66,8 +66,7 @@ def serve(
     )
     for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir)):
         if value is not None:
-            env[f"MODERATION_{key}"] = str(value)
-    os.environ.update(env)  # gunicorn is exec'ed with it just below
+            os.environ[f"MODERATION_{key}"] = str(value)
     try:  # every MODERATION_* variable, checked here rather than in each worker
         load_settings()
     except SettingsError as e:
@@ -79,4 +78,4 @@ def serve(
         "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "service.app:create_app()",
     ]
-    os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, argv, os.environ)

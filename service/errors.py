@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from moderation import ImageError
 
 from .parsing import IMAGE_FIELD, MAX_ID_LENGTH, RequestError
+from .settings import current_settings
 
 __all__ = ["IMAGE_ERROR_STATUS", "error_response", "register_error_handlers"]
 
@@ -42,7 +43,7 @@ def _image_error(e: ImageError) -> tuple[Response, int]:
 
 def _http_error(e: HTTPException) -> tuple[Response, int]:
     if e.code == 413:
-        settings = current_app.extensions["settings"]
+        settings = current_settings()
         limit = settings.max_content_length
         if request.content_length is None or request.content_length > limit:
             return error_response(

@@ -12,6 +12,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from moderation import ModerationError
 from moderation.images import ImageLimits
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "current_settings", "load_settings"]
 
 PREFIX = "MODERATION_"
 #: Variables with the prefix that are not service settings: read by the library, or by tests.
@@ -112,13 +113,8 @@ class Settings(BaseSettings):
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(
-            max_pixels=self.max_pixels,
-            max_frames=self.max_frames,
-            max_animation_frames=self.max_animation_frames,
-            max_animation_pixels=self.max_animation_pixels,
-            max_jpeg_scans=self.max_jpeg_scans,
-        )
+        """Every field of :class:`ImageLimits` is a setting of the same name."""
+        return ImageLimits(**{f.name: getattr(self, f.name) for f in fields(ImageLimits)})
 
 
 def _faults(e: ValidationError, from_env: bool) -> list[str]:
@@ -158,3 +154,11 @@ def load_settings(config: Mapping[str, Any] | None = None) -> Settings:
     if faults:
         raise SettingsError(faults)
     return settings
+
+
+def current_settings() -> Settings:
+    """The settings of the app serving the current request."""
+    from flask import current_app  # only here: the gunicorn master reads settings too
+
+    found: Settings = current_app.extensions["settings"]
+    return found

@@ -9,7 +9,7 @@ from decisionlog import DecisionStore, Recorder, parse_time
 
 from ..metrics import Metrics
 from ..parsing import RequestError
-from ..settings import Settings
+from ..settings import current_settings as settings
 from ..state import PolicyHolder
 
 __all__ = ["holder", "int_arg", "metrics", "recorder", "settings", "store", "time_arg"]
@@ -32,11 +32,6 @@ def recorder() -> Recorder | None:
 
 def metrics() -> Metrics:
     found: Metrics = current_app.extensions["metrics"]
-    return found
-
-
-def settings() -> Settings:
-    found: Settings = current_app.extensions["settings"]
     return found
 
 
