@@ -1,10 +1,13 @@
-"""The decision log: every moderation result, with its policy version and image embedding,
-never the image; shared by the service, the CLI and batch jobs. SQLite by default, PostgreSQL
-for replicas. The only package that talks to a database."""
+"""The decision log: every moderation result, with its policy version and the embeddings of
+its sampled frames, never the image; the policy texts and their activations. Shared by the
+service, the CLI and batch jobs. SQLite by default, PostgreSQL for replicas. The only package
+that talks to a database."""
 
+from .database import SchemaError, migrate
+from .policies import Activation, PolicyLog, SharedEmbeddingCache
+from .records import CSV_COLUMNS, DecisionRecord
 from .store import (
     DeadLetters,
-    DecisionRecord,
     DecisionStore,
     Recorder,
     default_database_url,
@@ -14,12 +17,18 @@ from .store import (
 )
 
 __all__ = [
+    "CSV_COLUMNS",
+    "Activation",
     "DeadLetters",
     "DecisionRecord",
     "DecisionStore",
+    "PolicyLog",
     "Recorder",
+    "SchemaError",
+    "SharedEmbeddingCache",
     "default_database_url",
     "default_dead_letter_path",
+    "migrate",
     "parse_time",
     "replay_dead_letters",
 ]

@@ -24,12 +24,34 @@ _database_option = click.option(
 
 
 def _store(database_url: str | None) -> Any:
+    from .database import SchemaError
     from .store import DecisionStore, default_database_url
 
     try:
         return DecisionStore(database_url or default_database_url())
-    except ValueError as e:
+    except (ValueError, SchemaError) as e:
         raise click.ClickException(str(e)) from e
+
+
+@decisions.command("migrate")
+@click.option("--revision", default="head", show_default=True,
+              help="The schema revision to reach (an older one migrates down, losing what "
+                   "it cannot hold).")
+@_database_option
+def decisions_migrate(revision: str, database_url: str | None) -> None:
+    """Bring the log's schema up to date (the service and the other commands do it on start;
+    this does it alone, e.g. before a rolling upgrade of replicas)."""
+    from .database import SchemaError, migrate
+    from .store import default_database_url
+
+    url = database_url or default_database_url()
+    try:
+        before, after = migrate(url, revision)
+    except (ValueError, SchemaError) as e:
+        raise click.ClickException(str(e)) from e
+    except Exception as e:  # alembic: an unknown revision
+        raise click.ClickException(f"cannot migrate to {revision!r}: {e}") from e
+    click.echo(f"decision log schema: {before or 'none'} -> {after}")
 
 
 def _time_option(value: str | None) -> float | None:
@@ -56,24 +78,18 @@ def decisions_export(since: str | None, until: str | None, fmt: str, out: Any,
     """Write recorded decisions, oldest first, for offline analysis."""
     import csv
 
+    from .records import CSV_COLUMNS
+
     store = _store(database_url)
-    rows = store.export(since=_time_option(since), until=_time_option(until))
+    records = store.export(since=_time_option(since), until=_time_option(until))
     if fmt == "jsonl":
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+        for record in records:
+            out.write(json.dumps(record.view()) + "\n")
         return
-    columns = ["id", "created_at", "client_id", "image_sha256", "image_size", "policy_name",
-               "policy_version", "model", "profile", "action", "triggered", "latency_ms",
-               "error_code", "categories"]
     writer = csv.writer(out)
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([
-            row["id"], row["created_at"], row["client_id"], row["image"]["sha256"],
-            row["image"]["size"], row["policy"]["name"], row["policy"]["version"], row["model"],
-            row["profile"], row["action"], ";".join(row["triggered"]), row["latency_ms"],
-            row["error_code"] or "", json.dumps(row["categories"]),
-        ])
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        writer.writerow(record.csv_row())
 
 
 @decisions.command("purge")

@@ -1,9 +1,10 @@
-"""The decision log: every moderation result with its policy version, never the image.
+"""The decision log: every moderation result with its policy version and the embeddings of
+its sampled frames, never the image.
 
 SQLite (WAL: several gunicorn workers can write at once) by default, PostgreSQL for several
-replicas, chosen by a database URL. One SQL text serves both: ``?`` placeholders become
-``%s`` for PostgreSQL, and time buckets are integer columns written at insert time, so no
-date function differs between the two.
+replicas, chosen by a database URL; the schema and the queries are SQLAlchemy Core
+(:mod:`decisionlog.schema`), so one query serves both. Time buckets are integer columns
+written at insert time, so no date function differs between the two.
 """
 
 from __future__ import annotations
@@ -13,24 +14,23 @@ import json
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 
-from moderation import ModerationResult
+from .database import connect, migrate
+from .records import DecisionRecord, ImageRef, PolicyRef
+from .schema import decision_flags, decision_frames, decisions
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DeadLetters",
-    "DecisionRecord",
     "DecisionStore",
     "Recorder",
     "default_database_url",
@@ -77,249 +77,139 @@ def default_database_url() -> str:
     return f"sqlite:///{_data_dir() / 'decisions.sqlite3'}"
 
 
-@dataclass(frozen=True)
-class DecisionRecord:
-    """One stored decision. ``categories`` holds, per category, what the response said
-    (score, similarity, threshold, margin, flagged, action, top terms); ``embedding`` is the
-    decided frame's image embedding as float16 bytes (for re-scoring under a new policy)."""
-
-    id: str
-    created_at: float
-    client_id: str | None
-    image_sha256: str
-    image_size: int
-    policy_name: str
-    policy_version: str
-    model: str
-    profile: str
-    action: str  # allow | flag | review | block | error
-    triggered: list[str]
-    categories: dict[str, Any]
-    latency_ms: float
-    error_code: str | None = None
-    embedding: bytes | None = None
-
-    @classmethod
-    def from_result(
-        cls,
-        result: ModerationResult,
-        *,
-        image_sha256: str,
-        image_size: int,
-        latency_ms: float,
-        created_at: float | None = None,
-        as_dict: dict[str, Any] | None = None,
-    ) -> DecisionRecord:
-        """``as_dict``: ``result.to_dict()`` when the caller has it already."""
-        d = as_dict if as_dict is not None else result.to_dict()
-        decision = result.decision
-        embedding = (
-            np.asarray(result.embedding, dtype=np.float16).tobytes()
-            if result.embedding is not None
-            else None
-        )
-        return cls(
-            id=uuid.uuid4().hex,
-            created_at=time.time() if created_at is None else created_at,
-            client_id=result.id,
-            image_sha256=image_sha256,
-            image_size=image_size,
-            policy_name=result.policy,
-            policy_version=result.policy_version,
-            model=result.model,
-            profile=result.profile,
-            action=decision.action.value if decision is not None else "error",
-            triggered=list(decision.triggered) if decision is not None else [],
-            categories=d.get("categories", {}),
-            latency_ms=latency_ms,
-            error_code=result.error.code if result.error is not None else None,
-            embedding=embedding,
-        )
-
-
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS decisions (
-        id TEXT PRIMARY KEY,
-        created_at DOUBLE PRECISION NOT NULL,
-        hour INTEGER NOT NULL,
-        client_id TEXT,
-        image_sha256 TEXT NOT NULL,
-        image_size INTEGER NOT NULL,
-        policy_name TEXT NOT NULL,
-        policy_version TEXT NOT NULL,
-        model TEXT NOT NULL,
-        profile TEXT NOT NULL,
-        action TEXT NOT NULL,
-        triggered TEXT NOT NULL,
-        categories TEXT NOT NULL,
-        latency_ms DOUBLE PRECISION NOT NULL,
-        error_code TEXT,
-        embedding {blob}
-    )""",
-    "CREATE INDEX IF NOT EXISTS decisions_time ON decisions (created_at, id)",
-    "CREATE INDEX IF NOT EXISTS decisions_version ON decisions (policy_version, created_at)",
-    "CREATE INDEX IF NOT EXISTS decisions_client ON decisions (client_id, created_at)",
-    """CREATE TABLE IF NOT EXISTS decision_flags (
-        decision_id TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        hour INTEGER NOT NULL,
-        policy_version TEXT NOT NULL,
-        category TEXT NOT NULL,
-        action TEXT NOT NULL,
-        PRIMARY KEY (decision_id, category)
-    )""",
-    "CREATE INDEX IF NOT EXISTS flags_time ON decision_flags (created_at)",
-    "CREATE INDEX IF NOT EXISTS flags_category ON decision_flags (category, created_at)",
-]
-
-_COLUMNS = (
-    "id, created_at, hour, client_id, image_sha256, image_size, policy_name, policy_version, "
-    "model, profile, action, triggered, categories, latency_ms, error_code"
-)
-
-
 class DecisionStore:
-    """Read and write the decision log. One connection per thread; safe across processes."""
+    """Read and write the decision log (SQLAlchemy Core: the same queries on SQLite and
+    PostgreSQL). Opening it brings the schema up to date (:func:`decisionlog.database.migrate`,
+    once across the processes that open it at once). Thread-safe; safe across processes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate_schema: bool = True) -> None:
         self.url = url
-        self._local = threading.local()
-        if url.startswith("sqlite:///"):
-            self.dialect = "sqlite"
-            self._path = Path(url[len("sqlite:///") :])
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-        elif url.startswith(("postgresql://", "postgres://")):
-            self.dialect = "postgresql"
-        else:
-            raise ValueError(
-                f"unsupported database URL {url!r}: use sqlite:///path/to/file.sqlite3 or "
-                "postgresql://user:password@host:port/database"
-            )
-        blob = "BLOB" if self.dialect == "sqlite" else "BYTEA"
-        with self._transaction() as cur:
-            for statement in _SCHEMA:
-                cur.execute(statement.format(blob=blob))
-
-    # --- connections ---------------------------------------------------------------------
-
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.dialect == "sqlite":
-                conn = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            else:
-                import psycopg
-
-                conn = psycopg.connect(self.url, autocommit=True)
-            self._local.conn = conn
-        return conn
-
-    def _sql(self, statement: str) -> str:
-        return statement if self.dialect == "sqlite" else statement.replace("?", "%s")
-
-    class _Tx:
-        def __init__(self, store: DecisionStore) -> None:
-            self.store = store
-
-        def __enter__(self) -> Any:
-            conn = self.store._connection()
-            self.cur = conn.cursor()
-            self.cur.execute("BEGIN IMMEDIATE" if self.store.dialect == "sqlite" else "BEGIN")
-            return _Cursor(self.cur, self.store)
-
-        def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-            self.cur.execute("COMMIT" if kind is None else "ROLLBACK")
-            self.cur.close()
-
-    def _transaction(self) -> DecisionStore._Tx:
-        return DecisionStore._Tx(self)
-
-    def _query(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        cur = self._connection().cursor()
-        try:
-            cur.execute(self._sql(statement), tuple(params))
-            return list(cur.fetchall())
-        finally:
-            cur.close()
+        self.engine = connect(url)
+        self.dialect = self.engine.dialect.name
+        if migrate_schema:
+            migrate(url)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close this process's pooled connections (they reopen on next use)."""
+        self.engine.dispose()
+
+    def _write(self) -> Any:
+        """A write transaction (on SQLite, it takes the write lock when it begins)."""
+        return self.engine.execution_options(immediate=True).begin()
 
     # --- writing -------------------------------------------------------------------------
 
     def add_many(self, records: Sequence[DecisionRecord]) -> None:
-        """Insert ``records`` in one transaction (all or none)."""
+        """Insert ``records`` with their frames in one transaction (all or none)."""
         if not records:
             return
-        rows, flags = [], []
+        rows, flags, frames = [], [], []
         for r in records:
             hour = int(r.created_at // 3600)
-            rows.append((
-                r.id, r.created_at, hour, r.client_id, r.image_sha256, r.image_size,
-                r.policy_name, r.policy_version, r.model, r.profile, r.action,
-                ",".join(r.triggered), json.dumps(r.categories), r.latency_ms, r.error_code,
-                r.embedding,
-            ))
+            rows.append({
+                "id": r.id, "created_at": r.created_at, "hour": hour, "client_id": r.client_id,
+                "image_sha256": r.image.sha256, "image_size": r.image.size,
+                "policy_name": r.policy.name, "policy_version": r.policy.version,
+                "model": r.model, "profile": r.profile, "action": r.action,
+                "triggered": ",".join(r.triggered),
+                "categories": json.dumps(
+                    {k: v.model_dump(mode="json") for k, v in r.categories.items()}
+                ),
+                "latency_ms": r.latency_ms, "error_code": r.error_code, "frame": r.frame,
+                "frames_scored": r.frames_scored,
+            })
             for category in r.triggered:
-                action = r.categories.get(category, {}).get("action", r.action)
-                flags.append((r.id, r.created_at, hour, r.policy_version, category, action))
-        with self._transaction() as cur:
-            cur.executemany(
-                f"INSERT INTO decisions ({_COLUMNS}, embedding) VALUES "
-                f"({', '.join('?' * 16)})",
-                rows,
-            )
+                outcome = r.categories.get(category)
+                flags.append({
+                    "decision_id": r.id, "created_at": r.created_at, "hour": hour,
+                    "policy_version": r.policy.version, "category": category,
+                    "action": outcome.action if outcome is not None else r.action,
+                })
+            if r.embeddings is not None:
+                frames += [
+                    {"decision_id": r.id, "frame": index, "embedding": vector}
+                    for index, vector in zip(r.frames, r.embeddings, strict=True)
+                ]
+        with self._write() as conn:
+            conn.execute(decisions.insert(), rows)
             if flags:
-                cur.executemany(
-                    "INSERT INTO decision_flags (decision_id, created_at, hour, policy_version, "
-                    "category, action) VALUES (?, ?, ?, ?, ?, ?)",
-                    flags,
-                )
+                conn.execute(decision_flags.insert(), flags)
+            if frames:
+                conn.execute(decision_frames.insert(), frames)
 
     def purge(self, older_than: float) -> int:
-        """Delete decisions created before the unix time ``older_than``; returns how many."""
-        with self._transaction() as cur:
-            cur.execute("DELETE FROM decision_flags WHERE created_at < ?", (older_than,))
-            cur.execute("DELETE FROM decisions WHERE created_at < ?", (older_than,))
-            return int(cur.rowcount)
+        """Delete decisions created before the unix time ``older_than`` (with their flags
+        and frames); returns how many."""
+        old = sa.select(decisions.c.id).where(decisions.c.created_at < older_than)
+        with self._write() as conn:
+            conn.execute(decision_frames.delete().where(decision_frames.c.decision_id.in_(old)))
+            conn.execute(decision_flags.delete().where(decision_flags.c.created_at < older_than))
+            removed = conn.execute(decisions.delete().where(decisions.c.created_at < older_than))
+            return int(removed.rowcount)
 
     # --- reading -------------------------------------------------------------------------
 
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> dict[str, Any]:
-        (id_, created_at, _hour, client_id, sha, size, policy_name, policy_version, model,
-         profile, action, triggered, categories, latency_ms, error_code) = row
-        return {
-            "id": id_,
-            "created_at": created_at,
-            "client_id": client_id,
-            "image": {"sha256": sha, "size": size},
-            "policy": {"name": policy_name, "version": policy_version},
-            "model": model,
-            "profile": profile,
-            "action": action,
-            "flagged": action not in ("allow", "error"),
-            "triggered": [c for c in triggered.split(",") if c],
-            "categories": json.loads(categories),
-            "latency_ms": latency_ms,
-            "error_code": error_code,
-        }
+    def _rows(self, statement: Any) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(statement).all())
 
-    def get(self, decision_id: str) -> dict[str, Any] | None:
-        rows = self._query(f"SELECT {_COLUMNS} FROM decisions WHERE id = ?", (decision_id,))
+    @staticmethod
+    def _record(row: Any) -> DecisionRecord:
+        return DecisionRecord(
+            id=row.id,
+            created_at=row.created_at,
+            client_id=row.client_id,
+            image=ImageRef(sha256=row.image_sha256, size=row.image_size),
+            policy=PolicyRef(name=row.policy_name, version=row.policy_version),
+            model=row.model,
+            profile=row.profile,
+            action=row.action,
+            triggered=[c for c in row.triggered.split(",") if c],
+            categories=json.loads(row.categories),
+            latency_ms=row.latency_ms,
+            error_code=row.error_code,
+            frame=row.frame,
+            frames_scored=row.frames_scored,
+            frames=[int(f) for f in row.frames.split(",")] if row.frames else [],
+        )
+
+    def _select(self) -> Any:
+        """Decisions with the indices of their stored frames (comma-separated)."""
+        stored = (
+            sa.select(sa.func.group_concat(decision_frames.c.frame)
+                      if self.dialect == "sqlite"
+                      else sa.func.string_agg(sa.cast(decision_frames.c.frame, sa.Text), ","))
+            .where(decision_frames.c.decision_id == decisions.c.id)
+            .scalar_subquery()
+        )
+        columns = [c for c in decisions.c if c.name != "hour"]
+        return sa.select(*columns, stored.label("frames"))
+
+    def get(self, decision_id: str) -> DecisionRecord | None:
+        rows = self._rows(self._select().where(decisions.c.id == decision_id))
         return self._record(rows[0]) if rows else None
 
-    def embedding(self, decision_id: str) -> np.ndarray | None:
-        """The stored image embedding (float32, shape (dim,)), for re-scoring."""
-        rows = self._query("SELECT embedding FROM decisions WHERE id = ?", (decision_id,))
-        if not rows or rows[0][0] is None:
+    def frame_embeddings(self, decision_id: str) -> tuple[list[int], np.ndarray] | None:
+        """Every stored frame of a decision: (frame indices, float32 array of shape
+        (frames, dim)), for re-scoring; ``None`` when none is stored."""
+        rows = self._rows(
+            sa.select(decision_frames.c.frame, decision_frames.c.embedding)
+            .where(decision_frames.c.decision_id == decision_id)
+            .order_by(decision_frames.c.frame)
+        )
+        if not rows:
             return None
-        return np.frombuffer(bytes(rows[0][0]), dtype=np.float16).astype(np.float32)
+        return [int(r.frame) for r in rows], np.stack([r.embedding for r in rows])
+
+    def embedding(self, decision_id: str) -> np.ndarray | None:
+        """The decided frame's image embedding (float32, shape (dim,))."""
+        stored = self.frame_embeddings(decision_id)
+        if stored is None:
+            return None
+        frames, vectors = stored
+        decided = self._rows(sa.select(decisions.c.frame).where(decisions.c.id == decision_id))
+        frame = decided[0].frame if decided and decided[0].frame is not None else frames[0]
+        return vectors[frames.index(frame)] if frame in frames else None
 
     def query(
         self,
@@ -333,26 +223,31 @@ class DecisionStore:
         flagged: bool | None = None,
         limit: int = 50,
         cursor: str | None = None,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[DecisionRecord], str | None]:
         """Newest first. Returns a page and the cursor of the next one (``None``: no more)."""
-        where, params = self._filters(since, until, action, policy_version, client_id)
+        where = self._filters(since, until, action, policy_version, client_id)
         if flagged is not None:
-            where.append(("" if flagged else "NOT ") + "action IN ('flag', 'review', 'block')")
+            is_flagged = decisions.c.action.in_(("flag", "review", "block"))
+            where.append(is_flagged if flagged else sa.not_(is_flagged))
         if category is not None:
-            where.append("id IN (SELECT decision_id FROM decision_flags WHERE category = ?)")
-            params.append(category)
+            where.append(decisions.c.id.in_(
+                sa.select(decision_flags.c.decision_id)
+                .where(decision_flags.c.category == category)
+            ))
         if cursor is not None:
             created_at, last_id = decode_cursor(cursor)
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            params += [created_at, created_at, last_id]
-        sql = f"SELECT {_COLUMNS} FROM decisions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = self._query(sql, [*params, limit + 1])
+            where.append(sa.or_(
+                decisions.c.created_at < created_at,
+                sa.and_(decisions.c.created_at == created_at, decisions.c.id < last_id),
+            ))
+        rows = self._rows(
+            self._select().where(*where)
+            .order_by(decisions.c.created_at.desc(), decisions.c.id.desc())
+            .limit(limit + 1)
+        )
         page = [self._record(r) for r in rows[:limit]]
         next_cursor = (
-            encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+            encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
         )
         return page, next_cursor
 
@@ -363,20 +258,21 @@ class DecisionStore:
         action: str | None,
         policy_version: str | None,
         client_id: str | None,
-    ) -> tuple[list[str], list[Any]]:
-        where: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("created_at >= ?", since),
-            ("created_at < ?", until),
-            ("action = ?", action),
-            ("policy_version = ?", policy_version),
-            ("client_id = ?", client_id),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        return where, params
+        table: sa.Table = decisions,
+    ) -> list[Any]:
+        c = table.c
+        where: list[Any] = []
+        if since is not None:
+            where.append(c.created_at >= since)
+        if until is not None:
+            where.append(c.created_at < until)
+        if action is not None:
+            where.append(c.action == action)
+        if policy_version is not None:
+            where.append(c.policy_version == policy_version)
+        if client_id is not None:
+            where.append(c.client_id == client_id)
+        return where
 
     def stats(
         self,
@@ -389,20 +285,17 @@ class DecisionStore:
         """Per time bucket and policy version: decisions by action, flags per category and
         the flag rate (flagged decisions of that category / decisions). Oldest first."""
         width = BUCKETS[bucket]
-        where, params = self._filters(since, until, None, policy_version, None)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        totals = self._query(
-            f"SELECT hour / {width}, policy_version, action, COUNT(*) FROM decisions{clause} "
-            f"GROUP BY hour / {width}, policy_version, action",
-            params,
-        )
-        flags = self._query(
-            f"SELECT hour / {width}, policy_version, category, COUNT(*) FROM decision_flags"
-            f"{clause} GROUP BY hour / {width}, policy_version, category",
-            params,
-        )
+
+        def grouped(table: sa.Table, key: Any) -> list[Any]:
+            b = table.c.hour // width
+            where = self._filters(since, until, None, policy_version, None, table)
+            return self._rows(
+                sa.select(b, table.c.policy_version, key, sa.func.count())
+                .where(*where).group_by(b, table.c.policy_version, key)
+            )
+
         buckets: dict[tuple[int, str], dict[str, Any]] = {}
-        for b, version, action, n in totals:
+        for b, version, action, n in grouped(decisions, decisions.c.action):
             entry = buckets.setdefault(
                 (int(b), version),
                 {"start": int(b) * width * 3600, "policy_version": version, "total": 0,
@@ -410,7 +303,7 @@ class DecisionStore:
             )
             entry["total"] += int(n)
             entry["actions"][action] = int(n)
-        for b, version, category, n in flags:
+        for b, version, category, n in grouped(decision_flags, decision_flags.c.category):
             if (int(b), version) in buckets:
                 buckets[int(b), version]["categories"][category] = {"flagged": int(n)}
         for entry in buckets.values():
@@ -419,44 +312,29 @@ class DecisionStore:
         return [buckets[k] for k in sorted(buckets, key=lambda k: (k[0], k[1]))]
 
     def export(self, since: float | None = None, until: float | None = None
-               ) -> Iterator[dict[str, Any]]:
+               ) -> Iterator[DecisionRecord]:
         """Every decision in the range, oldest first, page by page."""
-        where, params = self._filters(since, until, None, None, None)
+        where = self._filters(since, until, None, None, None)
         last: tuple[float, str] | None = None
         while True:
-            page_where, page_params = list(where), list(params)
+            page_where = list(where)
             if last is not None:
-                page_where.append("(created_at > ? OR (created_at = ? AND id > ?))")
-                page_params += [last[0], last[0], last[1]]
-            sql = f"SELECT {_COLUMNS} FROM decisions"
-            if page_where:
-                sql += " WHERE " + " AND ".join(page_where)
-            rows = self._query(sql + " ORDER BY created_at, id LIMIT 1000", page_params)
+                page_where.append(sa.or_(
+                    decisions.c.created_at > last[0],
+                    sa.and_(decisions.c.created_at == last[0], decisions.c.id > last[1]),
+                ))
+            rows = self._rows(
+                self._select().where(*page_where)
+                .order_by(decisions.c.created_at, decisions.c.id).limit(1000)
+            )
             if not rows:
                 return
             for row in rows:
                 yield self._record(row)
-            last = (rows[-1][1], rows[-1][0])
+            last = (rows[-1].created_at, rows[-1].id)
 
     def count(self) -> int:
-        return int(self._query("SELECT COUNT(*) FROM decisions")[0][0])
-
-
-class _Cursor:
-    """A DB-API cursor that takes ``?`` placeholders in either dialect."""
-
-    def __init__(self, cur: Any, store: DecisionStore) -> None:
-        self.cur, self.store = cur, store
-
-    def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
-        self.cur.execute(self.store._sql(statement), tuple(params))
-
-    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        self.cur.executemany(self.store._sql(statement), rows)
-
-    @property
-    def rowcount(self) -> int:
-        return int(self.cur.rowcount)
+        return int(self._rows(sa.select(sa.func.count()).select_from(decisions))[0][0])
 
 
 def encode_cursor(created_at: float, decision_id: str) -> str:
@@ -482,7 +360,7 @@ class DeadLetters:
 
     def add(self, records: Sequence[DecisionRecord], reason: str) -> None:
         lines = "".join(
-            json.dumps({"reason": reason, "failed_at": time.time(), "record": record_to_json(r)})
+            json.dumps({"reason": reason, "failed_at": time.time(), "record": r.to_json()})
             + "\n"
             for r in records
         )
@@ -506,7 +384,7 @@ class DeadLetters:
             for line in f:
                 if line.strip():
                     entry = json.loads(line)
-                    out.append((record_from_json(entry["record"]), str(entry["reason"])))
+                    out.append((DecisionRecord.from_json(entry["record"]), str(entry["reason"])))
         return out
 
 
@@ -516,18 +394,6 @@ def default_dead_letter_path(database_url: str) -> Path:
         db = Path(database_url[len("sqlite:///") :])
         return db.with_name(db.name + ".dead-letter.jsonl")
     return _data_dir() / "dead-letter.jsonl"
-
-
-def record_to_json(r: DecisionRecord) -> dict[str, Any]:
-    out = dict(r.__dict__)
-    out["embedding"] = base64.b64encode(r.embedding).decode() if r.embedding else None
-    return out
-
-
-def record_from_json(d: dict[str, Any]) -> DecisionRecord:
-    d = dict(d)
-    d["embedding"] = base64.b64decode(d["embedding"]) if d.get("embedding") else None
-    return DecisionRecord(**d)
 
 
 class _Batch:

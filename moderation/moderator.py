@@ -14,7 +14,7 @@ from .decision import Decision
 from .errors import ImageError, ModelMismatchError
 from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
 from .policy import DEFAULT_PROFILE, Policy, load_policy
-from .prompts import EmbeddingCache, PolicyEmbeddings, embed_policy
+from .prompts import EmbeddingCache, PolicyEmbeddings, VectorCache, embed_policy
 from .scorer import Scorer
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
@@ -52,12 +52,22 @@ class ModerationResult:
     frame: int | None = None
     frames_scored: int = 0
     image: dict[str, Any] | None = None
-    #: the image embedding of ``frame``, ndarray of shape (dim,), float32 (not in to_dict)
-    embedding: np.ndarray | None = None
+    #: the indices (in the file) of the sampled frames, in the order of ``embeddings``
+    frames: tuple[int, ...] = ()
+    #: every sampled frame's image embedding, ndarray of shape (len(frames), dim), float32
+    #: (not in to_dict)
+    embeddings: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        """The image embedding of ``frame`` (the decided frame), shape (dim,)."""
+        if self.embeddings is None or self.frame is None:
+            return None
+        return self.embeddings[self.frames.index(self.frame)]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -98,7 +108,7 @@ class Moderator:
         self,
         policy: Policy,
         encoder: ImageTextEncoder,
-        cache: EmbeddingCache | None = None,
+        cache: VectorCache | None = None,
         *,
         limits: ImageLimits | None = None,
     ) -> None:
@@ -130,6 +140,7 @@ class Moderator:
         pretrained: str | None = None,
         random_weights: bool = False,
         cache_dir: str | Path | None = None,
+        cache: VectorCache | None = None,
         batch_size: int = 16,
         threads: int | None = None,
         **kwargs: Any,
@@ -137,7 +148,8 @@ class Moderator:
         """Load the policy at ``path`` and the model it names (or ``model``/``pretrained``).
 
         ``cache_dir`` holds the text-embedding cache (default: see
-        :func:`moderation.prompts.default_cache_path`); ``threads`` sets torch's intra-op
+        :func:`moderation.prompts.default_cache_path`), unless ``cache`` is given (a cache
+        a layer above provides); ``threads`` sets torch's intra-op
         threads (default: torch's choice). Other keyword arguments go to the constructor.
         """
         from .backends.torch import Encoder
@@ -155,9 +167,10 @@ class Moderator:
             batch_size=batch_size,
             threads=threads,
         )
-        cache = EmbeddingCache(
-            Path(cache_dir) / "embeddings" if cache_dir is not None else None
-        )
+        if cache is None:
+            cache = EmbeddingCache(
+                Path(cache_dir) / "embeddings" if cache_dir is not None else None
+            )
         return cls(policy, encoder, cache, **kwargs)
 
     def with_encoder(self, encoder: ImageTextEncoder) -> Moderator:
@@ -260,7 +273,8 @@ class Moderator:
                 result(
                     item_id,
                     decision=decision,
-                    embedding=image_vectors[item.frame_indices.index(decision.frame)],
+                    frames=tuple(item.frame_indices),
+                    embeddings=image_vectors,
                     frame=decision.frame,
                     frames_scored=len(item.frames),
                     image={

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -31,6 +32,7 @@ __all__ = [
     "EmbeddingCache",
     "PolicyEmbeddings",
     "TextEncoder",
+    "VectorCache",
     "default_cache_path",
     "embed_policy",
     "encode_cached",
@@ -44,6 +46,15 @@ def default_cache_path() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moderation"
     )
     return Path(root) / "embeddings"
+
+
+class VectorCache(Protocol):
+    """Where text embeddings are kept between runs: :class:`EmbeddingCache` (a folder), or
+    one a layer above provides (the decision log's, shared by replicas)."""
+
+    def get(self, model: str, keys: Iterable[str]) -> dict[str, np.ndarray]: ...
+
+    def put(self, model: str, vectors: dict[str, np.ndarray]) -> None: ...
 
 
 class EmbeddingCache:
@@ -88,7 +99,7 @@ class EmbeddingCache:
 
 
 def encode_cached(
-    encoder: TextEncoder, texts: Sequence[str], cache: EmbeddingCache | None
+    encoder: TextEncoder, texts: Sequence[str], cache: VectorCache | None
 ) -> np.ndarray:
     """Encode ``texts``, taking what it can from ``cache`` and adding what it had to encode.
 
@@ -134,7 +145,7 @@ class PolicyEmbeddings:
 
 
 def embed_policy(
-    policy: Policy, encoder: TextEncoder, cache: EmbeddingCache | None = None
+    policy: Policy, encoder: TextEncoder, cache: VectorCache | None = None
 ) -> PolicyEmbeddings:
     """Encode every category's terms and exceptions, reusing ``cache`` where it can."""
     ids = list(policy.categories)

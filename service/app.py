@@ -18,11 +18,14 @@ from flask import Flask, Response, g, request
 from decisionlog import (
     DeadLetters,
     DecisionStore,
+    PolicyLog,
     Recorder,
+    SharedEmbeddingCache,
     default_database_url,
     default_dead_letter_path,
 )
 from moderation import Moderator
+from moderation.prompts import EmbeddingCache
 
 from .errors import register_error_handlers
 from .metrics import Metrics
@@ -33,13 +36,15 @@ from .views import dashboard, decisions, moderate, ops, policy
 __all__ = ["create_app"]
 
 
-def _load_moderator(settings: Settings) -> Moderator:
+def _load_moderator(settings: Settings, database_url: str) -> Moderator:
+    folder = EmbeddingCache(settings.cache_dir / "embeddings" if settings.cache_dir else None)
     moderator = Moderator.from_policy(
         settings.policy,
         model=settings.model,
         pretrained=settings.pretrained,
         random_weights=settings.random_weights,
-        cache_dir=settings.cache_dir,
+        # text embeddings in the log as well: what one replica encodes, the others read
+        cache=SharedEmbeddingCache(database_url, folder),
         threads=settings.torch_threads,
         limits=settings.image_limits,
     )
@@ -74,22 +79,18 @@ def create_app(
         MAX_FORM_MEMORY_SIZE=settings.max_form_memory_size,
     )
     app.extensions["settings"] = settings
+    database_url = settings.database_url or default_database_url()
+    store = DecisionStore(database_url)  # brings the log's schema up to date (once)
     if moderator is None:
         sys.setswitchinterval(settings.gil_switch_interval)
-        moderator = _load_moderator(settings)
-    state_dir = settings.state_dir
-    holder = PolicyHolder(
-        moderator,
-        settings.policy,
-        state_dir / "policy-snapshot.json" if state_dir else None,
-    )
-    if holder.snapshot is not None:
-        holder.current()  # catch up with a reload made before this worker was ready
-        holder.follow_in_background()
+        moderator = _load_moderator(settings, database_url)
+    # the active policy lives in the log: this worker follows its latest activation
+    holder = PolicyHolder(moderator, settings.policy, PolicyLog(database_url))
+    holder.start()
+    holder.follow_in_background()
     metrics = Metrics()
     app.extensions["metrics"] = metrics
     app.extensions["moderation"] = holder
-    store = DecisionStore(settings.database_url or default_database_url())
     dead_letters = DeadLetters(settings.dead_letter_path or default_dead_letter_path(store.url))
     recorder = (
         Recorder(store, dead_letters, timeout=settings.record_timeout_s)

@@ -68,9 +68,10 @@ def serve(
         if value is not None:
             os.environ[f"MODERATION_{key}"] = str(value)
     try:  # every MODERATION_* variable, checked here rather than in each worker
-        load_settings()
+        settings = load_settings()
     except SettingsError as e:
         raise click.ClickException(str(e)) from e
+    _open_decision_log(settings.database_url)
     conf = Path(__file__).parent / "gunicorn.conf.py"
     argv = [
         sys.executable, "-m", "gunicorn",
@@ -79,3 +80,21 @@ def serve(
         "service.app:create_app()",
     ]
     os.execve(sys.executable, argv, os.environ)
+
+
+def _open_decision_log(database_url: str | None) -> None:
+    """Migrate the log's schema once, before any worker starts, and fail here, with the
+    reason, when it cannot be opened (rather than in every worker)."""
+    from decisionlog import DecisionStore, SchemaError, default_database_url
+
+    url = database_url or default_database_url()
+    try:
+        DecisionStore(url).close()  # closed: nothing open crosses into gunicorn
+    except (ValueError, SchemaError) as e:
+        raise click.ClickException(str(e)) from e
+    except Exception as e:  # the database refuses or is unreachable
+        shown = url.split("@", 1)[-1] if "@" in url else url  # never print a password
+        raise click.ClickException(
+            f"cannot open the decision log at {shown}: {type(e).__name__}: {e}. Check "
+            "MODERATION_DATABASE_URL (sqlite:///path or postgresql://user:password@host/db)"
+        ) from e

@@ -45,8 +45,9 @@ limit_request_field_size = 8190
 worker_connections = 1000
 
 _cores = os.cpu_count() or 1
-# State shared by the workers of this server: the policy snapshot that carries a reload to
-# every worker, and prometheus_client's multiprocess files. Made fresh for each server.
+# State shared by the workers of this server: the count of workers running the model, and
+# prometheus_client's multiprocess files. Made fresh for each server. (The active policy is
+# in the decision log, shared by every replica.)
 _state_dir = tempfile.mkdtemp(prefix="moderation-serve-")
 os.environ["MODERATION_STATE_DIR"] = _state_dir
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_state_dir, "metrics")

@@ -1,70 +1,119 @@
-"""The active policy of a worker, swapped atomically, and followed across gunicorn workers."""
+"""The active policy of a worker, swapped atomically, and followed across workers and
+replicas through the decision log (:class:`decisionlog.PolicyLog`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
+from decisionlog import Activation, PolicyLog
 from moderation import Moderator
-from moderation.policy import parse_policy
+from moderation.policy import Policy, parse_policy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelOccupancy", "PolicyHolder"]
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
+def read_policy_text(path: Path) -> str:
+    """The file's text exactly (no newline translation): the log keeps it byte for byte."""
+    return path.read_bytes().decode("utf-8")
 
 
 class PolicyHolder:
-    """Holds the moderator a request should use.
+    """Holds the moderator a request should use, and follows the log's latest activation.
 
     ``current()`` is what a request calls once, at its start: a request in flight keeps the
     moderator (and so the policy) it started with while a reload swaps in a new one.
 
-    With several workers, the worker that reloads encodes the new policy's prompts (into the
-    text-embedding cache the workers share), swaps it in, and only then writes the validated
-    text to ``snapshot`` (atomically) and answers. Every request first compares the
-    snapshot's stamp (one ``stat``) with the one its worker follows; if the snapshot is newer,
-    it waits until its worker has switched, so that once a reload has answered, every request
-    that starts afterwards, on any worker, is decided with the new policy. Switching takes
-    the embeddings from the cache (no encoding) and is normally done before any request needs
-    it, by each worker's follower thread (:meth:`follow_in_background`).
+    A reload (on any worker of any replica) validates the file, encodes its prompts (into the
+    text-embedding cache the replicas share), records the text and an activation in the log,
+    swaps the new policy in, and only then answers. Every request first reads the id of the
+    latest activation (one indexed read); if it is newer than the one its worker follows, it
+    waits until its worker has switched, so that once a reload has answered, every request
+    that starts afterwards, on any worker of any replica, is decided with the new policy.
+    Switching reads the text from the log and its embeddings from the shared cache (no
+    encoding), and is normally done before any request needs it by each worker's follower
+    thread (:meth:`follow_in_background`).
+
+    When the log cannot be read, requests keep the policy they have (checked again a second
+    later) rather than failing.
     """
 
     def __init__(
-        self, moderator: Moderator, policy_path: str | Path | None, snapshot: Path | None = None
+        self, moderator: Moderator, policy_path: str | Path | None,
+        policies: PolicyLog | None = None,
     ) -> None:
         self._moderator = moderator
         self.policy_path = Path(policy_path) if policy_path is not None else None
-        self.snapshot = snapshot
+        self.policies = policies
         self._lock = threading.Lock()
-        # Nothing seen yet: a snapshot that exists already (a reload before this worker
-        # started, or before it was restarted) is the server's active policy, and is followed
-        # on the first call; the policy file may have been edited since without a reload.
-        self._seen: tuple[int, int, int] | None = None
+        self._following: int | None = None  # the activation this worker serves
+        self._retry_at = 0.0  # after a failed read of the log, when to read it again
+
+    # --- start ---------------------------------------------------------------------------
+
+    def start(self) -> Activation | None:
+        """Take part in the log's activations: a policy file whose version the log has
+        never had is activated (a new edit, then a restart); otherwise this worker follows the
+        latest activation, which a restart with an older copy of the file does not undo.
+
+        A moderator given with another policy than the file's (an embedding application, a
+        test) is served as it is, outside the activations."""
+        if self.policies is None or self.policy_path is None:
+            return None
+        policy = self._moderator.policy
+        text = read_policy_text(self.policy_path)
+        if parse_policy(text, source=self.policy_path.name,
+                        base_dir=self.policy_path.parent).version != policy.version:
+            log.warning("the moderator's policy %s is not the policy file %s: serving it "
+                        "without following the log's activations", policy.version,
+                        self.policy_path)
+            self.policies = None
+            return None
+        activation, activated = self.policies.start(
+            version=policy.version, name=policy.name, source=self.policy_path.name, text=text,
+        )
+        with self._lock:
+            if activated:
+                self._following = activation.id
+                return activation
+            if activation.version != policy.version:
+                log.warning(
+                    "the policy file %s has version %s, which was active before; the log's "
+                    "latest activation is %s (%s on %s): serving that. POST /v1/policy/reload "
+                    "activates the file.", self.policy_path, policy.version,
+                    activation.version, activation.reason, activation.host,
+                )
+            self._follow(activation.id)
+        return activation
+
+    # --- requests ------------------------------------------------------------------------
 
     def current(self) -> Moderator:
-        if self.snapshot is not None and _stamp(self.snapshot) != self._seen:
+        latest = self._latest()
+        if latest is not None and latest != self._following:
             with self._lock:  # wait for the switch (ours, or the follower thread's)
-                stamp = _stamp(self.snapshot)
-                if stamp != self._seen:
-                    self._follow(stamp)
+                if latest != self._following:
+                    self._follow(latest)
         return self._moderator
 
-    def follow_in_background(self, interval: float = 0.2) -> threading.Thread:
-        """Start a daemon thread that switches to a newer snapshot within ``interval``
+    def _latest(self) -> int | None:
+        if self.policies is None or time.monotonic() < self._retry_at:
+            return None
+        try:
+            return self.policies.latest_id()
+        except Exception as e:  # the log is down: serve what we have
+            self._retry_at = time.monotonic() + 1.0
+            log.warning("cannot read the active policy from the decision log (%s); "
+                        "serving policy %s", e, self._moderator.policy.version)
+            return None
+
+    def follow_in_background(self, interval: float = 0.25) -> threading.Thread:
+        """Start a daemon thread that switches to a newer activation within ``interval``
         seconds, so that requests seldom wait for it."""
 
         def run() -> None:
@@ -73,52 +122,58 @@ class PolicyHolder:
                 try:
                     self.current()
                 except Exception:  # never stop following
-                    log.exception("following the policy snapshot failed")
+                    log.exception("following the policy activations failed")
 
         thread = threading.Thread(target=run, name="policy-follower", daemon=True)
         thread.start()
         return thread
 
+    # --- reload --------------------------------------------------------------------------
+
     def reload(self) -> Moderator:
-        """Read the policy file again; raise (keeping the old policy) if it is not valid."""
+        """Read the policy file again and activate it; raise (keeping the old policy) if it
+        is not valid."""
         if self.policy_path is None:
             raise RuntimeError("this service was not started from a policy file")
         with self._lock:
-            text = self.policy_path.read_text(encoding="utf-8")
+            text = read_policy_text(self.policy_path)
             policy = parse_policy(
                 text, source=self.policy_path.name, base_dir=self.policy_path.parent
             )
-            self._moderator = self._moderator.with_policy(policy)  # encodes new prompts
-            if self.snapshot is not None:
-                self._write_snapshot(text)
+            moderator = self._moderator.with_policy(policy)  # encodes new prompts
+            if self.policies is not None:
+                activation = self.policies.activate(
+                    version=policy.version, name=policy.name, source=self.policy_path.name,
+                    text=text, reason="reload",
+                )
+                self._following = activation.id
+            self._moderator = moderator
         log.info("policy %s version %s is active", policy.name, policy.version)
         return self._moderator
 
-    def _write_snapshot(self, text: str) -> None:
-        assert self.snapshot is not None and self.policy_path is not None
-        record: dict[str, Any] = {
-            "text": text,
-            "source": self.policy_path.name,
-            "base_dir": str(self.policy_path.parent),
-        }
-        fd, tmp = tempfile.mkstemp(dir=self.snapshot.parent, prefix=".snapshot-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        os.replace(tmp, self.snapshot)
-        self._seen = _stamp(self.snapshot)
-
-    def _follow(self, stamp: tuple[int, int, int] | None) -> None:
-        assert self.snapshot is not None
+    def _follow(self, activation_id: int) -> None:
+        """Switch to the policy of the latest activation (called under the lock)."""
+        assert self.policies is not None
         try:
-            record = json.loads(self.snapshot.read_text(encoding="utf-8"))
-            policy = parse_policy(
-                record["text"], source=record["source"], base_dir=Path(record["base_dir"])
-            )
-            self._moderator = self._moderator.with_policy(policy)
-            log.info("followed reload: policy version %s is active", policy.version)
-        except Exception:  # keep serving the policy we have
-            log.exception("could not follow the policy snapshot %s", self.snapshot)
-        self._seen = stamp
+            latest = self.policies.latest()
+            if latest is None:
+                return
+            # even for the same version: the name or descriptions may differ
+            self._moderator = self._moderator.with_policy(self._policy_of(latest))
+            self._following = latest.id
+            log.info("followed activation %d (%s on %s): policy version %s is active",
+                     latest.id, latest.reason, latest.host, latest.version)
+        except Exception:  # keep serving the policy we have; try again on the next check
+            log.exception("could not follow policy activation %d", activation_id)
+            self._retry_at = time.monotonic() + 1.0
+
+    def _policy_of(self, activation: Activation) -> Policy:
+        assert self.policies is not None
+        recorded = self.policies.text(activation.version)
+        if recorded is None:
+            raise LookupError(f"the log has no text for policy version {activation.version}")
+        base_dir = self.policy_path.parent if self.policy_path is not None else None
+        return parse_policy(recorded.text, source=recorded.source, base_dir=base_dir)
 
 
 class ModelOccupancy:

@@ -31,6 +31,31 @@ def _hermetic_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MODERATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(autouse=True)
+def _own_decision_log(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own default decision log (and so its own policy activations)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A new, empty database on the test server (MODERATION_TEST_POSTGRES_URL: .ci/run
+    starts PostgreSQL with pgvector); the test is skipped without one."""
+    import os
+    import uuid
+
+    server = os.environ.get("MODERATION_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("MODERATION_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL)")
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
 @pytest.fixture(scope="session")
 def tiny_arch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny architecture's JSON, registered with open_clip under :data:`TINY_ARCH`."""

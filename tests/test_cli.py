@@ -164,10 +164,10 @@ def test_decisions_replay(runner: CliRunner, tmp_path: Path) -> None:
     from decisionlog import DeadLetters, DecisionRecord, DecisionStore
 
     url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
-    r = DecisionRecord(id=uuid.uuid4().hex, created_at=1.0, client_id="c", image_sha256="a",
-                       image_size=1, policy_name="p", policy_version="v", model="m",
-                       profile="default", action="allow", triggered=[], categories={},
-                       latency_ms=1.0)
+    r = DecisionRecord(id=uuid.uuid4().hex, created_at=1.0, client_id="c",
+                       image={"sha256": "a", "size": 1}, policy={"name": "p", "version": "v"},
+                       model="m", profile="default", action="allow", triggered=[],
+                       categories={}, latency_ms=1.0)
     DeadLetters(tmp_path / "dead.jsonl").add([r], "the database was down")
     result = runner.invoke(main, ["decisions", "replay", "--file", str(tmp_path / "dead.jsonl"),
                                   "--database-url", url])

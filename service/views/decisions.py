@@ -34,7 +34,7 @@ def decisions() -> Any:
         )
     except ValueError as e:
         raise RequestError(400, "invalid_field", str(e)) from e
-    return jsonify(decisions=page, next_cursor=cursor)
+    return jsonify(decisions=[d.view() for d in page], next_cursor=cursor)
 
 @bp.get("/v1/decisions/<decision_id>")
 @reader_required
@@ -42,7 +42,7 @@ def decision(decision_id: str) -> Any:
     found = store().get(decision_id)
     if found is None:
         raise RequestError(404, "not_found", f"no decision with id {decision_id!r}")
-    return jsonify(found)
+    return jsonify(found.view())
 
 @bp.get("/v1/stats")
 @reader_required

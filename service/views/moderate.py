@@ -85,11 +85,8 @@ def respond(active: Moderator, parsed: ModerateRequest) -> Any:
             image_sha256=hashlib.sha256(upload.data).hexdigest(),
             image_size=len(upload.data),
             latency_ms=ms + model_ms,
-            as_dict=d,
         )
-        for result, ms, upload, d in zip(
-            results, decode_ms, parsed.uploads, dicts, strict=True
-        )
+        for result, ms, upload in zip(results, decode_ms, parsed.uploads, strict=True)
     ] if log is not None else []
     if log is not None:
         # failures too: every result is on record, before the client hears of it

@@ -1,16 +1,17 @@
-"""The active policy: ``GET /v1/policy`` and ``POST /v1/policy/reload`` (admin)."""
+"""The active policy: ``GET /v1/policy``, ``POST /v1/policy/reload`` (admin), and the history
+of activations with each version's text: ``GET /v1/policy/versions[/<version>]`` (reader)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from moderation import ModerationError, PolicyError
 
-from ..auth import admin_required, api_key_required
+from ..auth import admin_required, api_key_required, reader_required
 from ..parsing import RequestError
-from . import holder
+from . import holder, int_arg
 
 bp = Blueprint("policy", __name__)
 
@@ -64,3 +65,43 @@ def reload() -> Any:
         previous_version=before,
         changed=before != active.policy.version,
     )
+
+
+def _policies() -> Any:
+    found = holder().policies
+    if found is None:
+        raise RequestError(
+            404, "not_found",
+            "this server's policy is not kept in the decision log (it was not started from a "
+            "policy file)",
+        )
+    return found
+
+@bp.get("/v1/policy/versions")
+@reader_required
+def versions() -> Any:
+    """Activations, newest first: the first is the active policy."""
+    history = _policies().history(limit=int_arg("limit", 100, 1, 1000))
+    return jsonify(versions=[
+        {"version": a.version, "name": a.name, "activated_at": a.activated_at,
+         "reason": a.reason, "host": a.host}
+        for a in history
+    ])
+
+@bp.get("/v1/policy/versions/<version>")
+@reader_required
+def version_text(version: str) -> Any:
+    """The text the version was (last) activated with: JSON, or the file itself for a
+    client that asks for YAML or plain text (``Accept: application/yaml``)."""
+    found = _policies().text(version)
+    if found is None:
+        raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
+    wanted = request.accept_mimetypes.best_match(
+        ["application/json", "application/yaml", "text/yaml", "text/plain"],
+        default="application/json",
+    )
+    if wanted != "application/json":
+        return Response(found.text.encode("utf-8"), mimetype=wanted,
+                        headers={"X-Policy-Version": found.version})
+    return jsonify(version=found.version, name=found.name, source=found.source,
+                   text=found.text, recorded_at=found.created_at)

@@ -4,11 +4,9 @@ real server), on PostgreSQL: the same tests for both."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +21,23 @@ from decisionlog import (
     replay_dead_letters,
 )
 
-POSTGRES = os.environ.get("MODERATION_TEST_POSTGRES_URL")
-
-
-def _fresh_postgres() -> str:
-    """A new, empty database on the test server (dropped afterwards by the caller)."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return POSTGRES.rsplit("/", 1)[0] + f"/{name}"  # type: ignore[union-attr]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'decisions.sqlite3'}"
-        return
-    if not POSTGRES:
-        pytest.skip("MODERATION_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL)")
-    yield _fresh_postgres()
-
 
 def record(t: float, action: str = "allow", triggered: tuple[str, ...] = (),
-           version: str = "v1", client: str | None = None) -> DecisionRecord:
+           version: str = "v1", client: str | None = None,
+           frames: tuple[int, ...] = (0,)) -> DecisionRecord:
     categories = {
-        c: {"score": 0.3, "margin": 0.02, "flagged": c in triggered,
-            "action": action if c in triggered else "allow",
-            "top_terms": [{"text": f"{c} term", "similarity": 0.31}]}
+        c: {"score": 0.3, "similarity": 0.31, "threshold": 0.28, "margin": 0.02,
+            "flagged": c in triggered, "action": action if c in triggered else "allow",
+            "top_terms": [{"text": f"{c} term", "similarity": 0.31}], "frame": frames[-1]}
         for c in ("weapons", "drugs")
     }
     return DecisionRecord(
-        id=uuid.uuid4().hex, created_at=t, client_id=client, image_sha256="ab" * 32,
-        image_size=1234, policy_name="p", policy_version=version, model="m", profile="default",
-        action=action, triggered=list(triggered), categories=categories, latency_ms=12.5,
-        embedding=np.arange(4, dtype=np.float16).tobytes(),
+        id=uuid.uuid4().hex, created_at=t, client_id=client,
+        image={"sha256": "ab" * 32, "size": 1234}, policy={"name": "p", "version": version},
+        model="m", profile="default", action=action,
+        triggered=list(triggered), categories=categories, latency_ms=12.5,
+        frame=frames[-1], frames_scored=len(frames), frames=list(frames),
+        embeddings=np.arange(4 * len(frames), dtype=np.float16).reshape(len(frames), 4),
     )
 
 
@@ -69,14 +48,37 @@ def test_round_trip_and_embedding(url: str) -> None:
     store = DecisionStore(url)
     r = record(T0, "block", ("weapons",), client="upload-1")
     store.add_many([r])
-    got = store.get(r.id)
-    assert got is not None
+    stored = store.get(r.id)
+    assert stored is not None and stored == r.model_copy(update={"embeddings": None})
+    got = stored.view()
     assert got["action"] == "block" and got["flagged"] and got["triggered"] == ["weapons"]
     assert got["policy"] == {"name": "p", "version": "v1"} and got["client_id"] == "upload-1"
     assert got["categories"]["weapons"]["top_terms"][0]["text"] == "weapons term"
     assert got["image"] == {"sha256": "ab" * 32, "size": 1234}
+    assert "embeddings" not in got and got["frames"] == [0]
     np.testing.assert_array_equal(store.embedding(r.id), [0, 1, 2, 3])
     assert store.get("missing") is None
+
+
+def test_every_sampled_frame_is_stored(url: str) -> None:
+    """An animation: each sampled frame's float16 embedding (a halfvec on PostgreSQL),
+    in frame order; the decided frame's is the one ``embedding`` gives."""
+    store = DecisionStore(url)
+    r = record(T0, "block", ("weapons",), frames=(0, 3, 7))
+    assert r.embeddings is not None
+    store.add_many([r])
+    got = store.get(r.id)
+    assert got is not None and got.frames == [0, 3, 7] and got.frame == 7
+    frames, vectors = store.frame_embeddings(r.id)  # type: ignore[misc]
+    assert frames == [0, 3, 7] and vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, r.embeddings.astype(np.float32))
+    np.testing.assert_array_equal(store.embedding(r.id), r.embeddings[2])
+    if store.dialect == "postgresql":
+        with store.engine.connect() as conn:
+            kind = conn.exec_driver_sql(
+                "SELECT pg_typeof(embedding)::text FROM decision_frames LIMIT 1").scalar()
+        assert kind == "halfvec"
+    assert store.purge(older_than=T0 + 1) == 1 and store.frame_embeddings(r.id) is None
 
 
 def test_filters_and_cursor_pagination(url: str) -> None:
@@ -88,7 +90,7 @@ def test_filters_and_cursor_pagination(url: str) -> None:
     seen, cursor = [], None
     while True:
         page, cursor = store.query(limit=7, cursor=cursor)
-        seen += [d["id"] for d in page]
+        seen += [d.id for d in page]
         if cursor is None:
             break
     assert seen == [r.id for r in sorted(records, key=lambda r: -r.created_at)]
@@ -128,10 +130,10 @@ def test_purge_and_export(url: str) -> None:
     store = DecisionStore(url)
     store.add_many([record(T0 + i, "block", ("weapons",)) for i in range(5)])
     exported = list(store.export(since=T0 + 1))
-    assert [d["created_at"] for d in exported] == [T0 + 1, T0 + 2, T0 + 3, T0 + 4]
+    assert [d.created_at for d in exported] == [T0 + 1, T0 + 2, T0 + 3, T0 + 4]
     assert store.purge(older_than=T0 + 3) == 3
     assert store.count() == 2
-    assert store.query(category="weapons", limit=10)[0][0]["created_at"] == T0 + 4
+    assert store.query(category="weapons", limit=10)[0][0].created_at == T0 + 4
 
 
 def test_recorder_returns_once_the_records_are_committed(url: str, tmp_path: Path) -> None:
@@ -258,7 +260,7 @@ def test_concurrent_writers_from_several_processes(url: str) -> None:
     assert time.monotonic() - started < 120
     store = DecisionStore(url)
     assert store.count() == 800
-    ids = [d["id"] for d in store.export()]
+    ids = [d.id for d in store.export()]
     assert len(ids) == len(set(ids)) == 800
     for w in range(4):
         assert len(store.query(client_id=f"w{w}", limit=500)[0]) == 200

@@ -112,11 +112,11 @@ def start_server(tiny_arch_file: Path, tmp_path: Path) -> Iterator[Callable[...,
         policy_path.write_text(tiny_policy_text(tiny_arch_file, 0.5))
         port = free_port()
         database = folder / "decisions.sqlite3"
-        environment = dict(
-            os.environ, MODERATION_ADMIN_TOKEN=TOKEN, MODERATION_READER_TOKEN=READER,
-            MODERATION_CACHE_DIR=str(tmp_path / "cache"),
-            MODERATION_DATABASE_URL=f"sqlite:///{database}", **env,
-        )
+        environment = {
+            **os.environ, "MODERATION_ADMIN_TOKEN": TOKEN, "MODERATION_READER_TOKEN": READER,
+            "MODERATION_CACHE_DIR": str(folder / "cache"),  # each its own, as on two machines
+            "MODERATION_DATABASE_URL": f"sqlite:///{database}", **env,
+        }
         log_path = folder / "server.log"
         log = log_path.open("w")
         process = subprocess.Popen(

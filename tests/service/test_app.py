@@ -20,7 +20,7 @@ from PIL import Image
 from moderation.images import ImageLimits
 from service.app import create_app
 from tests.conftest import BLUE, GREEN, HAND_POLICY, PURPLE, RED, FakeEncoder, image_bytes
-from tests.service.conftest import ADMIN
+from tests.service.conftest import ADMIN, READER
 
 
 def files(*items: tuple[bytes, str]) -> dict[str, Any]:
@@ -29,6 +29,10 @@ def files(*items: tuple[bytes, str]) -> dict[str, Any]:
 
 def admin() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def reader() -> dict[str, str]:
+    return {"Authorization": f"Bearer {READER}"}
 
 
 def test_moderate_multipart(client: FlaskClient) -> None:
@@ -196,7 +200,7 @@ def test_hostile_request_bodies_get_the_documented_error(make_app: Callable[...,
     store, recorder = app.extensions["decisions"]
     recorder.flush()  # refused requests record nothing; a bad image is an error on record
     records = store.query()[0]
-    assert sorted((r["action"], r["client_id"], r["error_code"]) for r in records) == [
+    assert sorted((r.action, r.client_id, r.error_code) for r in records) == [
         ("block", "big.png", None), ("error", None, "invalid_base64")]
 
 
@@ -312,7 +316,7 @@ def test_a_request_in_flight_finishes_on_its_policy(app: Flask, policy_path: Pat
 
 def test_reload_reaches_every_worker(fake_encoder: FakeEncoder, policy_path: Path,
                                      tmp_path: Path) -> None:
-    """Two apps sharing a state dir stand for two gunicorn workers."""
+    """Two apps sharing a decision log stand for two gunicorn workers."""
     from moderation import Moderator
     from moderation.policy import parse_policy
 
@@ -429,3 +433,30 @@ def test_tokens_and_image_bytes_are_never_logged(make_app: Callable[..., Flask],
         client.post("/v1/policy/reload", headers=admin())
     assert "topsecretkey" not in caplog.text and ADMIN not in caplog.text
     assert "SECRETPIXELS" not in caplog.text
+
+
+def test_policy_versions_history_and_text(client: FlaskClient, policy_path: Path) -> None:
+    first = client.get("/v1/policy").get_json()["version"]
+    original = policy_path.read_bytes()
+    edited = copy.deepcopy(HAND_POLICY)
+    edited["categories"]["weapons"]["threshold"] = {"value": 0.42}
+    text = "# windows line ends survive\r\n" + yaml.safe_dump(edited, sort_keys=False)
+    policy_path.write_bytes(text.encode())
+    second = client.post("/v1/policy/reload", headers=admin()).get_json()["version"]
+    policy_path.write_bytes(original)  # back to the first version: activated again
+    assert client.post("/v1/policy/reload", headers=admin()).get_json()["version"] == first
+
+    assert client.get("/v1/policy/versions").status_code == 401
+    body = client.get("/v1/policy/versions", headers=reader()).get_json()
+    assert [(v["version"], v["reason"]) for v in body["versions"]] == [
+        (first, "reload"), (second, "reload"), (first, "start")]
+    assert body["versions"][0]["activated_at"] >= body["versions"][1]["activated_at"]
+    got = client.get(f"/v1/policy/versions/{second}", headers=reader())
+    assert got.get_json()["text"] == text and got.get_json()["name"] == "hand"
+    raw = client.get(f"/v1/policy/versions/{second}",
+                     headers={**reader(), "Accept": "application/yaml"})
+    assert raw.data == text.encode() and raw.mimetype == "application/yaml"
+    missing = client.get("/v1/policy/versions/000000000000", headers=reader())
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "not_found"
+    assert client.get("/v1/policy/versions?limit=1", headers=reader()).get_json()[
+        "versions"][0]["version"] == first

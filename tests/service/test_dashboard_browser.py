@@ -41,8 +41,8 @@ def seed(app: Flask) -> str:
                                 "closest_exception": None}}
             records.append(DecisionRecord(
                 id=uuid.uuid4().hex, created_at=now - (40 - hour) * 3600 + i,
-                client_id=f"upload-{hour}-{i}", image_sha256="0" * 64, image_size=100,
-                policy_name="hand", policy_version=version, model="fake/hand-made",
+                client_id=f"upload-{hour}-{i}", image={"sha256": "0" * 64, "size": 100},
+                policy={"name": "hand", "version": version}, model="fake/hand-made",
                 profile="default", action="block" if flagged else "allow",
                 triggered=["weapons"] if flagged else [], categories=cats, latency_ms=20.0))
     store.add_many(records)

@@ -1,0 +1,228 @@
+"""One record type for a stored decision, built from the typed moderation result.
+
+``DecisionRecord`` is what is written (with every sampled frame's embedding) and what is read
+back; its JSON view (``/v1/decisions``, the JSONL export), its CSV view (``csv_row``) and the
+OpenAPI schema (``view_schema``) all come from the same fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from moderation import ModerationResult
+from moderation.decision import CategoryDecision
+
+__all__ = [
+    "CSV_COLUMNS",
+    "CategoryOutcome",
+    "DecisionRecord",
+    "ImageRef",
+    "PolicyRef",
+    "TermScore",
+]
+
+StoredAction = Literal["allow", "flag", "review", "block", "error"]
+
+
+class TermScore(BaseModel):
+    text: str
+    similarity: float
+
+
+class CategoryOutcome(BaseModel):
+    """One category's outcome, as the response gave it."""
+
+    score: float = Field(description="similarity minus the exception penalty (README)")
+    similarity: float = Field(description="cosine to the category")
+    threshold: float
+    review_from: float | None = None
+    margin: float = Field(description="score - threshold")
+    flagged: bool
+    action: Literal["allow", "flag", "review", "block"]
+    top_terms: list[TermScore]
+    closest_exception: TermScore | None = None
+    frame: int = Field(0, ge=0, description="the frame the score came from")
+
+    @classmethod
+    def of(cls, c: CategoryDecision) -> CategoryOutcome:
+        def term(t: Any) -> TermScore:
+            return TermScore(text=t.text, similarity=round(t.similarity, 6))
+
+        return cls(
+            score=round(c.score, 6),
+            similarity=round(c.similarity, 6),
+            threshold=c.threshold,
+            review_from=c.review_from,
+            margin=round(c.margin, 6),
+            flagged=c.flagged,
+            action=c.action.value,
+            top_terms=[term(t) for t in c.top_terms],
+            closest_exception=term(c.closest_exception) if c.closest_exception else None,
+            frame=c.frame,
+        )
+
+
+class ImageRef(BaseModel):
+    sha256: str
+    size: int
+
+
+class PolicyRef(BaseModel):
+    name: str
+    version: str
+
+
+class DecisionRecord(BaseModel):
+    """One stored result. ``embeddings`` (float16, one row per entry of ``frames``: every
+    sampled frame) is stored beside it and is not part of its views."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    id: str
+    created_at: float = Field(description="unix seconds")
+    client_id: str | None
+    image: ImageRef
+    policy: PolicyRef
+    model: str
+    profile: str
+    action: StoredAction
+    triggered: list[str]
+    categories: dict[str, CategoryOutcome]
+    latency_ms: float
+    error_code: str | None = None
+    frame: int | None = Field(
+        None, description="the frame of the most severe category that fired (null: an error)"
+    )
+    frames_scored: int | None = None
+    frames: list[int] = Field(
+        default_factory=list, description="the sampled frames whose embeddings are stored"
+    )
+    embeddings: np.ndarray | None = Field(default=None, exclude=True, repr=False)
+
+    @classmethod
+    def from_result(
+        cls,
+        result: ModerationResult,
+        *,
+        image_sha256: str,
+        image_size: int,
+        latency_ms: float,
+        created_at: float | None = None,
+    ) -> DecisionRecord:
+        decision = result.decision
+        embeddings = (
+            np.asarray(result.embeddings, dtype=np.float16)
+            if result.embeddings is not None else None
+        )
+        return cls(
+            id=uuid.uuid4().hex,
+            created_at=time.time() if created_at is None else created_at,
+            client_id=result.id,
+            image=ImageRef(sha256=image_sha256, size=image_size),
+            policy=PolicyRef(name=result.policy, version=result.policy_version),
+            model=result.model,
+            profile=result.profile,
+            action=decision.action.value if decision is not None else "error",
+            triggered=list(decision.triggered) if decision is not None else [],
+            categories=(
+                {k: CategoryOutcome.of(c) for k, c in decision.categories.items()}
+                if decision is not None else {}
+            ),
+            latency_ms=latency_ms,
+            error_code=result.error.code if result.error is not None else None,
+            frame=result.frame if decision is not None else None,
+            frames_scored=result.frames_scored if decision is not None else None,
+            frames=list(result.frames) if embeddings is not None else [],
+            embeddings=embeddings,
+        )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def flagged(self) -> bool:
+        """Whether the action is flag, review or block."""
+        return self.action not in ("allow", "error")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DecisionRecord):
+            return NotImplemented
+        mine, theirs = self.embeddings, other.embeddings
+        same_vectors = (mine is None and theirs is None) or (
+            mine is not None and theirs is not None and np.array_equal(mine, theirs)
+        )
+        return same_vectors and self.view() == other.view()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable array inside: not hashable
+
+    # --- views ---------------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        """The JSON view: ``/v1/decisions``, the JSONL export."""
+        return self.model_dump(mode="json")
+
+    def csv_row(self) -> list[Any]:
+        """The CSV view, in the order of :data:`CSV_COLUMNS`."""
+        return [
+            self.id, self.created_at, self.client_id, self.image.sha256, self.image.size,
+            self.policy.name, self.policy.version, self.model, self.profile, self.action,
+            ";".join(self.triggered), self.latency_ms, self.error_code or "",
+            "" if self.frame is None else self.frame,
+            json.dumps({k: v.model_dump(mode="json") for k, v in self.categories.items()}),
+        ]
+
+    @staticmethod
+    def view_schema(ref_template: str = "#/components/schemas/{model}") -> dict[str, Any]:
+        """The JSON schema of :meth:`view` and the schemas it refers to (``$defs``)."""
+        return DecisionRecord.model_json_schema(mode="serialization", ref_template=ref_template)
+
+    # --- the dead-letter file ------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The view plus the embeddings (base64 float16), for the dead-letter file."""
+        out = self.view()
+        if self.embeddings is not None:
+            out["embeddings"] = base64.b64encode(self.embeddings.tobytes()).decode()
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DecisionRecord:
+        if "policy_name" in d:  # a line the first release set aside
+            return cls._from_first_release(d)
+        d = dict(d)
+        blob = d.pop("embeddings", None)
+        if blob is not None:
+            flat = np.frombuffer(base64.b64decode(blob), dtype=np.float16)
+            d["embeddings"] = flat.reshape(len(d["frames"]), -1)
+        return cls.model_validate(d)
+
+    @classmethod
+    def _from_first_release(cls, d: dict[str, Any]) -> DecisionRecord:
+        blob = d.get("embedding")
+        return cls(
+            id=d["id"], created_at=d["created_at"], client_id=d["client_id"],
+            image=ImageRef(sha256=d["image_sha256"], size=d["image_size"]),
+            policy=PolicyRef(name=d["policy_name"], version=d["policy_version"]),
+            model=d["model"], profile=d["profile"], action=d["action"],
+            triggered=d["triggered"],
+            categories=d["categories"], latency_ms=d["latency_ms"],
+            error_code=d.get("error_code"),
+            frame=None,  # the first release did not keep it
+            frames=[0] if blob else [],
+            embeddings=(
+                np.frombuffer(base64.b64decode(blob), dtype=np.float16).reshape(1, -1)
+                if blob else None
+            ),
+        )
+
+
+CSV_COLUMNS = [
+    "id", "created_at", "client_id", "image_sha256", "image_size", "policy_name",
+    "policy_version", "model", "profile", "action", "triggered", "latency_ms", "error_code",
+    "frame", "categories",
+]

@@ -1,0 +1,140 @@
+"""The decision log's tables, as SQLAlchemy Core metadata: the schema the newest migration
+(``decisionlog/migrations``) produces. Queries are built from these objects, so one query
+runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+__all__ = [
+    "FrameVector",
+    "decision_flags",
+    "decision_frames",
+    "decisions",
+    "metadata",
+    "policy_activations",
+    "policy_versions",
+    "text_embeddings",
+]
+
+
+class FrameVector(TypeDecorator[np.ndarray]):
+    """An image embedding stored as float16: pgvector's ``halfvec`` on PostgreSQL (searchable
+    with its operators and indexes), the raw float16 bytes on SQLite. Reads give float32."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            from pgvector.sqlalchemy import HALFVEC
+
+            return dialect.type_descriptor(HALFVEC())
+        return dialect.type_descriptor(sa.LargeBinary())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        vector = np.asarray(value, dtype=np.float16).reshape(-1)
+        return vector if dialect.name == "postgresql" else vector.tobytes()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> np.ndarray | None:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            return np.asarray(value, dtype=np.float32)  # pgvector gives a list
+        return np.frombuffer(bytes(value), dtype=np.float16).astype(np.float32)
+
+
+metadata = sa.MetaData()
+
+#: One row per result (an image, or an input that could not be read), as served.
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("hour", sa.Integer, nullable=False),  # written at insert: no date SQL dialects
+    sa.Column("client_id", sa.Text),
+    sa.Column("image_sha256", sa.Text, nullable=False),
+    sa.Column("image_size", sa.Integer, nullable=False),
+    sa.Column("policy_name", sa.Text, nullable=False),
+    sa.Column("policy_version", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("profile", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("triggered", sa.Text, nullable=False),  # comma-separated category ids
+    sa.Column("categories", sa.Text, nullable=False),  # JSON: the per-category outcome
+    sa.Column("latency_ms", sa.Float(precision=53), nullable=False),
+    sa.Column("error_code", sa.Text),
+    sa.Column("frame", sa.Integer),  # the decided frame (NULL: an error, or an older row)
+    sa.Column("frames_scored", sa.Integer),
+    sa.Index("decisions_time", "created_at", "id"),
+    sa.Index("decisions_version", "policy_version", "created_at"),
+    sa.Index("decisions_client", "client_id", "created_at"),
+)
+
+#: One row per category that fired, for counting flags per category and time.
+decision_flags = sa.Table(
+    "decision_flags",
+    metadata,
+    sa.Column("decision_id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("hour", sa.Integer, nullable=False),
+    sa.Column("policy_version", sa.Text, nullable=False),
+    sa.Column("category", sa.Text, primary_key=True),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Index("flags_time", "created_at"),
+    sa.Index("flags_category", "category", "created_at"),
+)
+
+#: Every sampled frame's image embedding: a decision can be re-scored under another policy.
+decision_frames = sa.Table(
+    "decision_frames",
+    metadata,
+    sa.Column("decision_id", sa.Text, primary_key=True),
+    sa.Column("frame", sa.Integer, primary_key=True),  # its index in the file
+    sa.Column("embedding", FrameVector, nullable=False),
+)
+
+#: The full text of every policy that was ever active, by version (and by text: an edit of
+#: comments or descriptions keeps the version, and is kept too).
+policy_versions = sa.Table(
+    "policy_versions",
+    metadata,
+    sa.Column("version", sa.Text, primary_key=True),  # the policy's version (what decides)
+    sa.Column("digest", sa.Text, primary_key=True),  # sha256 of the text (comments included)
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),  # the file name it was read from
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+)
+
+#: When each version became active (a policy may become active again later).
+policy_activations = sa.Table(
+    "policy_activations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("version", sa.Text, nullable=False),
+    sa.Column("digest", sa.Text, nullable=False),
+    sa.ForeignKeyConstraint(
+        ["version", "digest"], ["policy_versions.version", "policy_versions.digest"]
+    ),
+    sa.Column("activated_at", sa.Float(precision=53), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),  # start | reload
+    sa.Column("host", sa.Text, nullable=False),
+)
+
+#: Text embeddings shared by every replica: one replica's encoding serves the others.
+text_embeddings = sa.Table(
+    "text_embeddings",
+    metadata,
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("digest", sa.Text, primary_key=True),  # sha256 of the text
+    sa.Column("vector", sa.LargeBinary, nullable=False),  # float32 bytes
+)
