@@ -81,12 +81,13 @@ def create_app(
     app.extensions["settings"] = settings
     database_url = settings.database_url or default_database_url()
     store = DecisionStore(database_url)  # brings the log's schema up to date (once)
+    given = moderator is not None
     if moderator is None:
         sys.setswitchinterval(settings.gil_switch_interval)
         moderator = _load_moderator(settings, database_url)
     # the active policy lives in the log: this worker follows its latest activation
     holder = PolicyHolder(moderator, settings.policy, PolicyLog(database_url))
-    holder.start()
+    holder.start(given=given)
     holder.follow_in_background()
     metrics = Metrics()
     app.extensions["metrics"] = metrics

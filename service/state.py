@@ -56,22 +56,24 @@ class PolicyHolder:
 
     # --- start ---------------------------------------------------------------------------
 
-    def start(self) -> Activation | None:
+    def start(self, *, given: bool = False) -> Activation | None:
         """Take part in the log's activations: a policy file whose version the log has
         never had is activated (a new edit, then a restart); otherwise this worker follows the
         latest activation, which a restart with an older copy of the file does not undo.
 
-        A moderator given with another policy than the file's (an embedding application, a
-        test) is served as it is, outside the activations."""
+        The file is read again here: it may have been edited (and reloaded by another worker)
+        while this one was loading its model. A moderator ``given`` by the caller with another
+        policy than the file's (an embedding application, a test) is served as it is, outside
+        the activations."""
         if self.policies is None or self.policy_path is None:
             return None
-        policy = self._moderator.policy
         text = read_policy_text(self.policy_path)
-        if parse_policy(text, source=self.policy_path.name,
-                        base_dir=self.policy_path.parent).version != policy.version:
+        policy = parse_policy(text, source=self.policy_path.name,
+                              base_dir=self.policy_path.parent)
+        if given and policy.version != self._moderator.policy.version:
             log.warning("the moderator's policy %s is not the policy file %s: serving it "
-                        "without following the log's activations", policy.version,
-                        self.policy_path)
+                        "without following the log's activations",
+                        self._moderator.policy.version, self.policy_path)
             self.policies = None
             return None
         activation, activated = self.policies.start(
@@ -79,6 +81,8 @@ class PolicyHolder:
         )
         with self._lock:
             if activated:
+                if policy != self._moderator.policy:
+                    self._moderator = self._moderator.with_policy(policy)
                 self._following = activation.id
                 return activation
             if activation.version != policy.version:
