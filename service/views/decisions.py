@@ -10,6 +10,7 @@ from decisionlog.store import BUCKETS
 
 from ..auth import reader_required
 from ..parsing import RequestError
+from ..schemas import DecisionPage, Stats
 from . import int_arg, store, time_arg
 
 bp = Blueprint("decisions", __name__)
@@ -34,7 +35,7 @@ def decisions() -> Any:
         )
     except ValueError as e:
         raise RequestError(400, "invalid_field", str(e)) from e
-    return jsonify(decisions=[d.view() for d in page], next_cursor=cursor)
+    return jsonify(DecisionPage(decisions=page, next_cursor=cursor).model_dump(mode="json"))
 
 @bp.get("/v1/decisions/<decision_id>")
 @reader_required
@@ -50,12 +51,12 @@ def stats() -> Any:
     bucket = request.args.get("bucket", "hour")
     if bucket not in BUCKETS:
         raise RequestError(400, "invalid_field", f"bucket must be one of {list(BUCKETS)}")
-    return jsonify(
-        bucket=bucket,
-        buckets=store().stats(
+    return jsonify(Stats.model_validate({
+        "bucket": bucket,
+        "buckets": store().stats(
             since=time_arg("since"),
             until=time_arg("until"),
             bucket=bucket,
             policy_version=request.args.get("policy_version"),
         ),
-    )
+    }).model_dump(mode="json"))

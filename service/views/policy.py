@@ -11,6 +11,7 @@ from moderation import ModerationError, PolicyError
 
 from ..auth import admin_required, api_key_required, reader_required
 from ..parsing import RequestError
+from ..schemas import PolicyActivation, PolicyVersions, PolicyVersionText, ReloadResponse
 from . import holder, int_arg
 
 bp = Blueprint("policy", __name__)
@@ -59,12 +60,12 @@ def reload() -> Any:
         ) from e
     except OSError as e:
         raise RequestError(422, "invalid_policy", f"cannot read the policy file: {e}") from e
-    return jsonify(
+    return jsonify(ReloadResponse(
         name=active.policy.name,
         version=active.policy.version,
         previous_version=before,
         changed=before != active.policy.version,
-    )
+    ).model_dump(mode="json"))
 
 
 def _policies() -> Any:
@@ -82,11 +83,9 @@ def _policies() -> Any:
 def versions() -> Any:
     """Activations, newest first: the first is the active policy."""
     history = _policies().history(limit=int_arg("limit", 100, 1, 1000))
-    return jsonify(versions=[
-        {"version": a.version, "name": a.name, "activated_at": a.activated_at,
-         "reason": a.reason, "host": a.host}
-        for a in history
-    ])
+    return jsonify(PolicyVersions(versions=[
+        PolicyActivation.model_validate(a, from_attributes=True) for a in history
+    ]).model_dump(mode="json"))
 
 @bp.get("/v1/policy/versions/<version>")
 @reader_required
@@ -103,5 +102,7 @@ def version_text(version: str) -> Any:
     if wanted != "application/json":
         return Response(found.text.encode("utf-8"), mimetype=wanted,
                         headers={"X-Policy-Version": found.version})
-    return jsonify(version=found.version, name=found.name, source=found.source,
-                   text=found.text, recorded_at=found.created_at)
+    return jsonify(PolicyVersionText(
+        version=found.version, name=found.name, source=found.source, text=found.text,
+        recorded_at=found.created_at,
+    ).model_dump(mode="json"))

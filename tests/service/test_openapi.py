@@ -55,6 +55,10 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
                               "headers": {"Authorization": f"Bearer {READER}"}}, 400),
     ("get", "/v1/decisions/nope", {"headers": {"Authorization": f"Bearer {READER}"}}, 404),
     ("get", "/v1/stats", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
+    ("get", "/v1/policy/versions", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
+    ("get", "/v1/policy/versions", {}, 401),
+    ("get", "/v1/policy/versions/nope", {"headers": {"Authorization": f"Bearer {READER}"}},
+     404),
     ("get", "/v1/stats", {}, 401),
     ("get", "/dashboard", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
     ("get", "/healthz", {}, 200),
@@ -105,3 +109,30 @@ def test_stored_decisions_match_the_document(app: Flask, spec: OpenAPI) -> None:
         response = client.get(path, headers=headers)
         assert response.status_code == 200
         spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_a_policy_version_matches_the_document(app: Flask, spec: OpenAPI) -> None:
+    client = app.test_client()
+    version = client.get("/v1/policy").get_json()["version"]
+    headers = {"Authorization": f"Bearer {READER}"}
+    for accept in ("application/json", "application/yaml"):
+        response = client.get(f"/v1/policy/versions/{version}",
+                              headers={**headers, "Accept": accept})
+        assert response.status_code == 200 and response.mimetype == accept
+        spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_the_schemas_are_the_models() -> None:
+    """Generated from the pydantic models that shape the responses: the stored decision's
+    schema is the record type's view (its embeddings are stored, not shown)."""
+    from decisionlog import DecisionRecord
+    from service.openapi import openapi_document
+    from service.schemas import MODELS
+
+    schemas = openapi_document()["components"]["schemas"]
+    assert {model.__name__ for model, _ in MODELS} <= set(schemas)
+    record = schemas["DecisionRecord"]
+    assert set(record["properties"]) == set(DecisionRecord.model_fields) - {"embeddings"} | {
+        "flagged"}
+    assert record["properties"]["categories"]["additionalProperties"] == {
+        "$ref": "#/components/schemas/CategoryOutcome"}

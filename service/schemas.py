@@ -1,0 +1,190 @@
+"""The shapes of the API's requests and responses, as pydantic models: views shape their
+answers with them, and :mod:`service.openapi` generates the document's schemas from them.
+
+A stored decision is :class:`decisionlog.DecisionRecord` itself, and a category's outcome is
+the same :class:`decisionlog.records.CategoryOutcome` in a moderation response and in the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
+
+__all__ = [
+    "MODELS",
+    "DecisionPage",
+    "Error",
+    "ImageDecision",
+    "ImageFailure",
+    "ModerateJSON",
+    "ModerateResponse",
+    "PolicyResponse",
+    "PolicyVersionText",
+    "PolicyVersions",
+    "ReloadResponse",
+    "Stats",
+]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="what went wrong, for programs (README: the error table)")
+    message: str = Field(description="what went wrong and what is accepted, for people")
+    faults: list[str] | None = Field(None, description="every fault of an invalid policy")
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+class ImageInfo(BaseModel):
+    format: str
+    width: int
+    height: int
+    frames: int
+
+
+class ImageDecision(BaseModel):
+    decision_id: str | None = Field(None, description="look it up: /v1/decisions/{id}")
+    id: str | None
+    action: Literal["allow", "flag", "review", "block"]
+    flagged: bool
+    triggered: list[str] = Field(description="categories that fired, most severe first")
+    frame: int = Field(description="the frame of the most severe category that fired")
+    frames_scored: int
+    image: ImageInfo
+    categories: dict[str, CategoryOutcome]
+    processing_ms: float
+
+
+class ImageFailure(BaseModel):
+    decision_id: str | None = None
+    id: str | None
+    error: ErrorBody
+
+
+class ModerateResponse(BaseModel):
+    policy: PolicyRef
+    model: str
+    profile: str
+    processing_ms: float
+    results: list[ImageDecision | ImageFailure] = Field(description="one per image, in order")
+
+
+class ImageData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(json_schema_extra={"contentEncoding": "base64"})
+    id: str | None = Field(None, max_length=256)
+
+
+class ModerateJSON(BaseModel):
+    """The JSON form of ``POST /v1/moderate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[ImageData]
+    profile: str | None = None
+
+
+class Threshold(BaseModel):
+    value: float
+    review_from: float | None
+    provenance: dict[str, Any] = Field(description="where the value came from (source, …)")
+
+
+class PolicyCategory(BaseModel):
+    description: str | None
+    action: Literal["flag", "review", "block"]
+    terms: list[str]
+    exceptions: list[str]
+    thresholds: dict[str, Threshold] = Field(description="per profile")
+
+
+class PolicyResponse(BaseModel):
+    name: str
+    version: str
+    description: str | None
+    model: dict[str, Any] = Field(description="spec (as in the policy) and identity")
+    profiles: list[str]
+    categories: dict[str, PolicyCategory]
+
+
+class ReloadResponse(BaseModel):
+    name: str
+    version: str
+    previous_version: str
+    changed: bool
+
+
+class PolicyActivation(BaseModel):
+    version: str
+    name: str
+    activated_at: float = Field(description="unix seconds")
+    reason: Literal["start", "reload"]
+    host: str = Field(description="the replica that activated it")
+
+
+class PolicyVersions(BaseModel):
+    versions: list[PolicyActivation] = Field(description="newest first: the first is active")
+
+
+class PolicyVersionText(BaseModel):
+    version: str
+    name: str
+    source: str = Field(description="the file name it was read from")
+    text: str = Field(description="the policy file, exactly as activated")
+    recorded_at: float
+
+
+class DecisionPage(BaseModel):
+    decisions: list[DecisionRecord]
+    next_cursor: str | None = Field(description="pass it as cursor for the next page")
+
+
+class CategoryCount(BaseModel):
+    flagged: int
+    rate: float
+
+
+class StatsBucket(BaseModel):
+    start: int = Field(description="unix seconds")
+    policy_version: str
+    total: int
+    actions: dict[str, int]
+    categories: dict[str, CategoryCount]
+
+
+class Stats(BaseModel):
+    bucket: Literal["hour", "day"]
+    buckets: list[StatsBucket]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    policy: PolicyRef
+    model: str
+
+
+#: Every model the document names, and whether it describes a request (validation) or a
+#: response (serialization).
+MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+    (Error, "serialization"),
+    (ModerateJSON, "validation"),
+    (ModerateResponse, "serialization"),
+    (PolicyResponse, "serialization"),
+    (ReloadResponse, "serialization"),
+    (PolicyVersions, "serialization"),
+    (PolicyVersionText, "serialization"),
+    (DecisionRecord, "serialization"),
+    (DecisionPage, "serialization"),
+    (Stats, "serialization"),
+    (Health, "serialization"),
+    (Ready, "serialization"),
+]
