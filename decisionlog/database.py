@@ -10,6 +10,7 @@ a file lock beside a SQLite file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -93,12 +94,17 @@ def _config(connection: Connection | None = None) -> Any:
     return config
 
 
-def head_revision() -> str:
+@functools.cache
+def _revisions() -> tuple[str, ...]:
+    """The migrations' revisions, oldest first (read from their files once per process)."""
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(_config()).get_current_head()
-    assert head is not None
-    return head
+    script = ScriptDirectory.from_config(_config())
+    return tuple(s.revision for s in script.walk_revisions())[::-1]
+
+
+def head_revision() -> str:
+    return _revisions()[-1]
 
 
 def revision_of(engine: Engine) -> str | None:
@@ -111,7 +117,7 @@ def revision_of(engine: Engine) -> str | None:
 
 
 @contextlib.contextmanager
-def _migration_lock(engine: Engine, url: str) -> Iterator[Connection]:
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
@@ -125,7 +131,7 @@ def _migration_lock(engine: Engine, url: str) -> Iterator[Connection]:
         return
     import fcntl
 
-    lock_path = url[len("sqlite:///") :] + ".migrate-lock"
+    lock_path = f"{engine.url.database}.migrate-lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -145,19 +151,20 @@ def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
     from alembic import command
 
     engine = connect(url)
-    if revision == "head" and _revision_or_none(engine) == head_revision():
-        return head_revision(), head_revision()  # the usual start: nothing to lock
-    with _migration_lock(engine, url) as conn:
+    head = head_revision()
+    if revision == "head" and _revision_or_none(engine) == head:
+        return head, head  # the usual start: nothing to lock
+    with _migration_lock(engine) as conn:
         from alembic.runtime.migration import MigrationContext
 
         before = MigrationContext.configure(conn).get_current_revision()
         if before is None and sa.inspect(conn).has_table("decisions"):
             command.stamp(_config(conn), "0001")
             conn.commit()
-        elif before is not None and before not in _known_revisions():
+        elif before is not None and before not in _revisions():
             raise SchemaError(
                 f"the decision log is at schema revision {before!r}, which this release does "
-                f"not know (its newest is {head_revision()!r}): it was written by a newer "
+                f"not know (its newest is {head!r}): it was written by a newer "
                 "release; run that release, or a log of its own"
             )
         move = command.upgrade if _is_ahead(before, revision) else command.downgrade
@@ -183,18 +190,9 @@ def _revision_or_none(engine: Engine) -> str | None:
         return None
 
 
-def _known_revisions() -> set[str]:
-    from alembic.script import ScriptDirectory
-
-    return {s.revision for s in ScriptDirectory.from_config(_config()).walk_revisions()}
-
-
 def _is_ahead(before: str | None, target: str) -> bool:
     """Whether reaching ``target`` from ``before`` is an upgrade."""
     if target == "head" or before is None:
         return True
-    from alembic.script import ScriptDirectory
-
-    script = ScriptDirectory.from_config(_config())
-    order = [s.revision for s in script.walk_revisions()][::-1]  # oldest first
+    order = _revisions()
     return order.index(target) >= order.index(before)

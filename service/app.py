@@ -86,7 +86,9 @@ def create_app(
         sys.setswitchinterval(settings.gil_switch_interval)
         moderator = _load_moderator(settings, database_url)
     # the active policy lives in the log: this worker follows its latest activation
-    holder = PolicyHolder(moderator, settings.policy, PolicyLog(database_url))
+    holder = PolicyHolder(
+        moderator, settings.policy, PolicyLog(database_url, migrate_schema=False)
+    )  # the store migrated the schema just above
     holder.start(given=given)
     holder.follow_in_background()
     metrics = Metrics()
