@@ -65,8 +65,8 @@ class PolicyLog:
 
     def activate(self, *, version: str, name: str, source: str, text: str,
                  reason: str = "reload") -> Activation:
-        """Record ``text`` under ``version`` (kept as first recorded: a version is a hash of
-        what decides) and make it the latest activation."""
+        """Record ``text`` under ``version`` (each distinct text once: a version is a hash
+        of what decides, so an edit of comments keeps it) and make it the latest activation."""
         with self._serialized() as conn:
             return self._activate(conn, version, name, source, text, reason)
 
@@ -78,9 +78,7 @@ class PolicyLog:
         decision is made under a lock, so the file is activated once. Returns the activation
         to serve, and whether it is the file's, made now."""
         with self._serialized() as conn:
-            latest = conn.execute(
-                self._activations().order_by(policy_activations.c.id.desc()).limit(1)
-            ).first()
+            latest = conn.execute(self._newest_first().limit(1)).first()
             known = conn.execute(
                 sa.select(policy_versions.c.version).where(policy_versions.c.version == version)
             ).first()
@@ -125,26 +123,23 @@ class PolicyLog:
             found = conn.execute(sa.select(sa.func.max(policy_activations.c.id))).scalar()
         return None if found is None else int(found)
 
-    def _activations(self) -> sa.Select[tuple[int, str, str, float, str, str]]:
+    @staticmethod
+    def _newest_first() -> sa.Select[tuple[int, str, str, float, str, str]]:
         a, v = policy_activations, policy_versions
         return (
             sa.select(a.c.id, a.c.version, v.c.name, a.c.activated_at, a.c.reason, a.c.host)
             .join(v, sa.and_(v.c.version == a.c.version, v.c.digest == a.c.digest))
+            .order_by(a.c.id.desc())
         )
 
     def latest(self) -> Activation | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                self._activations().order_by(policy_activations.c.id.desc()).limit(1)
-            ).first()
-        return _activation(row) if row is not None else None
+        newest = self.history(limit=1)
+        return newest[0] if newest else None
 
     def history(self, limit: int = 100) -> list[Activation]:
         """Activations, newest first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                self._activations().order_by(policy_activations.c.id.desc()).limit(limit)
-            ).all()
+            rows = conn.execute(self._newest_first().limit(limit)).all()
         return [_activation(row) for row in rows]
 
     def text(self, version: str) -> PolicyText | None:
