@@ -50,6 +50,31 @@ class FrameVector(TypeDecorator[np.ndarray]):
             return np.asarray(value, dtype=np.float32)  # pgvector gives a list
         return np.frombuffer(bytes(value), dtype=np.float16).astype(np.float32)
 
+    # Reading many vectors at once: one bytes value per row, decoded with one numpy call per
+    # chunk instead of one conversion per row (pgvector's text form costs ~50 µs a vector).
+
+    @staticmethod
+    def raw(column: Any, dialect: str) -> Any:
+        """``column`` selected as bytes: the float16 blob on SQLite, ``halfvec_send`` (pgvector's
+        binary form: a 4-byte header, then big-endian float16) on PostgreSQL."""
+        if dialect == "postgresql":
+            return sa.func.halfvec_send(column, type_=sa.LargeBinary)
+        return sa.type_coerce(column, sa.LargeBinary)
+
+    @staticmethod
+    def decode_many(blobs: list[bytes], dialect: str) -> np.ndarray:
+        """What :meth:`raw` selected, for n rows → ndarray of shape (n, dim), float32."""
+        if not blobs:
+            return np.zeros((0, 0), np.float32)
+        sizes = {len(b) for b in blobs}
+        if len(sizes) != 1:
+            raise ValueError(f"stored vectors of different sizes ({sorted(sizes)} bytes) were "
+                             "read together: they belong to different models")
+        joined = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), -1)
+        if dialect == "postgresql":
+            return joined[:, 4:].copy().view(">f2").astype(np.float32)
+        return joined.view(np.float16).astype(np.float32)
+
 
 metadata = sa.MetaData()
 

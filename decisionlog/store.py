@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,14 @@ import sqlalchemy as sa
 
 from .database import connect, migrate
 from .records import DecisionRecord, ImageRef, PolicyRef
-from .schema import decision_flags, decision_frames, decisions
+from .schema import FrameVector, decision_flags, decision_frames, decisions
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DeadLetters",
     "DecisionStore",
+    "StoredFrames",
     "Recorder",
     "default_database_url",
     "default_dead_letter_path",
@@ -75,6 +77,29 @@ def _data_dir() -> Path:
 
 def default_database_url() -> str:
     return f"sqlite:///{_data_dir() / 'decisions.sqlite3'}"
+
+
+@dataclass(frozen=True)
+class StoredFrames:
+    """A chunk of stored decisions with the embeddings of all their stored frames, oldest
+    first: what re-deciding past traffic reads.
+
+    ``ids``, ``client_ids``, ``profiles``: one entry per decision; ``created_at``: ndarray of
+    shape (n,), unix seconds; ``frame_counts``: ndarray of shape (n,), each decision's
+    number of stored frames (at least 1); ``frames``: ndarray of shape (n_frames,), each
+    frame's index in its file; ``vectors``: ndarray of shape (n_frames, dim), float32 (from
+    float16), each decision's frames contiguous and in file order. ``without_frames``: how
+    many decisions of the chunk had no stored embedding (they are not in it).
+    """
+
+    ids: list[str]
+    created_at: np.ndarray
+    client_ids: list[str | None]
+    profiles: list[str]
+    frame_counts: np.ndarray
+    frames: np.ndarray
+    vectors: np.ndarray
+    without_frames: int
 
 
 class DecisionStore:
@@ -335,6 +360,110 @@ class DecisionStore:
 
     def count(self) -> int:
         return int(self._rows(sa.select(sa.func.count()).select_from(decisions))[0][0])
+
+    # --- re-deciding past traffic --------------------------------------------------------
+
+    def window_counts(self, since: float | None = None, until: float | None = None
+                      ) -> list[tuple[str, bool, int]]:
+        """Decisions in the window per model, errors apart: (model, is an error, count)."""
+        is_error = decisions.c.error_code.is_not(None).label("is_error")
+        rows = self._rows(
+            sa.select(decisions.c.model, is_error, sa.func.count())
+            .where(*self._filters(since, until, None, None, None))
+            .group_by(decisions.c.model, is_error)
+        )
+        return [(str(m), bool(e), int(n)) for m, e, n in rows]
+
+    def scan_frames(self, *, model: str, since: float | None = None,
+                    until: float | None = None, chunk: int = 4096) -> Iterator[StoredFrames]:
+        """The decisions of ``model`` in the window that were made (no error), ``chunk`` at a
+        time, oldest first, with every stored frame: memory stays flat in the window's size.
+
+        Each chunk is one query: a page of decisions by the time index, joined to their
+        frames by primary key; vectors are read as bytes and decoded per chunk."""
+        d, f = decisions, decision_frames
+        where = self._filters(since, until, None, None, None)
+        where += [d.c.model == model, d.c.error_code.is_(None)]
+        raw = FrameVector.raw(f.c.embedding, self.dialect)
+        last: tuple[float, str] | None = None
+        while True:
+            page_where = list(where)
+            if last is not None:
+                page_where.append(sa.or_(
+                    d.c.created_at > last[0],
+                    sa.and_(d.c.created_at == last[0], d.c.id > last[1]),
+                ))
+            page = (
+                sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile)
+                .where(*page_where).order_by(d.c.created_at, d.c.id).limit(chunk).subquery()
+            )
+            rows = self._rows(
+                sa.select(page.c.id, page.c.created_at, page.c.client_id, page.c.profile,
+                          f.c.frame, raw)
+                .select_from(page.outerjoin(f, f.c.decision_id == page.c.id))
+            )
+            if not rows:
+                return
+            yield self._frames_of_rows(rows)
+            last = max((r[1], r[0]) for r in rows)
+            if len({r[0] for r in rows}) < chunk:
+                return
+
+    def _frames_of_rows(self, rows: list[Any]) -> StoredFrames:
+        """Rows of (id, created_at, client_id, profile, frame, vector bytes), in any order,
+        grouped per decision in time order."""
+        index: dict[str, int] = {}
+        decided: list[tuple[float, str, str | None, str]] = []
+        owners, frames, blobs = [], [], []
+        for decision_id, created_at, client_id, profile, frame, blob in rows:
+            position = index.get(decision_id)
+            if position is None:
+                position = index[decision_id] = len(decided)
+                decided.append((created_at, decision_id, client_id, profile))
+            if blob is not None:
+                owners.append(position)
+                frames.append(frame)
+                blobs.append(blob)
+        # decisions in time order; frames grouped per decision, in file order
+        rank = np.empty(len(decided), np.int64)
+        rank[sorted(range(len(decided)), key=lambda i: decided[i][:2])] = np.arange(len(decided))
+        owner = rank[np.asarray(owners, np.int64)]
+        frame = np.asarray(frames, np.int64)
+        order = np.lexsort((frame, owner))
+        counts = np.bincount(owner, minlength=len(decided))
+        kept = [decided[i] for i in np.argsort(rank)]
+        has = counts > 0
+        kept = [k for k, h in zip(kept, has, strict=True) if h]
+        return StoredFrames(
+            ids=[k[1] for k in kept],
+            created_at=np.array([k[0] for k in kept], np.float64),
+            client_ids=[k[2] for k in kept],
+            profiles=[k[3] for k in kept],
+            frame_counts=counts[has],
+            frames=frame[order],
+            vectors=FrameVector.decode_many([blobs[i] for i in order], self.dialect),
+            without_frames=int((~has).sum()),
+        )
+
+    def frames_of(self, decision_ids: Sequence[str]) -> dict[str, tuple[list[int], np.ndarray]]:
+        """Every stored frame of each decision: id → (frame indices, ndarray of shape
+        (frames, dim), float32). Decisions without any are absent."""
+        found: dict[str, tuple[list[int], np.ndarray]] = {}
+        ids = list(decision_ids)
+        for start in range(0, len(ids), 500):
+            rows = self._rows(
+                sa.select(decision_frames.c.decision_id, decision_frames.c.frame,
+                          decision_frames.c.embedding)
+                .where(decision_frames.c.decision_id.in_(ids[start:start + 500]))
+                .order_by(decision_frames.c.decision_id, decision_frames.c.frame)
+            )
+            grouped: dict[str, list[Any]] = {}
+            for r in rows:
+                grouped.setdefault(r.decision_id, []).append(r)
+            for decision_id, mine in grouped.items():
+                found[decision_id] = ([int(r.frame) for r in mine],
+                                      np.stack([r.embedding for r in mine]))
+        return found
 
 
 def encode_cursor(created_at: float, decision_id: str) -> str:

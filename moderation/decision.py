@@ -11,7 +11,15 @@ from .policy import Action, Policy
 from .prompts import PolicyEmbeddings
 from .scoring import Scores
 
-__all__ = ["CategoryDecision", "Decision", "TermMatch", "assemble", "decide"]
+__all__ = [
+    "CategoryDecision",
+    "Decision",
+    "TermMatch",
+    "ThresholdTable",
+    "assemble",
+    "category_severities",
+    "decide",
+]
 
 
 @dataclass(frozen=True)
@@ -88,38 +96,78 @@ class Decision:
         return max(self.categories.values(), key=lambda c: c.margin).frame
 
 
-def _category_action(score: float, configured: str, value: float, band: float | None) -> Action:
-    if score >= value:
-        return Action(configured)
-    if band is not None and score >= band:
-        return Action.REVIEW
-    return Action.ALLOW
+@dataclass(frozen=True)
+class ThresholdTable:
+    """A policy's thresholds under one profile, as arrays over ``category_ids``.
+
+    ``value``, ``review_from``: ndarray of shape (n_categories,), float64, in score units
+    (``review_from`` NaN where a category has no review band). ``severity``: ndarray of shape
+    (n_categories,), int8, the severity of each category's configured action.
+    """
+
+    category_ids: list[str]
+    value: np.ndarray
+    review_from: np.ndarray
+    severity: np.ndarray
+
+    @classmethod
+    def of(cls, policy: Policy, category_ids: list[str], profile: str | None = None
+           ) -> ThresholdTable:
+        thresholds = [policy.threshold_for(cid, profile) for cid in category_ids]
+        return cls(
+            category_ids=list(category_ids),
+            value=np.array([t.value for t in thresholds], dtype=np.float64),
+            review_from=np.array(
+                [np.nan if t.review_from is None else t.review_from for t in thresholds],
+                dtype=np.float64,
+            ),
+            severity=np.array(
+                [Action(policy.categories[cid].action).severity for cid in category_ids],
+                dtype=np.int8,
+            ),
+        )
+
+
+def category_severities(score: np.ndarray, table: ThresholdTable) -> np.ndarray:
+    """The rule that turns scores into category actions, for every score at once.
+
+    ``score``: ndarray of shape (n, n_categories). A category takes its configured action
+    when ``score >= value``, ``review`` when ``review_from <= score < value``, else
+    ``allow``. Compared in float64, as Python floats would be. Returns ndarray of shape
+    (n, n_categories), int8: the severity of each action (see :attr:`Action.severity`).
+    """
+    s = np.asarray(score, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        in_band = s >= table.review_from  # NaN (no band) compares False
+    return np.where(
+        s >= table.value, table.severity,
+        np.where(in_band, np.int8(Action.REVIEW.severity), np.int8(0)),
+    ).astype(np.int8)
 
 
 def decide(
     scores: Scores, text: PolicyEmbeddings, policy: Policy, profile: str | None = None
 ) -> list[Decision]:
     """One :class:`Decision` per row of ``scores``, with the thresholds of ``profile``."""
-    thresholds = {cid: policy.threshold_for(cid, profile) for cid in text.category_ids}
+    table = ThresholdTable.of(policy, text.category_ids, profile)
+    severities = category_severities(scores.score, table)
     decisions = []
     for row in range(scores.score.shape[0]):
         categories: dict[str, CategoryDecision] = {}
         for col, cid in enumerate(text.category_ids):
-            category = policy.categories[cid]
-            threshold = thresholds[cid]
             score = float(scores.score[row, col])
-            action = _category_action(
-                score, category.action, threshold.value, threshold.review_from
-            )
+            action = Action.of_severity(severities[row, col])
+            value = float(table.value[col])
+            band = None if np.isnan(table.review_from[col]) else float(table.review_from[col])
             term_sims = scores.term_similarity[col][row]
             order = np.argsort(-term_sims, kind="stable")[: policy.top_terms]
             exception_index = int(scores.closest_exception[row, col])
             categories[cid] = CategoryDecision(
                 score=score,
                 similarity=float(scores.similarity[row, col]),
-                threshold=threshold.value,
-                review_from=threshold.review_from,
-                margin=score - threshold.value,
+                threshold=value,
+                review_from=band,
+                margin=score - value,
                 flagged=action is not Action.ALLOW,
                 action=action,
                 top_terms=[

@@ -62,8 +62,14 @@ class Action(str, Enum):
     def severity(self) -> int:
         return _SEVERITY[self]
 
+    @classmethod
+    def of_severity(cls, severity: int) -> Action:
+        """The action of a severity level (0: allow … 3: block)."""
+        return _BY_SEVERITY[int(severity)]
+
 
 _SEVERITY = {Action.ALLOW: 0, Action.FLAG: 1, Action.REVIEW: 2, Action.BLOCK: 3}
+_BY_SEVERITY = {level: action for action, level in _SEVERITY.items()}
 
 CategoryId = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]

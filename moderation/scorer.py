@@ -10,17 +10,17 @@ action. A still image is an animation of one frame. No torch, no I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
 
-from .decision import Decision, assemble, decide
+from .decision import Decision, ThresholdTable, assemble, category_severities, decide
 from .policy import Policy
 from .prompts import PolicyEmbeddings
 from .scoring import score_images
 
-__all__ = ["Scorer"]
+__all__ = ["Assessment", "Scorer"]
 
 R = TypeVar("R", np.ndarray, list[Decision])
 
@@ -29,6 +29,29 @@ def _per_image(rows: R, frames: Sequence[np.ndarray]) -> list[R]:
     """Rows of all frames, concatenated, split back into each image's rows."""
     bounds = np.cumsum([0] + [len(f) for f in frames]).tolist()
     return [rows[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What :meth:`Scorer.decide` decides for n images, as arrays, without the words (top
+    terms, closest exceptions, frames): for re-deciding many stored images at once.
+
+    ``score``: ndarray of shape (n_images, n_categories), float32, each category's maximum
+    over the image's frames. ``severity``: same shape, int8, each category's action as its
+    severity (0 allow, 1 flag, 2 review, 3 block). ``action``: ndarray of shape (n_images,),
+    int8, the image's action (the most severe of its categories').
+    """
+
+    category_ids: list[str]
+    score: np.ndarray
+    severity: np.ndarray
+    action: np.ndarray
+
+
+def _max_over_frames(rows: np.ndarray, frame_counts: np.ndarray) -> np.ndarray:
+    """Rows of all frames (images' frames contiguous) → each image's column-wise maximum."""
+    starts = np.concatenate([[0], np.cumsum(frame_counts)[:-1]]).astype(np.intp)
+    return np.maximum.reduceat(rows, starts, axis=0)
 
 
 class Scorer:
@@ -55,7 +78,32 @@ class Scorer:
         if not frames:
             return np.zeros((0, len(self.text.category_ids)), np.float32)
         score = score_images(np.concatenate(frames), self.text).score
-        return np.stack([part.max(axis=0) for part in _per_image(score, frames)])
+        return _max_over_frames(score, np.array([len(f) for f in frames]))
+
+    def assess(self, vectors: np.ndarray, frame_counts: np.ndarray,
+               profile: str | None = None) -> Assessment:
+        """Decide many images at once, by the rule of :meth:`decide` (the same scores, the
+        same thresholds), as arrays.
+
+        ``vectors``: ndarray of shape (n_frames, dim), unit rows, each image's frames
+        contiguous; ``frame_counts``: ndarray of shape (n_images,), each image's number of
+        frames (at least 1). ``profile`` overrides the scorer's.
+        """
+        counts = np.asarray(frame_counts)
+        ids = self.text.category_ids
+        if len(counts) == 0:
+            empty = np.zeros((0, len(ids)))
+            return Assessment(ids, empty.astype(np.float32), empty.astype(np.int8),
+                              np.zeros(0, np.int8))
+        if counts.min() < 1 or counts.sum() != len(vectors):
+            raise ValueError(
+                f"frame_counts must be positive and add up to the {len(vectors)} vectors; "
+                f"they add up to {int(counts.sum())}"
+            )
+        score = _max_over_frames(score_images(vectors, self.text).score, counts)
+        table = ThresholdTable.of(self.policy, ids, profile or self.profile)
+        severity = category_severities(score, table)
+        return Assessment(ids, score, severity, severity.max(axis=1))
 
     def decide(
         self,

@@ -69,3 +69,33 @@ def test_a_profile_is_checked_when_the_scorer_is_built(fake_encoder: FakeEncoder
     policy = parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False))
     with pytest.raises(PolicyError, match="nope"):
         Scorer(policy, embed_policy(policy, fake_encoder), profile="nope")
+
+
+def test_assess_decides_as_decide_does_for_every_image(fake_encoder: FakeEncoder) -> None:
+    """The array path (dry-runs over the log) and the decision path (the service) give the
+    same scores and actions, review band and profiles included."""
+    data = dict(HAND_POLICY, profiles={"strict": {"alcohol": {"value": 0.2}}})
+    policy = parse_policy(yaml.safe_dump(data, sort_keys=False))
+    text = embed_policy(policy, fake_encoder)
+    rng = np.random.default_rng(7)
+    images = [rng.normal(size=(int(n), 3)).astype(np.float32) for n in rng.integers(1, 4, 300)]
+    images = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in images]
+    images += [RIFLE[None], BETWEEN[None], np.stack([TOY, BEER])]
+    for profile in (None, "strict"):
+        scorer = Scorer(policy, text, profile)
+        decisions = scorer.decide(images)
+        assessed = scorer.assess(np.concatenate(images), np.array([len(i) for i in images]))
+        assert assessed.action.tolist() == [d.action.severity for d in decisions]
+        assert assessed.severity.tolist() == [
+            [d.categories[c].action.severity for c in ("weapons", "alcohol")] for d in decisions
+        ]
+        assert np.allclose(assessed.score, scorer.scores(images))
+        assert set(assessed.action.tolist()) == {0, 1, 2, 3}  # every action was exercised
+
+
+def test_assess_checks_the_frame_counts(scorer: Scorer) -> None:
+    assert scorer.assess(np.zeros((0, 3), np.float32), np.zeros(0, int)).action.shape == (0,)
+    with pytest.raises(ValueError, match="add up to the 2 vectors"):
+        scorer.assess(np.stack([RIFLE, TOY]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="positive"):
+        scorer.assess(np.stack([RIFLE, TOY]), np.array([2, 0]))

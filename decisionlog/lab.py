@@ -1,0 +1,357 @@
+"""The policy lab: what a policy edit would do to past traffic, before it goes live.
+
+A dry-run re-decides the stored decisions of a time window twice, under the policy in force
+(or any stored version) and under the proposed one, from the stored frame embeddings and
+through the service's own scorer (:meth:`moderation.scorer.Scorer.assess` for the counts,
+:meth:`~moderation.scorer.Scorer.decide` for the decisions it shows). Both sides are
+recomputed from the same float16 vectors, so a difference is the edit's, never rounding's;
+the logged actions are not compared with. Chunks of stored vectors are scored with matrix
+products: memory stays flat in the window's size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from moderation.diff import Change, diff_policies
+from moderation.errors import ModelMismatchError
+from moderation.policy import Action
+from moderation.scorer import Assessment, Scorer
+
+from .records import CategoryOutcome
+from .store import DecisionStore, StoredFrames
+
+__all__ = ["DryRun", "dry_run"]
+
+ACTIONS = [a.value for a in Action]
+Kind = Literal["newly_flagged", "newly_cleared", "action_changed", "categories_changed"]
+KINDS: tuple[Kind, ...] = ("newly_flagged", "newly_cleared", "action_changed",
+                           "categories_changed")
+_MISSING = -1  # a category the policy of one side does not have
+
+
+class PolicySide(BaseModel):
+    """One side of a comparison: which policy, and where it came from."""
+
+    name: str
+    version: str
+    source: str = Field(description="e.g. 'active (activation 12)', 'stored version …', "
+                                    "'file proposed.yaml', 'request body'")
+
+
+class Count(BaseModel):
+    flagged: int = Field(description="decisions in which the category fired (any action)")
+    rate: float = Field(description="flagged / decisions")
+
+
+class CategoryEffect(BaseModel):
+    """A category's flags before and after; a side is null when its policy has no such
+    category."""
+
+    before: Count | None
+    after: Count | None
+    change: int
+
+
+class ActionEffect(BaseModel):
+    before: int
+    after: int
+    change: int
+    rate_before: float
+    rate_after: float
+
+
+class Outcome(BaseModel):
+    """A decision under one policy, recomputed from its stored frames."""
+
+    action: str
+    triggered: list[str]
+    frame: int
+    categories: dict[str, CategoryOutcome]
+
+
+class ChangedDecision(BaseModel):
+    decision_id: str
+    created_at: float
+    client_id: str | None
+    change: Kind
+    before: Outcome
+    after: Outcome
+
+
+class PolicyChange(BaseModel):
+    """One difference between the two policies (:class:`moderation.diff.Change`)."""
+
+    where: str
+    what: str
+    change: str
+    decisive: bool
+    text: str
+
+    @classmethod
+    def of(cls, c: Change) -> PolicyChange:
+        return cls(where=c.where, what=c.what, change=c.change, decisive=c.decisive,
+                   text=c.text)
+
+
+class LeftOut(BaseModel):
+    """Decisions of the window that were not re-decided, and why."""
+
+    total: int
+    other_model: dict[str, int] = Field(description="decisions made with another model")
+    errors: int = Field(description="inputs that could not be read (no decision)")
+    no_embedding: int = Field(description="decisions stored without any frame embedding")
+    profile_missing: dict[str, int] = Field(
+        description="decisions made with a calibration profile that one of the policies lacks"
+    )
+
+
+class DryRun(BaseModel):
+    """What the ``after`` policy would have decided, next to the ``before`` one, for every
+    stored decision of the window."""
+
+    model: str
+    since: float | None
+    until: float | None
+    before: PolicySide
+    after: PolicySide
+    decisions: int = Field(description="decisions re-decided under both policies")
+    categories: dict[str, CategoryEffect]
+    actions: dict[str, ActionEffect]
+    changed_total: int
+    changed_by_kind: dict[Kind, int]
+    changed: list[ChangedDecision] = Field(
+        description="the most significant changes first: the largest change of action "
+        "(allow↔block first), then the decisions whose deciding score lies furthest past "
+        "its threshold; at most `limit`"
+    )
+    limit: int
+    diff: list[PolicyChange]
+    left_out: LeftOut
+    seconds: float
+    note: str | None = Field(default=None, description="e.g. why nothing was re-decided")
+
+
+class _Side:
+    """A scorer per calibration profile, and where each category sits in the union."""
+
+    def __init__(self, scorer: Scorer, union: list[str]) -> None:
+        self.scorer = scorer
+        self.columns = np.array(
+            [scorer.text.category_ids.index(c) if c in scorer.text.category_ids else _MISSING
+             for c in union]
+        )
+        self.values = {
+            profile: np.array([scorer.policy.threshold_for(c, profile).value
+                               if c in scorer.policy.categories else np.inf for c in union])
+            for profile in scorer.policy.profile_names()
+        }
+
+    def has(self, profile: str) -> bool:
+        return profile in self.values
+
+    def spread(self, a: Assessment) -> tuple[np.ndarray, np.ndarray]:
+        """Severity and score per category of the union (missing: allow, -inf)."""
+        n = len(a.action)
+        severity = np.zeros((n, len(self.columns)), np.int8)
+        score = np.full((n, len(self.columns)), -np.inf)
+        present = self.columns != _MISSING
+        severity[:, present] = a.severity[:, self.columns[present]]
+        score[:, present] = a.score[:, self.columns[present]]
+        return severity, score
+
+    def decide(self, vectors: np.ndarray, frames: list[int], profile: str) -> Outcome:
+        scorer = Scorer(self.scorer.policy, self.scorer.text, profile)
+        [decision] = scorer.decide([vectors], [frames])
+        return Outcome(action=decision.action.value, triggered=decision.triggered,
+                       frame=decision.frame,
+                       categories={k: CategoryOutcome.of(v)
+                                   for k, v in decision.categories.items()})
+
+
+class _Tally:
+    """Counts and the most significant changes, accumulated chunk by chunk."""
+
+    def __init__(self, union: list[str], limit: int) -> None:
+        self.decisions = 0
+        self.flagged = np.zeros((2, len(union)), np.int64)
+        self.actions = np.zeros((2, len(ACTIONS)), np.int64)
+        self.kinds: dict[Kind, int] = dict.fromkeys(KINDS, 0)
+        self.limit = limit
+        # (|change of action|, strength, created_at, id, client id, profile, kind): a min-heap
+        self.top: list[tuple[int, float, float, str, str, str, Kind]] = []
+
+    def add(self, chunk: StoredFrames, rows: np.ndarray, profile: str,
+            before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray]
+            ) -> None:
+        """``before``, ``after``: (severity, margin) per decision of ``rows`` and category
+        of the union."""
+        (sev_a, margin_a), (sev_b, margin_b) = before, after
+        action_a, action_b = sev_a.max(axis=1), sev_b.max(axis=1)
+        self.decisions += len(rows)
+        self.flagged[0] += (sev_a > 0).sum(axis=0)
+        self.flagged[1] += (sev_b > 0).sum(axis=0)
+        self.actions[0] += np.bincount(action_a, minlength=len(ACTIONS))
+        self.actions[1] += np.bincount(action_b, minlength=len(ACTIONS))
+        differs = sev_a != sev_b
+        changed = np.flatnonzero(differs.any(axis=1))
+        if not len(changed):
+            return
+        kind = np.where(
+            action_a[changed] == action_b[changed], 3,
+            np.where(action_a[changed] == 0, 0, np.where(action_b[changed] == 0, 1, 2)),
+        )
+        for k, n in zip(*np.unique(kind, return_counts=True), strict=True):
+            self.kinds[KINDS[int(k)]] += int(n)
+        jump = np.abs(action_a[changed].astype(int) - action_b[changed].astype(int))
+        # how clearly the side where a changed category fires fires: its margin
+        firing = np.where(differs[changed], np.maximum(margin_a[changed], margin_b[changed]),
+                          -np.inf)
+        strength = firing.max(axis=1)
+        best = np.lexsort((strength, jump))[::-1][: self.limit]
+        for i in best:
+            row = rows[changed[i]]
+            entry = (int(jump[i]), float(strength[i]), float(chunk.created_at[row]),
+                     chunk.ids[row], chunk.client_ids[row] or "", profile, KINDS[int(kind[i])])
+            if len(self.top) < self.limit:
+                heapq.heappush(self.top, entry)
+            elif entry > self.top[0]:
+                heapq.heapreplace(self.top, entry)
+
+    @property
+    def changed_total(self) -> int:
+        return sum(self.kinds.values())
+
+
+def _margins(score: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """score - threshold per category; -inf for a category the policy does not have."""
+    return np.where(np.isfinite(score), score - values, -np.inf)
+
+
+def dry_run(
+    store: DecisionStore,
+    before: Scorer,
+    after: Scorer,
+    *,
+    model: str,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int = 50,
+    before_source: str = "before",
+    after_source: str = "proposed",
+    chunk: int = 4096,
+) -> DryRun:
+    """Re-decide the stored decisions of ``model`` made in ``[since, until)`` under
+    ``before`` and ``after`` (scorers of the same model's text embeddings), and report the
+    difference: counts per category and action, the ``limit`` most significant changed
+    decisions with their scores and top terms on both sides, and the policies' diff.
+
+    Each decision is re-decided with the calibration profile it was made with. Raises
+    :class:`ModelMismatchError` when the window holds decisions, none of them of ``model``.
+    """
+    started = time.perf_counter()
+    if before.text.model != model or after.text.model != model:
+        raise ModelMismatchError(
+            f"both policies must be encoded with {model!r}; got {before.text.model!r} and "
+            f"{after.text.model!r}"
+        )
+    counts = store.window_counts(since, until)
+    mine = sum(n for m, e, n in counts if m == model and not e)
+    others: dict[str, int] = {}
+    for m, e, n in counts:
+        if m != model and not e:
+            others[m] = others.get(m, 0) + n
+    if mine == 0 and others:
+        listed = ", ".join(f"{m} ({n} decisions)" for m, n in sorted(others.items()))
+        raise ModelMismatchError(
+            f"the stored embeddings in this window belong to model {listed}, not to "
+            f"{model!r}, the model of the proposed policy: a dry-run scores stored image "
+            "embeddings with the policy's text embeddings, which only works within one model. "
+            "Use a policy for that model, or a window with decisions of this one."
+        )
+    union = list(dict.fromkeys([*before.text.category_ids, *after.text.category_ids]))
+    sides = (_Side(before, union), _Side(after, union))
+    tally = _Tally(union, limit)
+    without_frames = 0
+    profile_missing: dict[str, int] = {}
+    for part in store.scan_frames(model=model, since=since, until=until, chunk=chunk):
+        without_frames += part.without_frames
+        profiles = np.array(part.profiles)
+        for profile in np.unique(profiles):
+            profile = str(profile)
+            rows = np.flatnonzero(profiles == profile)
+            if not all(side.has(profile) for side in sides):
+                profile_missing[profile] = profile_missing.get(profile, 0) + len(rows)
+                continue
+            if len(rows) == len(profiles):
+                vectors, counts_ = part.vectors, part.frame_counts
+            else:
+                keep = np.repeat(profiles == profile, part.frame_counts)
+                vectors, counts_ = part.vectors[keep], part.frame_counts[rows]
+            results = []
+            for side in sides:
+                severity, score = side.spread(side.scorer.assess(vectors, counts_, profile))
+                results.append((severity, _margins(score, side.values[profile])))
+            tally.add(part, rows, profile, results[0], results[1])
+
+    top = sorted(tally.top, reverse=True)
+    stored = store.frames_of([t[3] for t in top])
+    changed = []
+    for _, _, created_at, decision_id, client_id, profile, kind in top:
+        frames, vectors = stored[decision_id]
+        changed.append(ChangedDecision(
+            decision_id=decision_id, created_at=created_at, client_id=client_id or None,
+            change=kind,
+            before=sides[0].decide(vectors, frames, profile),
+            after=sides[1].decide(vectors, frames, profile),
+        ))
+
+    n = tally.decisions
+
+    def rate(k: int) -> float:
+        return k / n if n else 0.0
+
+    categories = {}
+    for j, cid in enumerate(union):
+        a_has, b_has = (side.columns[j] != _MISSING for side in sides)
+        fa, fb = int(tally.flagged[0, j]), int(tally.flagged[1, j])
+        categories[cid] = CategoryEffect(
+            before=Count(flagged=fa, rate=rate(fa)) if a_has else None,
+            after=Count(flagged=fb, rate=rate(fb)) if b_has else None,
+            change=(fb if b_has else 0) - (fa if a_has else 0),
+        )
+    actions = {
+        name: ActionEffect(
+            before=int(tally.actions[0, k]), after=int(tally.actions[1, k]),
+            change=int(tally.actions[1, k] - tally.actions[0, k]),
+            rate_before=rate(int(tally.actions[0, k])), rate_after=rate(int(tally.actions[1, k])),
+        )
+        for k, name in enumerate(ACTIONS)
+    }
+    errors = sum(n for _, e, n in counts if e)
+    left_out = LeftOut(
+        total=sum(others.values()) + errors + without_frames + sum(profile_missing.values()),
+        other_model=others, errors=errors, no_embedding=without_frames,
+        profile_missing=profile_missing,
+    )
+    note = None
+    if n == 0:
+        note = (f"no stored decision of model {model} to re-decide in this window"
+                + (f" ({left_out.total} left out, see left_out)" if left_out.total else ""))
+    return DryRun(
+        model=model, since=since, until=until,
+        before=PolicySide(name=before.policy.name, version=before.policy.version,
+                          source=before_source),
+        after=PolicySide(name=after.policy.name, version=after.policy.version,
+                         source=after_source),
+        decisions=n, categories=categories, actions=actions,
+        changed_total=tally.changed_total, changed_by_kind=dict(tally.kinds), changed=changed,
+        limit=limit,
+        diff=[PolicyChange.of(c) for c in diff_policies(before.policy, after.policy)],
+        left_out=left_out, seconds=round(time.perf_counter() - started, 3), note=note,
+    )
