@@ -1,4 +1,5 @@
-"""``moderation decisions …``: export, purge and replay the decision log."""
+"""``moderation decisions …`` (export, purge and replay the decision log) and the policy lab's
+``moderation policy dry-run`` and ``moderation policy diff``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from moderation import ModerationError
+from moderation.command import load_moderator, weights_options
 
 
 @click.group()
@@ -23,9 +27,15 @@ _database_option = click.option(
 )
 
 
+def default_database_url() -> str:
+    from .store import default_database_url as default
+
+    return default()
+
+
 def _store(database_url: str | None) -> Any:
     from .database import SchemaError
-    from .store import DecisionStore, default_database_url
+    from .store import DecisionStore
 
     try:
         return DecisionStore(database_url or default_database_url())
@@ -126,3 +136,201 @@ def decisions_replay(path: Path | None, database_url: str | None) -> None:
                f"{failing} still failing")
     if failing:
         sys.exit(1)
+
+
+# --- the policy lab: `moderation policy dry-run` and `moderation policy diff` ------------
+
+
+@click.group()
+def policy() -> None:
+    """Work with policy files."""
+
+
+def _when(t: float | None, default: str) -> str:
+    import datetime as dt
+
+    if t is None:
+        return default
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _stored_or_file(spec: str, database_url: str | None, base_dir: Path) -> tuple[Any, str]:
+    """A policy file, or a version whose text the log keeps: (policy, where it came from)."""
+    from moderation import PolicyError
+    from moderation.policy import load_policy, parse_policy
+
+    from .policies import PolicyLog
+
+    try:
+        if Path(spec).is_file():
+            return load_policy(spec), f"file {spec}"
+        log = PolicyLog(database_url or default_database_url())
+        stored = log.text(spec)
+        if stored is None:
+            recent = ", ".join(a.version for a in log.history(limit=5)) or "(none)"
+            raise click.ClickException(
+                f"{spec!r} is neither a policy file nor a policy version the decision log "
+                f"has; its latest versions: {recent}"
+            )
+        return (parse_policy(stored.text, source=f"version {spec}", base_dir=base_dir),
+                f"stored version {spec}")
+    except PolicyError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _in_force(database_url: str | None, base_dir: Path) -> tuple[Any, str]:
+    """The policy of the log's latest activation."""
+    from .policies import PolicyLog
+
+    latest = PolicyLog(database_url or default_database_url()).latest()
+    if latest is None:
+        raise click.ClickException(
+            "the decision log has no active policy (the service records one when it starts): "
+            "give the policy to compare with, --against VERSION or --against FILE"
+        )
+    found, _ = _stored_or_file(latest.version, database_url, base_dir)
+    return found, f"active (activation {latest.id}, {latest.reason} on {latest.host})"
+
+
+@policy.command("dry-run")
+@click.argument("proposed", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--since", default="7d", show_default=True,
+              help="Start of the window: unix seconds, ISO 8601, or an age (24h, 7d).")
+@click.option("--until", help="End of the window (default: now); same forms as --since.")
+@click.option("--against", metavar="VERSION|FILE",
+              help="Compare with this stored policy version or file (default: the policy in "
+                   "force, the log's latest activation).")
+@click.option("--limit", type=click.IntRange(0, 10_000), default=20, show_default=True,
+              help="How many changed decisions to show, most significant first.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@_database_option
+@weights_options
+def policy_dry_run(proposed: Path, since: str, until: str | None, against: str | None,
+                   limit: int, fmt: str, database_url: str | None, **weights: Any) -> None:
+    """What PROPOSED would decide for the stored decisions of a window, next to the policy in
+    force: counts per category and action, the changed decisions, and the policies' diff.
+
+    Both policies re-decide the stored frame embeddings (nothing is compared with the logged
+    actions); prompts not in the text-embedding cache (the folder, then the log's) are
+    encoded once, with PROPOSED's model. Nothing is recorded.
+    """
+    from moderation.prompts import EmbeddingCache
+
+    from .lab import dry_run
+    from .policies import SharedEmbeddingCache
+
+    url = database_url or default_database_url()
+    store = _store(url)
+    before, before_source = (
+        _stored_or_file(against, url, proposed.parent) if against
+        else _in_force(url, proposed.parent)
+    )
+    proposal, _ = _stored_or_file(str(proposed), url, proposed.parent)
+    if before.model != proposal.model:  # said before any weights are loaded
+        raise click.ClickException(
+            f"{proposed} names model {proposal.model.name}/{proposal.model.pretrained}, but "
+            f"the policy to compare with ({before_source}) and so the stored embeddings "
+            f"belong to model {before.model.name}/{before.model.pretrained}: a dry-run "
+            "re-scores stored embeddings, which only works with the model that made them"
+        )
+    cache_dir = weights["cache_dir"]
+    folder = EmbeddingCache(cache_dir / "embeddings" if cache_dir is not None else None)
+    after = load_moderator(policy_path=proposed, cache=SharedEmbeddingCache(url, folder),
+                           **weights)
+    try:
+        current = after.with_policy(before)
+        report = dry_run(
+            store, current.scorer(), after.scorer(), model=after.encoder.identity,
+            since=_time_option(since), until=_time_option(until), limit=limit,
+            before_source=before_source, after_source=f"file {proposed}",
+        )
+    except ModerationError as e:
+        raise click.ClickException(str(e)) from e
+    if fmt == "json":
+        click.echo(report.model_dump_json())
+        return
+    click.echo(render_dry_run(report))
+
+
+def render_dry_run(report: Any) -> str:
+    """A dry-run report as text for a terminal."""
+    lines = [
+        f"dry-run of {report.after.source} ({report.after.name} {report.after.version}) "
+        f"against {report.before.source} ({report.before.name} {report.before.version})",
+        f"model {report.model}; window {_when(report.since, 'the beginning')} to "
+        f"{_when(report.until, 'now')}: {report.decisions} decisions re-decided in "
+        f"{report.seconds:.2f} s",
+    ]
+    left = report.left_out
+    if left.total:
+        reasons = [f"{n} of model {m}" for m, n in left.other_model.items()]
+        reasons += [f"{left.errors} errors"] if left.errors else []
+        reasons += [f"{left.no_embedding} without a stored embedding"] if left.no_embedding else []
+        reasons += [f"{n} with profile {p} (missing from a policy)"
+                    for p, n in left.profile_missing.items()]
+        lines.append(f"left out: {left.total} ({'; '.join(reasons)})")
+    if report.note:
+        lines.append(report.note)
+    lines += ["", "policy changes:"]
+    lines += [f"  - {c.text}{'' if c.decisive else ' (does not change decisions)'}"
+              for c in report.diff] or ["  (none: the two policies decide alike)"]
+
+    def side(count: Any) -> str:
+        return "-" if count is None else f"{count.flagged} ({count.rate:.2%})"
+
+    lines += ["", f"{'category':<20}{'before':>18}{'after':>18}{'change':>9}"]
+    for cid, effect in report.categories.items():
+        lines.append(f"{cid:<20}{side(effect.before):>18}{side(effect.after):>18}"
+                     f"{effect.change:>+9}")
+    lines += ["", f"{'action':<20}{'before':>18}{'after':>18}{'change':>9}"]
+    for action, effect in report.actions.items():
+        lines.append(
+            f"{action:<20}{f'{effect.before} ({effect.rate_before:.2%})':>18}"
+            f"{f'{effect.after} ({effect.rate_after:.2%})':>18}{effect.change:>+9}")
+    kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in report.changed_by_kind.items()
+                      if n)
+    lines += ["", f"changed decisions: {report.changed_total}" + (f" ({kinds})" if kinds else "")]
+    if report.changed:
+        lines.append(f"the {len(report.changed)} most significant:")
+    for c in report.changed:
+        fired = c.after.triggered or c.before.triggered
+        detail = "; ".join(
+            f"{cid} score {_score(c.before, cid, 'score')} → {_score(c.after, cid, 'score')}"
+            f" (threshold {_score(c.before, cid, 'threshold')} → "
+            f"{_score(c.after, cid, 'threshold')})"
+            + (f" top terms: {', '.join(t.text for t in c.after.categories[cid].top_terms)}"
+               if cid in c.after.categories else "")
+            for cid in fired
+        )
+        lines.append(f"  {_when(c.created_at, '')}  {c.decision_id}  {c.client_id or '-'}  "
+                     f"{c.before.action} → {c.after.action}  {detail}")
+    return "\n".join(lines)
+
+
+def _score(outcome: Any, cid: str, field: str) -> str:
+    found = outcome.categories.get(cid)
+    return "-" if found is None else f"{getattr(found, field):.3f}"
+
+
+@policy.command("diff")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@_database_option
+def policy_diff(a: str, b: str, fmt: str, database_url: str | None) -> None:
+    """What differs from policy A to policy B (each a file or a stored version), in plain
+    words."""
+    from moderation.diff import diff_policies
+
+    first, _ = _stored_or_file(a, database_url, Path(a).parent)
+    second, _ = _stored_or_file(b, database_url, Path(b).parent)
+    changes = diff_policies(first, second)
+    if fmt == "json":
+        click.echo(json.dumps([c.to_dict() for c in changes]))
+        return
+    for c in changes:
+        click.echo(f"{c.text}{'' if c.decisive else ' (does not change decisions)'}")
+    if not changes:
+        click.echo("no differences")

@@ -176,12 +176,19 @@ def scan(directory: Path, out: Path, **model_options: Any) -> None:
 def _add_package_commands() -> None:
     """Commands other packages contribute through the ``moderation.commands`` entry-point
     group (as packages add ``flask`` commands): ``decisions`` (decisionlog), ``calibrate``
-    (calibration), ``serve`` (service). The core imports none of them."""
+    (calibration), ``serve`` (service), and subcommands of a group the core has (``policy
+    dry-run`` and ``policy diff``, from decisionlog). The core imports none of them."""
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="moderation.commands"):
-        if entry.name not in main.commands:
+        existing = main.commands.get(entry.name)
+        if existing is None:
             main.add_command(entry.load(), entry.name)
+            continue
+        contributed = entry.load()
+        if isinstance(existing, click.Group) and isinstance(contributed, click.Group):
+            for name, command in contributed.commands.items():
+                existing.commands.setdefault(name, command)
 
 
 _add_package_commands()

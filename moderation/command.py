@@ -14,7 +14,9 @@ import click
 
 from .errors import ModerationError
 
-__all__ = ["DEFAULT_POLICY", "load_moderator", "loud_warning", "model_options"]
+__all__ = [
+    "DEFAULT_POLICY", "load_moderator", "loud_warning", "model_options", "weights_options",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,16 +24,21 @@ DEFAULT_POLICY = os.environ.get("MODERATION_POLICY", "policies/default.yaml")
 
 
 def model_options(command: F) -> F:
-    """The options every command that loads a model shares."""
+    """The options every command that loads a model shares: ``--policy`` and
+    :func:`weights_options`."""
+    return click.option(
+        "--policy",
+        "policy_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=DEFAULT_POLICY,
+        show_default=True,
+        help="Policy YAML file ($MODERATION_POLICY sets the default).",
+    )(weights_options(command))
+
+
+def weights_options(command: F) -> F:
+    """The model and weights options, for a command that takes its policy otherwise."""
     options = [
-        click.option(
-            "--policy",
-            "policy_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=DEFAULT_POLICY,
-            show_default=True,
-            help="Policy YAML file ($MODERATION_POLICY sets the default).",
-        ),
         click.option("--model", help="open_clip architecture; default: the policy's."),
         click.option(
             "--pretrained",
@@ -65,7 +72,10 @@ def load_moderator(
     random_weights: bool,
     cache_dir: Path | None,
     batch_size: int,
+    cache: Any = None,
 ) -> Any:
+    """The :class:`~moderation.Moderator` of a policy file, its errors as click's; ``cache``:
+    a text-embedding cache a layer above provides (default: the folder cache)."""
     from .backends import RandomWeightsWarning
     from .moderator import Moderator
 
@@ -78,6 +88,7 @@ def load_moderator(
                 pretrained=pretrained,
                 random_weights=random_weights,
                 cache_dir=cache_dir,
+                cache=cache,
                 batch_size=batch_size,
             )
         except ModerationError as e:
