@@ -33,7 +33,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "No such decision or policy version",
         413: "Request too large, too many images, or (single image) too many pixels",
         415: "Unsupported media type, or (single image) unsupported image format",
-        422: "The policy file on disk is not valid; the previous policy keeps serving",
+        422: "The policy is not valid (invalid_policy: the previous policy keeps serving), or "
+        "is for another model than the stored embeddings (model_mismatch)",
     }
     return {str(s): _json(_ref("Error"), meaning[s]) for s in statuses}
 
@@ -119,6 +120,55 @@ def openapi_document() -> dict[str, Any]:
                                                "maximum": 1000}}],
                     "responses": {
                         "200": _json(_ref("PolicyVersions"), "Activations"),
+                        **_errors(400, 401, 403, 404),
+                    },
+                }
+            },
+            "/v1/policy/dry-run": {
+                "post": {
+                    "summary": "What a proposed policy would decide for past traffic "
+                    "(admin token)",
+                    "description": "Re-decides the stored decisions of the window (their "
+                    "stored frame embeddings) under the active policy (or `against` a stored "
+                    "version) and under the proposed one; nothing is activated or recorded. "
+                    "The policy is the YAML body (options in the query string) or JSON.",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": name, "in": "query", "required": False, "schema": schema}
+                        for name, schema in (
+                            ("since", {"type": "string"}), ("until", {"type": "string"}),
+                            ("against", {"type": "string"}),
+                            ("limit", {"type": "integer", "minimum": 0, "maximum": 500}),
+                        )
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/yaml": {"schema": {"type": "string"}},
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/json": {"schema": _ref("DryRunJSON")},
+                        },
+                    },
+                    "responses": {
+                        "200": _json(_ref("DryRun"), "Counts before and after, the changed "
+                                                     "decisions and the policies' diff"),
+                        **_errors(400, 401, 403, 404, 415, 422),
+                    },
+                }
+            },
+            "/v1/policy/diff": {
+                "get": {
+                    "summary": "What differs between two stored policy versions (reader token)",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": "from", "in": "query", "required": True,
+                         "schema": {"type": "string"}},
+                        {"name": "to", "in": "query", "required": False,
+                         "schema": {"type": "string"},
+                         "description": "default: the active policy"},
+                    ],
+                    "responses": {
+                        "200": _json(_ref("PolicyDiff"), "The differences, in plain words"),
                         **_errors(400, 401, 403, 404),
                     },
                 }

@@ -13,12 +13,14 @@ from typing import Any
 
 __all__ = [
     "MAX_ID_LENGTH",
+    "DryRunRequest",
     "ModerateRequest",
     "RequestError",
     "Upload",
     "check_text",
     "decode_base64",
     "load_json",
+    "parse_dry_run",
     "parse_json",
     "parse_multipart",
 ]
@@ -225,3 +227,74 @@ def parse_json(body: Any, max_images: int) -> ModerateRequest:
             continue
         uploads.append(Upload(item_id, data))
     return ModerateRequest(uploads, _profile(body.get("profile")))
+
+
+# --- POST /v1/policy/dry-run ---------------------------------------------------------------
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
+              "text/plain")
+MAX_DRY_RUN_LIMIT = 500
+_DRY_RUN_FIELDS = ("policy", "since", "until", "against", "limit")
+
+
+@dataclass(frozen=True)
+class DryRunRequest:
+    """A proposed policy's text and the window to try it on (times as given: unix seconds,
+    ISO 8601 or an age)."""
+
+    policy: str
+    since: str | None = "7d"
+    until: str | None = None
+    against: str | None = None
+    limit: int = 20
+
+
+def _dry_run_option(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name == "limit":
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = -1
+        if isinstance(value, bool) or not 0 <= number <= MAX_DRY_RUN_LIMIT:
+            raise RequestError(400, "invalid_field", f"limit must be an integer from 0 to "
+                                                     f"{MAX_DRY_RUN_LIMIT}; got {value!r}")
+        return number
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RequestError(400, "invalid_field", f"{name} must be a string; got {value!r}")
+    return check_text(str(value), name)
+
+
+def parse_dry_run(mimetype: str, body: bytes, args: Mapping[str, str]) -> DryRunRequest:
+    """The policy as a YAML body (options in the query string), or JSON ``{"policy":
+    "<yaml>", "since": …, "until": …, "against": …, "limit": …}`` (options in either)."""
+    options: dict[str, Any] = {k: args[k] for k in _DRY_RUN_FIELDS[1:] if k in args}
+    if mimetype == "application/json":
+        data = load_json(body)
+        if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
+            raise RequestError(
+                400, "missing_field",
+                "send the proposed policy as JSON {\"policy\": \"<policy YAML>\", \"since\": "
+                "\"7d\"}, or as the YAML body itself (Content-Type: application/yaml)",
+            )
+        unknown = sorted(set(data) - set(_DRY_RUN_FIELDS))
+        if unknown:
+            raise RequestError(400, "invalid_field", f"unknown fields {unknown}; accepted: "
+                                                     f"{', '.join(_DRY_RUN_FIELDS)}")
+        options.update({k: data[k] for k in _DRY_RUN_FIELDS[1:] if k in data})
+        text = data["policy"]
+    elif mimetype in YAML_TYPES:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(400, "invalid_policy", f"the policy is not UTF-8 text: {e}") from e
+    else:
+        raise RequestError(
+            415, "unsupported_media_type",
+            f"send the proposed policy as application/yaml (or text/plain), or as JSON "
+            f"{{\"policy\": \"<yaml>\"}}; got Content-Type {mimetype or '(none)'!r}",
+        )
+    if not text.strip():
+        raise RequestError(400, "missing_field", "the proposed policy is empty")
+    return DryRunRequest(policy=text, **{k: _dry_run_option(k, v) for k, v in options.items()})

@@ -11,16 +11,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from decisionlog.lab import DryRun, PolicyChange
 from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
 
 __all__ = [
     "MODELS",
     "DecisionPage",
+    "DryRun",
+    "DryRunJSON",
     "Error",
     "ImageDecision",
     "ImageFailure",
     "ModerateJSON",
     "ModerateResponse",
+    "PolicyChange",
+    "PolicyDiff",
     "PolicyResponse",
     "PolicyVersionText",
     "PolicyVersions",
@@ -139,6 +144,26 @@ class PolicyVersionText(BaseModel):
     recorded_at: float
 
 
+class DryRunJSON(BaseModel):
+    """The JSON form of a dry-run request (the YAML body form takes the same options in the
+    query string)."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: str = Field(description="the proposed policy, as policy YAML")
+    since: str | float | None = Field(
+        default="7d", description="unix seconds, ISO 8601 or an age (7d); null: no start")
+    until: str | float | None = Field(default=None, description="default: now")
+    against: str | None = Field(default=None, description="a stored policy version to compare "
+                                                          "with (default: the active policy)")
+    limit: int = Field(default=20, ge=0, le=500, description="changed decisions to show")
+
+
+class PolicyDiff(BaseModel):
+    from_version: str
+    to_version: str
+    changes: list[PolicyChange]
+
+
 class DecisionPage(BaseModel):
     decisions: list[DecisionRecord]
     next_cursor: str | None = Field(description="pass it as cursor for the next page")
@@ -182,6 +207,9 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (ReloadResponse, "serialization"),
     (PolicyVersions, "serialization"),
     (PolicyVersionText, "serialization"),
+    (DryRunJSON, "validation"),
+    (DryRun, "serialization"),
+    (PolicyDiff, "serialization"),
     (DecisionRecord, "serialization"),
     (DecisionPage, "serialization"),
     (Stats, "serialization"),

@@ -1,5 +1,6 @@
-"""The active policy: ``GET /v1/policy``, ``POST /v1/policy/reload`` (admin), and the history
-of activations with each version's text: ``GET /v1/policy/versions[/<version>]`` (reader)."""
+"""The active policy: ``GET /v1/policy``, ``POST /v1/policy/reload`` (admin), the history
+of activations with each version's text: ``GET /v1/policy/versions[/<version>]`` (reader),
+and the policy lab: ``POST /v1/policy/dry-run`` (admin), ``GET /v1/policy/diff`` (reader)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from flask import Blueprint, Response, jsonify, request
 from moderation import ModerationError, PolicyError
 
 from ..auth import admin_required, api_key_required, reader_required
-from ..parsing import RequestError
-from ..schemas import PolicyActivation, PolicyVersions, PolicyVersionText, ReloadResponse
-from . import holder, int_arg
+from ..lab import run_dry_run
+from ..parsing import RequestError, parse_dry_run
+from ..schemas import (
+    PolicyActivation,
+    PolicyChange,
+    PolicyDiff,
+    PolicyVersions,
+    PolicyVersionText,
+    ReloadResponse,
+)
+from . import holder, int_arg, store
 
 bp = Blueprint("policy", __name__)
 
@@ -105,4 +114,43 @@ def version_text(version: str) -> Any:
     return jsonify(PolicyVersionText(
         version=found.version, name=found.name, source=found.source, text=found.text,
         recorded_at=found.created_at,
+    ).model_dump(mode="json"))
+
+
+@bp.post("/v1/policy/dry-run")
+@admin_required
+def dry_run() -> Any:
+    """What a proposed policy would decide for the stored decisions of a window, next to the
+    active policy (or ``against`` a stored version). Nothing is activated or recorded."""
+    proposal = parse_dry_run(request.mimetype, request.get_data(cache=False), request.args)
+    report = run_dry_run(holder(), store(), proposal)
+    return jsonify(report.model_dump(mode="json"))
+
+
+@bp.get("/v1/policy/diff")
+@reader_required
+def diff() -> Any:
+    """What differs from stored version ``from`` to stored version ``to`` (default: the
+    active policy), in plain words."""
+    from moderation.diff import diff_policies
+    from moderation.policy import parse_policy
+
+    policies = _policies()
+    names = {"from": request.args.get("from"), "to": request.args.get("to")}
+    if not names["from"]:
+        raise RequestError(400, "missing_field", "give the version to compare: ?from=VERSION"
+                                                 "[&to=VERSION] (to: the active policy)")
+    found = {}
+    for key, version in names.items():
+        if key == "to" and not version:
+            found[key] = holder().current().policy
+            continue
+        stored = policies.text(version or "")
+        if stored is None:
+            raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
+        found[key] = parse_policy(stored.text, source=stored.source)
+    changes = diff_policies(found["from"], found["to"])
+    return jsonify(PolicyDiff(
+        from_version=found["from"].version, to_version=found["to"].version,
+        changes=[PolicyChange.of(c) for c in changes],
     ).model_dump(mode="json"))

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from flask import Flask
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
 
-from tests.conftest import BLUE, RED, image_bytes
+from tests.conftest import BLUE, HAND_POLICY, RED, image_bytes
 from tests.service.conftest import ADMIN, READER
 
 
@@ -60,6 +61,19 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("get", "/v1/policy/versions/nope", {"headers": {"Authorization": f"Bearer {READER}"}},
      404),
     ("get", "/v1/stats", {}, 401),
+    ("post", "/v1/policy/dry-run", {"data": yaml.safe_dump(HAND_POLICY),
+                                    "content_type": "application/yaml",
+                                    "headers": {"Authorization": f"Bearer {ADMIN}"}}, 200),
+    ("post", "/v1/policy/dry-run", {"json": {"policy": yaml.safe_dump(HAND_POLICY),
+                                             "since": "1h", "limit": 3},
+                                    "headers": {"Authorization": f"Bearer {ADMIN}"}}, 200),
+    ("post", "/v1/policy/dry-run", {"data": "name: x", "content_type": "application/yaml",
+                                    "headers": {"Authorization": f"Bearer {ADMIN}"}}, 422),
+    ("post", "/v1/policy/dry-run", {"data": "x", "content_type": "image/png",
+                                    "headers": {"Authorization": f"Bearer {ADMIN}"}}, 415),
+    ("get", "/v1/policy/diff", {"headers": {"Authorization": f"Bearer {READER}"}}, 400),
+    ("get", "/v1/policy/diff", {"query_string": {"from": "nope"},
+                                "headers": {"Authorization": f"Bearer {READER}"}}, 404),
     ("get", "/dashboard", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
     ("get", "/healthz", {}, 200),
     ("get", "/readyz", {}, 200),
@@ -136,3 +150,21 @@ def test_the_schemas_are_the_models() -> None:
         "flagged"}
     assert record["properties"]["categories"]["additionalProperties"] == {
         "$ref": "#/components/schemas/CategoryOutcome"}
+
+
+def test_a_dry_run_with_changes_and_a_diff_match_the_document(app: Flask, spec: OpenAPI) -> None:
+    client = app.test_client()
+    client.post("/v1/moderate", **upload((image_bytes(RED), "a.png"), (image_bytes(BLUE), "b")))
+    app.extensions["decisions"][1].flush()
+    version = client.get("/v1/policy").get_json()["version"]
+    edited = yaml.safe_load(yaml.safe_dump(HAND_POLICY))
+    edited["categories"]["weapons"]["threshold"] = {"value": -1.0}
+    response = client.post("/v1/policy/dry-run", data=yaml.safe_dump(edited),
+                           content_type="application/yaml",
+                           headers={"Authorization": f"Bearer {ADMIN}"})
+    assert response.status_code == 200 and response.get_json()["changed"]
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+    response = client.get(f"/v1/policy/diff?from={version}&to={version}",
+                          headers={"Authorization": f"Bearer {READER}"})
+    assert response.status_code == 200 and response.get_json()["changes"] == []
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))

@@ -1,0 +1,68 @@
+"""The policy lab behind ``POST /v1/policy/dry-run`` and the lab page: a proposed policy's
+text → a dry-run against the active policy (or a stored version), with this server's encoder
+and the decision log's stored embeddings. Nothing is activated or recorded."""
+
+from __future__ import annotations
+
+from decisionlog import DecisionStore, parse_time
+from decisionlog.lab import DryRun, dry_run
+from moderation import ModerationError, PolicyError
+from moderation.policy import Policy, parse_policy
+
+from .parsing import DryRunRequest, RequestError
+from .state import PolicyHolder
+
+__all__ = ["run_dry_run"]
+
+
+def _time(name: str, value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise RequestError(400, "invalid_field", f"{name}: {e}") from e
+
+
+def _model(policy: Policy) -> str:
+    return f"{policy.model.name}/{policy.model.pretrained}"
+
+
+def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunRequest) -> DryRun:
+    """Raises :class:`RequestError`: 422 for a policy that is not valid or is for another
+    model, 404 for an unknown ``against`` version, 400 for a bad time."""
+    active = holder.current()
+    since, until = _time("since", request.since), _time("until", request.until)
+    base_dir = holder.policy_path.parent if holder.policy_path is not None else None
+    try:
+        proposed = parse_policy(request.policy, source="proposed policy", base_dir=base_dir)
+    except PolicyError as e:
+        raise RequestError(422, "invalid_policy", "the proposed policy is not valid",
+                           faults=e.faults) from e
+    before, before_source = active.policy, "active policy"
+    if request.against:
+        stored = holder.policies.text(request.against) if holder.policies else None
+        if stored is None:
+            raise RequestError(404, "not_found",
+                               f"no policy version {request.against!r} was ever active")
+        before = parse_policy(stored.text, source=stored.source, base_dir=base_dir)
+        before_source = f"stored version {request.against}"
+    for what, policy in (("the proposed policy", proposed), (before_source, before)):
+        if policy.model != active.policy.model:
+            raise RequestError(
+                422, "model_mismatch",
+                f"{what} names model {_model(policy)}, but the stored embeddings (and this "
+                f"server's encoder) belong to model {active.encoder.identity} "
+                f"({_model(active.policy)}): a dry-run re-scores stored embeddings, which "
+                "only works with the model that made them",
+            )
+    try:
+        after = active.with_policy(proposed)  # encodes the new prompts once (the cache)
+        current = active.with_policy(before) if before is not active.policy else active
+        return dry_run(
+            store, current.scorer(), after.scorer(), model=active.encoder.identity,
+            since=since, until=until, limit=request.limit, before_source=before_source,
+            after_source="proposed policy",
+        )
+    except ModerationError as e:  # thresholds calibrated with another model
+        raise RequestError(422, "model_mismatch", str(e)) from e
