@@ -336,6 +336,19 @@ class DecisionStore:
                 counts["rate"] = counts["flagged"] / entry["total"]
         return [buckets[k] for k in sorted(buckets, key=lambda k: (k[0], k[1]))]
 
+    def flag_counts(self, since: float | None = None, until: float | None = None
+                    ) -> tuple[int, dict[str, int]]:
+        """Decisions made in the window (errors aside), and how many each category flagged."""
+        where = self._filters(since, until, None, None, None)
+        total = self._rows(sa.select(sa.func.count()).select_from(decisions)
+                           .where(*where, decisions.c.error_code.is_(None)))[0][0]
+        flags = self._rows(
+            sa.select(decision_flags.c.category, sa.func.count())
+            .where(*self._filters(since, until, None, None, None, decision_flags))
+            .group_by(decision_flags.c.category)
+        )
+        return int(total), {str(c): int(n) for c, n in flags}
+
     def export(self, since: float | None = None, until: float | None = None
                ) -> Iterator[DecisionRecord]:
         """Every decision in the range, oldest first, page by page."""

@@ -17,7 +17,10 @@ from flask import request
 from .parsing import RequestError
 from .settings import current_settings
 
-__all__ = ["TOKEN_COOKIE", "admin_required", "api_key_required", "reader_required"]
+__all__ = [
+    "TOKEN_COOKIE", "admin_page_required", "admin_required", "api_key_required",
+    "reader_required",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 TOKEN_COOKIE = "moderation_token"
@@ -84,6 +87,21 @@ def reader_required(view: F) -> F:
         given = _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
         _require(tokens, given, "MODERATION_READER_TOKEN", "reader",
                  "Authorization: Bearer <token>, or ?token= for the dashboard")
+        return view(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def admin_page_required(view: F) -> F:
+    """The admin token for a dashboard page: also from ``?token=`` or the dashboard cookie
+    (``SameSite=Strict``: another site's form cannot send it)."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        token = current_settings().admin_token
+        given = _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
+        _require([token] if token else [], given, "MODERATION_ADMIN_TOKEN", "admin",
+                 "Authorization: Bearer <token>, or ?token=<admin token> for the page")
         return view(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]

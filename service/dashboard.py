@@ -10,9 +10,19 @@ from typing import Any
 from flask import render_template
 
 from decisionlog import DecisionStore
-from moderation import Moderator
+from decisionlog.lab import DryRun
+from moderation import ModerationError, Moderator
+from moderation.diff import diff_policies
+from moderation.policy import Policy, parse_policy
 
-__all__ = ["render_dashboard"]
+from .state import PolicyHolder, read_policy_text
+
+__all__ = ["active_text", "history_entries", "render_dashboard", "render_history",
+           "render_lab"]
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
@@ -87,7 +97,98 @@ def render_dashboard(moderator: Moderator, store: DecisionStore, hours: int = 48
         "dashboard.html",
         policy=policy, model=moderator.encoder.identity, thresholds=thresholds,
         chart=chart, width=WIDTH, height=HEIGHT, pad=PAD, latest=latest, actions=actions,
-        hours=hours, bucket=bucket,
-        when=lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M:%S UTC"),
+        hours=hours, bucket=bucket, when=_when,
     )
+
+
+# --- policy history: what each activation changed, and what that did ----------------------
+
+EFFECT_WINDOW_S = 24 * 3600
+
+
+def _policy_at(holder: PolicyHolder, version: str, parsed: dict[str, Policy | None]
+               ) -> Policy | None:
+    if version not in parsed:
+        stored = holder.policies.text(version) if holder.policies is not None else None
+        base_dir = holder.policy_path.parent if holder.policy_path is not None else None
+        try:
+            parsed[version] = (parse_policy(stored.text, source=stored.source, base_dir=base_dir)
+                               if stored is not None else None)
+        except ModerationError:
+            parsed[version] = None
+    return parsed[version]
+
+
+def history_entries(holder: PolicyHolder, store: DecisionStore, limit: int = 20
+                    ) -> list[dict[str, Any]]:
+    """The latest activations, newest first, each with what changed from the one before it
+    and the flag rate of each category in the day before and the day after it (bounded by the
+    neighbouring activations)."""
+    if holder.policies is None:
+        return []
+    activations = holder.policies.history(limit=limit + 1)
+    parsed: dict[str, Policy | None] = {}
+    entries = []
+    now = time.time()
+    for i, a in enumerate(activations[:limit]):
+        older = activations[i + 1] if i + 1 < len(activations) else None
+        newer_at = activations[i - 1].activated_at if i > 0 else now
+        policy = _policy_at(holder, a.version, parsed)
+        changes = None
+        if older is not None and policy is not None:
+            previous = _policy_at(holder, older.version, parsed)
+            changes = diff_policies(previous, policy) if previous is not None else None
+        start = max(a.activated_at - EFFECT_WINDOW_S, older.activated_at if older else 0.0)
+        end = min(a.activated_at + EFFECT_WINDOW_S, newer_at)
+        n_before, flags_before = store.flag_counts(start, a.activated_at)
+        n_after, flags_after = store.flag_counts(a.activated_at, end)
+        categories = list(policy.categories) if policy is not None else []
+        categories += [c for c in {**flags_before, **flags_after} if c not in categories]
+        effect = [
+            {"category": cid,
+             "before": flags_before.get(cid, 0) / n_before if n_before else None,
+             "after": flags_after.get(cid, 0) / n_after if n_after else None}
+            for cid in categories
+        ]
+        entries.append({
+            "activation": a, "previous": older, "changes": changes, "effect": effect,
+            "n_before": n_before, "n_after": n_after,
+            "hours_before": (a.activated_at - start) / 3600,
+            "hours_after": (end - a.activated_at) / 3600,
+        })
+    return entries
+
+
+def render_history(holder: PolicyHolder, store: DecisionStore) -> str:
+    entries = history_entries(holder, store)
+    scale = max([e for entry in entries for x in entry["effect"]
+                 for e in (x["before"] or 0, x["after"] or 0)] + [0.01])
+    return render_template("history.html", entries=entries, scale=scale, when=_when,
+                           span=_span, policy=holder.current().policy)
+
+
+def _span(hours: float) -> str:
+    return f"{hours:.0f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+
+
+# --- the policy lab page -------------------------------------------------------------------
+
+
+def render_lab(holder: PolicyHolder, *, text: str, since: str, until: str, limit: int,
+               report: DryRun | None = None, error: dict[str, Any] | None = None) -> str:
+    active = holder.current()
+    return render_template(
+        "lab.html", policy=active.policy, model=active.encoder.identity, text=text, since=since,
+        until=until, limit=limit, report=report, error=error, when=_when,
+    )
+
+
+def active_text(holder: PolicyHolder) -> str:
+    """The active policy's text, as the log keeps it (else the file's)."""
+    version = holder.current().policy.version
+    stored = holder.policies.text(version) if holder.policies is not None else None
+    if stored is not None:
+        return stored.text
+    if holder.policy_path is not None and holder.policy_path.is_file():
+        return read_policy_text(holder.policy_path)
+    return ""

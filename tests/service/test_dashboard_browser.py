@@ -17,7 +17,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from decisionlog import DecisionRecord
-from tests.service.conftest import READER
+from tests.service.conftest import ADMIN, READER
 
 CHROMIUM = os.environ.get("MODERATION_TEST_CHROMIUM") or shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -88,3 +88,79 @@ def test_dashboard_in_headless_chromium(app: Flask, served: str, tmp_path: Path)
         browser.close()
     assert problems == []
     assert shot.stat().st_size > 10_000
+
+
+def moderate_colours(app: Flask, n: int = 40) -> None:
+    """Real decisions, with their frame embeddings: n images of assorted colours."""
+    import io
+
+    import numpy as np
+
+    from tests.conftest import image_bytes
+
+    client = app.test_client()
+    rng = np.random.default_rng(1)
+    colours = [tuple(int(x) for x in rng.integers(0, 256, 3)) for _ in range(n)]
+    for start in range(0, n, 10):
+        batch = colours[start:start + 10]
+        data = {"image": [(io.BytesIO(image_bytes(c)), f"{c}.png") for c in batch],
+                "id": [f"upload-{start + i}" for i in range(len(batch))]}
+        assert client.post("/v1/moderate", data=data).status_code == 200
+    app.extensions["decisions"][1].flush()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
+def test_policy_lab_and_history_in_headless_chromium(app: Flask, served: str, tmp_path: Path,
+                                                     policy_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    moderate_colours(app)
+    problems: list[str] = []
+    shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        assert page.goto(f"{served}/dashboard/lab?token={READER}").status == 401  # admin only
+        response = page.goto(f"{served}/dashboard/lab?token={ADMIN}")
+        assert response is not None and response.status == 200
+        text = page.locator("textarea#policy").input_value()
+        assert text == policy_path.read_text()  # the active policy, as the log keeps it
+        edited = text.replace("value: 0.8\n      review_from: 0.6", "value: 0.3")
+        assert edited != text
+        page.locator("textarea#policy").fill(edited)
+        page.locator("input[name=since]").fill("1h")
+        page.locator("button#run").click()
+        page.wait_for_selector("#result")
+        assert "weapons: threshold 0.8 → 0.3 (flags more)" in page.locator("#diff").inner_text()
+        weapons = page.locator("table#categories tr[data-category=weapons] td")
+        before, after = (int(weapons.nth(i).inner_text().split()[0]) for i in (1, 2))
+        assert after > before
+        rows = page.locator("table#changed tbody tr")
+        assert 0 < rows.count() <= 20
+        assert "40 decisions re-decided" in page.locator("#summary").inner_text()
+        page.screenshot(path=str(shots / "policy-lab.png"), full_page=True)
+
+        # a proposal that is not a policy: the faults, and the text kept in the form
+        page.locator("textarea#policy").fill("name: x\n")
+        page.locator("button#run").click()
+        page.wait_for_selector("#error")
+        assert "invalid_policy" in page.locator("#error").inner_text()
+        assert page.locator("textarea#policy").input_value() == "name: x\n"
+
+        # activate the edit, then the history shows what changed and its effect
+        policy_path.write_text(edited)
+        reload = app.test_client().post("/v1/policy/reload",
+                                        headers={"Authorization": f"Bearer {ADMIN}"})
+        assert reload.status_code == 200
+        moderate_colours(app, 20)
+        page.goto(f"{served}/dashboard/policies")  # the cookie carries the token
+        sections = page.locator("section.activation")
+        assert sections.count() == 2
+        assert "weapons: threshold 0.8 → 0.3 (flags more)" in sections.nth(0).inner_text()
+        assert "first activation" in sections.nth(1).inner_text()
+        page.screenshot(path=str(shots / "policy-history.png"), full_page=True)
+        browser.close()
+    # (the 401 and the 422 above were asked for; a JSON error page has no favicon)
+    assert [m for m in problems if not m.startswith("Failed to load resource")] == []
