@@ -78,20 +78,37 @@ def _time_option(value: str | None) -> float | None:
 @decisions.command("export")
 @click.option("--since", help="Unix seconds, ISO 8601, or an age (24h, 7d).")
 @click.option("--until", help="Same forms as --since.")
+@click.option("--rescore", "run_id", metavar="RUN_ID",
+              help="Export a re-score run's decisions (moderation decisions rescore) instead: "
+                   "each decision as the run's policy decides it; JSON lines also give the "
+                   "action originally logged.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
               show_default=True)
 @click.option("--out", type=click.File("w", encoding="utf-8"), default="-",
               help="Output file (default: standard output).")
 @_database_option
-def decisions_export(since: str | None, until: str | None, fmt: str, out: Any,
-                     database_url: str | None) -> None:
+def decisions_export(since: str | None, until: str | None, run_id: str | None, fmt: str,
+                     out: Any, database_url: str | None) -> None:
     """Write recorded decisions, oldest first, for offline analysis."""
     import csv
 
     from .records import CSV_COLUMNS
 
     store = _store(database_url)
-    records = store.export(since=_time_option(since), until=_time_option(until))
+    if run_id is not None:
+        from .rescore import export_rescore, rescore_runs_of
+
+        if not rescore_runs_of(store, run_id):
+            runs = ", ".join(r.id for r in rescore_runs_of(store, limit=5)) or "(none)"
+            raise click.ClickException(f"no re-score run {run_id!r}; the latest: {runs}")
+        rescored = export_rescore(store, run_id)
+        if fmt == "jsonl":
+            for record, original in rescored:
+                out.write(json.dumps({**record.view(), "original_action": original}) + "\n")
+            return
+        records: Any = (record for record, _ in rescored)
+    else:
+        records = store.export(since=_time_option(since), until=_time_option(until))
     if fmt == "jsonl":
         for record in records:
             out.write(json.dumps(record.view()) + "\n")
@@ -100,6 +117,62 @@ def decisions_export(since: str | None, until: str | None, fmt: str, out: Any,
     writer.writerow(CSV_COLUMNS)
     for record in records:
         writer.writerow(record.csv_row())
+
+
+@decisions.command("rescore")
+@click.option("--policy", "policy_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The policy to decide the stored decisions with.")
+@click.option("--since", required=True,
+              help="Start of the window: unix seconds, ISO 8601, or an age (30d).")
+@click.option("--until", help="End of the window (default: now).")
+@_database_option
+@weights_options
+def decisions_rescore(policy_path: Path, since: str, until: str | None,
+                      database_url: str | None, **weights: Any) -> None:
+    """Record what each stored decision of the window would get under --policy, in a re-score
+    run of its own (the decisions themselves are not modified); export it with
+    `moderation decisions export --rescore RUN_ID`."""
+    from moderation.prompts import EmbeddingCache
+
+    from .policies import SharedEmbeddingCache
+    from .rescore import rescore
+
+    url = database_url or default_database_url()
+    store = _store(url)
+    window = _time_option(since), _time_option(until)
+    cache_dir = weights["cache_dir"]
+    folder = EmbeddingCache(cache_dir / "embeddings" if cache_dir is not None else None)
+    moderator = load_moderator(policy_path=policy_path,
+                               cache=SharedEmbeddingCache(url, folder), **weights)
+    try:
+        run = rescore(store, moderator.scorer(),
+                      policy_text=policy_path.read_bytes().decode("utf-8"),
+                      policy_source=policy_path.name, since=window[0], until=window[1])
+    except ModerationError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(
+        f"re-score run {run.id}: {run.decisions} decisions decided again under policy "
+        f"{run.policy_name} {run.policy_version}; {run.changed} get another action than the "
+        f"one logged; {run.left_out} left out (errors, other models, no stored embedding)\n"
+        f"export it: moderation decisions export --rescore {run.id}"
+    )
+
+
+@decisions.command("rescores")
+@_database_option
+def decisions_rescores(database_url: str | None) -> None:
+    """List re-score runs, newest first."""
+    from .rescore import rescore_runs_of
+
+    for run in rescore_runs_of(_store(database_url)):
+        state = "finished" if run.finished_at else "unfinished"
+        click.echo(
+            f"{run.id}  {_when(run.created_at, '')}  {run.policy_name} {run.policy_version} "
+            f"({run.policy_source})  window {_when(run.since, 'the beginning')} to "
+            f"{_when(run.until, 'then')}  {run.decisions} decisions, {run.changed} changed, "
+            f"{run.left_out} left out  {state}"
+        )
 
 
 @decisions.command("purge")

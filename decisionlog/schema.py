@@ -19,6 +19,8 @@ __all__ = [
     "metadata",
     "policy_activations",
     "policy_versions",
+    "rescore_runs",
+    "rescored_decisions",
     "text_embeddings",
 ]
 
@@ -162,4 +164,38 @@ text_embeddings = sa.Table(
     sa.Column("model", sa.Text, primary_key=True),
     sa.Column("digest", sa.Text, primary_key=True),  # sha256 of the text
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32 bytes
+)
+
+#: A re-score: the decisions of a window decided again under another policy.
+rescore_runs = sa.Table(
+    "rescore_runs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("finished_at", sa.Float(precision=53)),  # NULL: running, or interrupted
+    sa.Column("policy_name", sa.Text, nullable=False),
+    sa.Column("policy_version", sa.Text, nullable=False),
+    sa.Column("policy_source", sa.Text, nullable=False),
+    sa.Column("policy_text", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("since", sa.Float(precision=53)),
+    sa.Column("until", sa.Float(precision=53)),
+    sa.Column("decisions", sa.Integer, nullable=False),
+    sa.Column("changed", sa.Integer, nullable=False),  # with another action than logged
+    sa.Column("left_out", sa.Integer, nullable=False),
+)
+
+#: What each decision of a run would get under the run's policy (the original is untouched).
+rescored_decisions = sa.Table(
+    "rescored_decisions",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("rescore_runs.id"), primary_key=True),
+    sa.Column("decision_id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),  # the decision's
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("triggered", sa.Text, nullable=False),
+    sa.Column("categories", sa.Text, nullable=False),  # JSON, as in decisions
+    sa.Column("frame", sa.Integer, nullable=False),
+    sa.Column("original_action", sa.Text, nullable=False),
+    sa.Index("rescored_time", "run_id", "created_at", "decision_id"),
 )

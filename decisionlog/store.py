@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from .database import connect, migrate
 from .records import DecisionRecord, ImageRef, PolicyRef
-from .schema import FrameVector, decision_flags, decision_frames, decisions
+from .schema import FrameVector, decision_flags, decision_frames, decisions, rescored_decisions
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class StoredFrames:
     """A chunk of stored decisions with the embeddings of all their stored frames, oldest
     first: what re-deciding past traffic reads.
 
-    ``ids``, ``client_ids``, ``profiles``: one entry per decision; ``created_at``: ndarray of
+    ``ids``, ``client_ids``, ``profiles``, ``actions`` (as logged): one entry per decision;
+    ``created_at``: ndarray of
     shape (n,), unix seconds; ``frame_counts``: ndarray of shape (n,), each decision's
     number of stored frames (at least 1); ``frames``: ndarray of shape (n_frames,), each
     frame's index in its file; ``vectors``: ndarray of shape (n_frames, dim), float32 (from
@@ -96,6 +97,7 @@ class StoredFrames:
     created_at: np.ndarray
     client_ids: list[str | None]
     profiles: list[str]
+    actions: list[str]
     frame_counts: np.ndarray
     frames: np.ndarray
     vectors: np.ndarray
@@ -163,10 +165,12 @@ class DecisionStore:
                 conn.execute(decision_frames.insert(), frames)
 
     def purge(self, older_than: float) -> int:
-        """Delete decisions created before the unix time ``older_than`` (with their flags
-        and frames); returns how many."""
+        """Delete decisions created before the unix time ``older_than`` (with their flags,
+        frames and re-scored versions); returns how many."""
         old = sa.select(decisions.c.id).where(decisions.c.created_at < older_than)
         with self._write() as conn:
+            conn.execute(rescored_decisions.delete()
+                         .where(rescored_decisions.c.created_at < older_than))
             conn.execute(decision_frames.delete().where(decision_frames.c.decision_id.in_(old)))
             conn.execute(decision_flags.delete().where(decision_flags.c.created_at < older_than))
             removed = conn.execute(decisions.delete().where(decisions.c.created_at < older_than))
@@ -407,12 +411,12 @@ class DecisionStore:
                     sa.and_(d.c.created_at == last[0], d.c.id > last[1]),
                 ))
             page = (
-                sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile)
+                sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile, d.c.action)
                 .where(*page_where).order_by(d.c.created_at, d.c.id).limit(chunk).subquery()
             )
             rows = self._rows(
                 sa.select(page.c.id, page.c.created_at, page.c.client_id, page.c.profile,
-                          f.c.frame, raw)
+                          page.c.action, f.c.frame, raw)
                 .select_from(page.outerjoin(f, f.c.decision_id == page.c.id))
             )
             if not rows:
@@ -423,28 +427,29 @@ class DecisionStore:
                 return
 
     def _frames_of_rows(self, rows: list[Any]) -> StoredFrames:
-        """Rows of (id, created_at, client_id, profile, frame, vector bytes), in any order,
-        grouped per decision in time order."""
+        """Rows of (id, created_at, client_id, profile, action, frame, vector bytes), in any
+        order, grouped per decision in time order."""
         index: dict[str, int] = {}
-        decided: list[tuple[float, str, str | None, str]] = []
+        decided: list[tuple[float, str, str | None, str, str]] = []
         owners, frames, blobs = [], [], []
-        for decision_id, created_at, client_id, profile, frame, blob in rows:
+        for decision_id, created_at, client_id, profile, action, frame, blob in rows:
             position = index.get(decision_id)
             if position is None:
                 position = index[decision_id] = len(decided)
-                decided.append((created_at, decision_id, client_id, profile))
+                decided.append((created_at, decision_id, client_id, profile, action))
             if blob is not None:
                 owners.append(position)
                 frames.append(frame)
                 blobs.append(blob)
         # decisions in time order; frames grouped per decision, in file order
+        in_time = sorted(range(len(decided)), key=lambda i: decided[i][:2])
         rank = np.empty(len(decided), np.int64)
-        rank[sorted(range(len(decided)), key=lambda i: decided[i][:2])] = np.arange(len(decided))
+        rank[in_time] = np.arange(len(decided))
         owner = rank[np.asarray(owners, np.int64)]
         frame = np.asarray(frames, np.int64)
         order = np.lexsort((frame, owner))
         counts = np.bincount(owner, minlength=len(decided))
-        kept = [decided[i] for i in np.argsort(rank)]
+        kept = [decided[i] for i in in_time]
         has = counts > 0
         kept = [k for k, h in zip(kept, has, strict=True) if h]
         return StoredFrames(
@@ -452,6 +457,7 @@ class DecisionStore:
             created_at=np.array([k[0] for k in kept], np.float64),
             client_ids=[k[2] for k in kept],
             profiles=[k[3] for k in kept],
+            actions=[k[4] for k in kept],
             frame_counts=counts[has],
             frames=frame[order],
             vectors=FrameVector.decode_many([blobs[i] for i in order], self.dialect),

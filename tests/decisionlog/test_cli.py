@@ -119,3 +119,29 @@ def test_against_a_stored_version_and_diff(
     result = CliRunner().invoke(main, ["policy", "diff", "nope", str(proposed),
                                        "--database-url", url])
     assert result.exit_code == 1 and f"its latest versions: {version}" in result.output
+
+
+def test_rescore_then_export_it(log: tuple[str, Path], tiny: dict[str, Any],
+                                tmp_path: Path) -> None:
+    url, _ = log
+    tiny["categories"]["weapons"]["threshold"] = {"value": -1.0}
+    proposed = write(tiny, tmp_path / "low.yaml")
+    runner = CliRunner()
+    result = runner.invoke(main, ["decisions", "rescore", "--policy", str(proposed), "--since",
+                                  "1h", "--random-weights", "--database-url", url])
+    assert result.exit_code == 0, result.output
+    assert "7 decisions decided again" in result.output
+    run_id = result.output.split("re-score run ")[1].split(":")[0]
+    result = runner.invoke(main, ["decisions", "export", "--rescore", run_id,
+                                  "--database-url", url])
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 7 and {line["action"] for line in lines} == {"block"}
+    assert all(line["policy"]["name"] == "hand" and "original_action" in line for line in lines)
+    result = runner.invoke(main, ["decisions", "export", "--rescore", run_id, "--format", "csv",
+                                  "--database-url", url])
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 8
+    result = runner.invoke(main, ["decisions", "rescores", "--database-url", url])
+    assert result.output.startswith(run_id) and "7 decisions" in result.output
+    result = runner.invoke(main, ["decisions", "export", "--rescore", "nope",
+                                  "--database-url", url])
+    assert result.exit_code == 1 and f"the latest: {run_id}" in result.output

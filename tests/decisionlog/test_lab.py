@@ -193,3 +193,29 @@ def test_chunks_add_up_to_the_whole_window(store: DecisionStore) -> None:
     pieces = dry_run(store, scorer(HAND_POLICY), after, chunk=7, **args)
     assert whole.decisions == pieces.decisions == 150
     assert whole.model_dump(exclude={"seconds"}) == pieces.model_dump(exclude={"seconds"})
+
+
+def test_rescore_records_each_decision_under_the_policy_and_leaves_the_log_alone(
+        store: DecisionStore) -> None:
+    from decisionlog.rescore import export_rescore, rescore, rescore_runs_of
+
+    ids = put(store, HAND_IMAGES)
+    [animation] = put(store, [np.stack([NOTHING, BEER, RIFLE])], frames=[0, 7, 14])
+    put(store, [RIFLE[None]], error=True)
+    before = [store.get(i) for i in ids]
+    run = rescore(store, scorer(edited("weapons", threshold={"value": 0.95})),
+                  policy_text="(text)", policy_source="p.yaml")
+    assert (run.decisions, run.left_out) == (6, 1) and run.finished_at is not None
+    # put() logs "allow"; weapons at 0.95 without a review band blocks nothing, so the beer
+    # and the clip's beer frame (alcohol flags) are the two that differ
+    assert run.changed == 2
+    exported = {r.id: (r, original) for r, original in export_rescore(store, run.id)}
+    assert [exported[i][0].action for i in ids] == ["allow", "allow", "allow", "flag", "allow"]
+    clip, original = exported[animation]
+    assert clip.action == "flag" and clip.frame == 7 and original == "allow"
+    assert clip.categories["weapons"].frame == 14  # its best frame, under the threshold now
+    assert clip.policy.version == run.policy_version != "v"
+    assert [store.get(i) for i in ids] == before  # the decisions themselves are untouched
+    assert [r.id for r in rescore_runs_of(store)] == [run.id]
+    store.purge(time.time())
+    assert list(export_rescore(store, run.id)) == []
