@@ -12,8 +12,11 @@ products: memory stays flat in the window's size.
 from __future__ import annotations
 
 import heapq
+import queue
+import threading
 import time
-from typing import Literal
+from collections.abc import Iterator
+from typing import Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -228,6 +231,48 @@ class _Tally:
         return sum(self.kinds.values())
 
 
+T = TypeVar("T")
+
+
+def read_ahead(chunks: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``chunks``, produced by a thread of their own up to ``depth`` ahead: reading the next
+    chunk from the database (which releases the GIL) overlaps scoring this one."""
+    ready: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def put(item: tuple[str, object]) -> bool:
+        while not stopped.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not put(("chunk", chunk)):
+                    return
+            put(("done", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="dry-run-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+    finally:
+        stopped.set()
+        thread.join()
+
+
 def _margins(score: np.ndarray, values: np.ndarray) -> np.ndarray:
     """score - threshold per category; -inf for a category the policy does not have."""
     return np.where(np.isfinite(score), score - values, -np.inf)
@@ -279,7 +324,8 @@ def dry_run(
     tally = _Tally(union, limit)
     without_frames = 0
     profile_missing: dict[str, int] = {}
-    for part in store.scan_frames(model=model, since=since, until=until, chunk=chunk):
+    for part in read_ahead(store.scan_frames(model=model, since=since, until=until,
+                                             chunk=chunk)):
         without_frames += part.without_frames
         profiles = np.array(part.profiles)
         for profile in np.unique(profiles):

@@ -393,23 +393,48 @@ class DecisionStore:
 
     def scan_frames(self, *, model: str, since: float | None = None,
                     until: float | None = None, chunk: int = 4096) -> Iterator[StoredFrames]:
-        """The decisions of ``model`` in the window that were made (no error), ``chunk`` at a
-        time, oldest first, with every stored frame: memory stays flat in the window's size.
+        """The decisions of ``model`` in the window that were made (no error), about
+        ``chunk`` at a time, oldest first, with every stored frame: memory stays flat in the
+        window's size.
 
-        Each chunk is one query: a page of decisions by the time index, joined to their
-        frames by primary key; vectors are read as bytes and decoded per chunk."""
+        SQLite: one statement for the whole window, read as it runs (the time index, then each
+        decision's frames by primary key). PostgreSQL: a page of decisions at a time (keyset
+        on the time index, where its planner keeps index lookups), joined to their frames.
+        Vectors are read as bytes and decoded with one numpy call per chunk."""
         d, f = decisions, decision_frames
         where = self._filters(since, until, None, None, None)
         where += [d.c.model == model, d.c.error_code.is_(None)]
         raw = FrameVector.raw(f.c.embedding, self.dialect)
-        last: tuple[float, str] | None = None
+        if self.dialect == "sqlite":
+            statement = (
+                sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile, d.c.action,
+                          f.c.frame, raw)
+                .select_from(d.outerjoin(f, f.c.decision_id == d.c.id))
+                .where(*where).order_by(d.c.created_at, d.c.id)
+            )
+            with self.engine.connect() as conn:
+                result = conn.execution_options(stream_results=True).execute(statement)
+                held: list[Any] = []
+                while True:
+                    rows = result.fetchmany(chunk)
+                    if not rows:
+                        break
+                    rows = held + list(rows)
+                    # the last decision's frames may go on in the next rows: hold it back
+                    last = len(rows) - 1
+                    while last > 0 and rows[last - 1][0] == rows[-1][0]:
+                        last -= 1
+                    held = rows[last:]
+                    if last:
+                        yield self._frames_of_rows(rows[:last])
+                if held:
+                    yield self._frames_of_rows(held)
+            return
+        last_key: tuple[float, str] | None = None
         while True:
             page_where = list(where)
-            if last is not None:
-                page_where.append(sa.or_(
-                    d.c.created_at > last[0],
-                    sa.and_(d.c.created_at == last[0], d.c.id > last[1]),
-                ))
+            if last_key is not None:
+                page_where.append(sa.tuple_(d.c.created_at, d.c.id) > sa.tuple_(*last_key))
             page = (
                 sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile, d.c.action)
                 .where(*page_where).order_by(d.c.created_at, d.c.id).limit(chunk).subquery()
@@ -418,50 +443,41 @@ class DecisionStore:
                 sa.select(page.c.id, page.c.created_at, page.c.client_id, page.c.profile,
                           page.c.action, f.c.frame, raw)
                 .select_from(page.outerjoin(f, f.c.decision_id == page.c.id))
+                .order_by(page.c.created_at, page.c.id)
             )
             if not rows:
                 return
             yield self._frames_of_rows(rows)
-            last = max((r[1], r[0]) for r in rows)
+            last_key = (rows[-1][1], rows[-1][0])
             if len({r[0] for r in rows}) < chunk:
                 return
 
-    def _frames_of_rows(self, rows: list[Any]) -> StoredFrames:
-        """Rows of (id, created_at, client_id, profile, action, frame, vector bytes), in any
-        order, grouped per decision in time order."""
-        index: dict[str, int] = {}
-        decided: list[tuple[float, str, str | None, str, str]] = []
-        owners, frames, blobs = [], [], []
-        for decision_id, created_at, client_id, profile, action, frame, blob in rows:
-            position = index.get(decision_id)
-            if position is None:
-                position = index[decision_id] = len(decided)
-                decided.append((created_at, decision_id, client_id, profile, action))
-            if blob is not None:
-                owners.append(position)
-                frames.append(frame)
-                blobs.append(blob)
-        # decisions in time order; frames grouped per decision, in file order
-        in_time = sorted(range(len(decided)), key=lambda i: decided[i][:2])
-        rank = np.empty(len(decided), np.int64)
-        rank[in_time] = np.arange(len(decided))
-        owner = rank[np.asarray(owners, np.int64)]
-        frame = np.asarray(frames, np.int64)
-        order = np.lexsort((frame, owner))
-        counts = np.bincount(owner, minlength=len(decided))
-        kept = [decided[i] for i in in_time]
-        has = counts > 0
-        kept = [k for k, h in zip(kept, has, strict=True) if h]
+    def _frames_of_rows(self, rows: Sequence[Any]) -> StoredFrames:
+        """Rows of (id, created_at, client_id, profile, action, frame, vector bytes), in
+        decision time order, each decision's rows together (its frames in any order; one row
+        with no frame for a decision without any)."""
+        ids, created, clients, profiles, actions, frames, blobs = zip(*rows, strict=True)
+        n_rows = len(ids)
+        first = np.ones(n_rows, bool)  # where a decision's rows begin
+        first[1:] = np.asarray(ids[1:], object) != np.asarray(ids[:-1], object)
+        owner = np.cumsum(first) - 1
+        has_frame = np.fromiter((b is not None for b in blobs), bool, n_rows)
+        heads = np.flatnonzero(first)
+        counts = np.bincount(owner[has_frame], minlength=len(heads))
+        kept = heads[counts > 0]
+        frame = np.asarray([x if x is not None else -1 for x in frames], np.int64)
+        order = np.flatnonzero(has_frame)
+        order = order[np.lexsort((frame[order], owner[order]))]
         return StoredFrames(
-            ids=[k[1] for k in kept],
-            created_at=np.array([k[0] for k in kept], np.float64),
-            client_ids=[k[2] for k in kept],
-            profiles=[k[3] for k in kept],
-            actions=[k[4] for k in kept],
-            frame_counts=counts[has],
+            ids=[ids[i] for i in kept],
+            created_at=np.asarray([created[i] for i in kept], np.float64),
+            client_ids=[clients[i] for i in kept],
+            profiles=[profiles[i] for i in kept],
+            actions=[actions[i] for i in kept],
+            frame_counts=counts[counts > 0],
             frames=frame[order],
             vectors=FrameVector.decode_many([blobs[i] for i in order], self.dialect),
-            without_frames=int((~has).sum()),
+            without_frames=int((counts == 0).sum()),
         )
 
     def frames_of(self, decision_ids: Sequence[str]) -> dict[str, tuple[list[int], np.ndarray]]:

@@ -71,9 +71,9 @@ def score_images(images: np.ndarray, text: PolicyEmbeddings) -> Scores:
     gap = np.nan_to_num(exception_similarity - similarity, nan=0.0)
     score = np.clip(similarity - np.maximum(gap, 0.0), -1.0, 1.0)
     return Scores(
-        similarity=similarity.astype(np.float32),
+        similarity=similarity.astype(np.float32, copy=False),
         exception_similarity=exception_similarity,
         closest_exception=closest,
-        score=score.astype(np.float32),
-        term_similarity=[t.astype(np.float32) for t in term_similarity],
+        score=score.astype(np.float32, copy=False),
+        term_similarity=[t.astype(np.float32, copy=False) for t in term_similarity],
     )
