@@ -273,6 +273,29 @@ def read_ahead(chunks: Iterator[T], depth: int = 2) -> Iterator[T]:
         thread.join()
 
 
+def window_of(store: DecisionStore, model: str, since: float | None, until: float | None
+          ) -> tuple[list[tuple[str, bool, int]], dict[str, int]]:
+    """The window's decisions per model (``store.window_counts``), and those made with
+    another model than ``model``. Raises :class:`ModelMismatchError` when the window holds
+    decisions, none of them of ``model``: stored embeddings are only comparable with text
+    embeddings of the model that made them."""
+    counts = store.window_counts(since, until)
+    mine = sum(n for m, e, n in counts if m == model and not e)
+    others: dict[str, int] = {}
+    for m, e, n in counts:
+        if m != model and not e:
+            others[m] = others.get(m, 0) + n
+    if mine == 0 and others:
+        listed = ", ".join(f"{m} ({n} decisions)" for m, n in sorted(others.items()))
+        raise ModelMismatchError(
+            f"the stored embeddings in this window belong to model {listed}, not to "
+            f"{model!r}, the model of the proposed policy: stored image embeddings can "
+            "only be scored with the text embeddings of the model that made them. Use a "
+            "policy for that model, or a window with decisions of this one."
+        )
+    return counts, others
+
+
 def _margins(score: np.ndarray, values: np.ndarray) -> np.ndarray:
     """score - threshold per category; -inf for a category the policy does not have."""
     return np.where(np.isfinite(score), score - values, -np.inf)
@@ -305,20 +328,7 @@ def dry_run(
             f"both policies must be encoded with {model!r}; got {before.text.model!r} and "
             f"{after.text.model!r}"
         )
-    counts = store.window_counts(since, until)
-    mine = sum(n for m, e, n in counts if m == model and not e)
-    others: dict[str, int] = {}
-    for m, e, n in counts:
-        if m != model and not e:
-            others[m] = others.get(m, 0) + n
-    if mine == 0 and others:
-        listed = ", ".join(f"{m} ({n} decisions)" for m, n in sorted(others.items()))
-        raise ModelMismatchError(
-            f"the stored embeddings in this window belong to model {listed}, not to "
-            f"{model!r}, the model of the proposed policy: a dry-run scores stored image "
-            "embeddings with the policy's text embeddings, which only works within one model. "
-            "Use a policy for that model, or a window with decisions of this one."
-        )
+    counts, others = window_of(store, model, since, until)
     union = list(dict.fromkeys([*before.text.category_ids, *after.text.category_ids]))
     sides = (_Side(before, union), _Side(after, union))
     tally = _Tally(union, limit)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from moderation.errors import ModelMismatchError
 from moderation.scorer import Scorer
 
+from .lab import window_of
 from .records import CategoryOutcome, DecisionRecord, ImageRef, PolicyRef
 from .schema import decisions, rescore_runs, rescored_decisions
 from .store import DecisionStore
@@ -70,16 +70,7 @@ def rescore(
     run. Raises :class:`ModelMismatchError` when the window holds decisions, none of them of
     the scorer's model."""
     model = scorer.text.model
-    counts = store.window_counts(since, until)
-    mine = sum(n for m, e, n in counts if m == model and not e)
-    others = {m: n for m, e, n in counts if m != model and not e}
-    if mine == 0 and others:
-        listed = ", ".join(f"{m} ({n} decisions)" for m, n in sorted(others.items()))
-        raise ModelMismatchError(
-            f"the stored embeddings in this window belong to model {listed}, not to "
-            f"{model!r}, the policy's model: re-scoring needs the model the decisions were "
-            "made with"
-        )
+    counts, others = window_of(store, model, since, until)
     run_id = uuid.uuid4().hex[:16]
     policy = scorer.policy
     with store.engine.begin() as conn:

@@ -4,24 +4,15 @@ and the decision log's stored embeddings. Nothing is activated or recorded."""
 
 from __future__ import annotations
 
-from decisionlog import DecisionStore, parse_time
+from decisionlog import DecisionStore
 from decisionlog.lab import DryRun, dry_run
 from moderation import ModerationError, PolicyError
 from moderation.policy import Policy, parse_policy
 
-from .parsing import DryRunRequest, RequestError
+from .parsing import DryRunRequest, RequestError, time_field
 from .state import PolicyHolder
 
 __all__ = ["run_dry_run"]
-
-
-def _time(name: str, value: str | None) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as e:
-        raise RequestError(400, "invalid_field", f"{name}: {e}") from e
 
 
 def _model(policy: Policy) -> str:
@@ -32,7 +23,7 @@ def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunReque
     """Raises :class:`RequestError`: 422 for a policy that is not valid or is for another
     model, 404 for an unknown ``against`` version, 400 for a bad time."""
     active = holder.current()
-    since, until = _time("since", request.since), _time("until", request.until)
+    since, until = time_field("since", request.since), time_field("until", request.until)
     base_dir = holder.policy_path.parent if holder.policy_path is not None else None
     try:
         proposed = parse_policy(request.policy, source="proposed policy", base_dir=base_dir)

@@ -23,6 +23,7 @@ __all__ = [
     "parse_dry_run",
     "parse_json",
     "parse_multipart",
+    "time_field",
 ]
 
 IMAGE_FIELD = "image"
@@ -298,3 +299,15 @@ def parse_dry_run(mimetype: str, body: bytes, args: Mapping[str, str]) -> DryRun
     if not text.strip():
         raise RequestError(400, "missing_field", "the proposed policy is empty")
     return DryRunRequest(policy=text, **{k: _dry_run_option(k, v) for k, v in options.items()})
+
+
+def time_field(name: str, value: str | None) -> float | None:
+    """A time parameter: unix seconds, ISO 8601, or an age (``24h``, ``7d``); blank: none."""
+    from decisionlog import parse_time
+
+    if value is None or value == "":
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise RequestError(400, "invalid_field", f"{name}: {e}") from e

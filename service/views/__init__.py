@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from flask import current_app, request
 
-from decisionlog import DecisionStore, Recorder, parse_time
+from decisionlog import DecisionStore, Recorder
 
 from ..metrics import Metrics
-from ..parsing import RequestError
+from ..parsing import RequestError, time_field
 from ..settings import current_settings as settings
 from ..state import PolicyHolder
 
@@ -37,13 +37,7 @@ def metrics() -> Metrics:
 
 def time_arg(name: str) -> float | None:
     """A time query parameter: unix seconds, ISO 8601, or an age (``24h``, ``7d``)."""
-    value = request.args.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as e:
-        raise RequestError(400, "invalid_field", f"{name}: {e}") from e
+    return time_field(name, request.args.get(name))
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
