@@ -133,18 +133,16 @@ def decisions_rescore(policy_path: Path, since: str, until: str | None,
     """Record what each stored decision of the window would get under --policy, in a re-score
     run of its own (the decisions themselves are not modified); export it with
     `moderation decisions export --rescore RUN_ID`."""
-    from moderation.prompts import EmbeddingCache
-
     from .policies import SharedEmbeddingCache
     from .rescore import rescore
 
     url = database_url or default_database_url()
     store = _store(url)
     window = _time_option(since), _time_option(until)
-    cache_dir = weights["cache_dir"]
-    folder = EmbeddingCache(cache_dir / "embeddings" if cache_dir is not None else None)
-    moderator = load_moderator(policy_path=policy_path,
-                               cache=SharedEmbeddingCache(url, folder), **weights)
+    moderator = load_moderator(
+        policy_path=policy_path,
+        cache=SharedEmbeddingCache.with_folder(url, weights["cache_dir"]), **weights,
+    )
     try:
         run = rescore(store, moderator.scorer(),
                       policy_text=policy_path.read_bytes().decode("utf-8"),
@@ -288,8 +286,6 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
     actions); prompts not in the text-embedding cache (the folder, then the log's) are
     encoded once, with PROPOSED's model. Nothing is recorded.
     """
-    from moderation.prompts import EmbeddingCache
-
     from .lab import dry_run
     from .policies import SharedEmbeddingCache
 
@@ -307,10 +303,10 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
             f"belong to model {before.model.name}/{before.model.pretrained}: a dry-run "
             "re-scores stored embeddings, which only works with the model that made them"
         )
-    cache_dir = weights["cache_dir"]
-    folder = EmbeddingCache(cache_dir / "embeddings" if cache_dir is not None else None)
-    after = load_moderator(policy_path=proposed, cache=SharedEmbeddingCache(url, folder),
-                           **weights)
+    after = load_moderator(
+        policy_path=proposed, cache=SharedEmbeddingCache.with_folder(url, weights["cache_dir"]),
+        **weights,
+    )
     try:
         current = after.with_policy(before)
         report = dry_run(

@@ -141,7 +141,8 @@ class DryRun(BaseModel):
 
 
 class _Side:
-    """A scorer per calibration profile, and where each category sits in the union."""
+    """A policy's scorer, and where each of its categories sits in the union of both
+    policies' categories."""
 
     def __init__(self, scorer: Scorer, union: list[str]) -> None:
         self.scorer = scorer
@@ -149,24 +150,20 @@ class _Side:
             [scorer.text.category_ids.index(c) if c in scorer.text.category_ids else _MISSING
              for c in union]
         )
-        self.values = {
-            profile: np.array([scorer.policy.threshold_for(c, profile).value
-                               if c in scorer.policy.categories else np.inf for c in union])
-            for profile in scorer.policy.profile_names()
-        }
 
     def has(self, profile: str) -> bool:
-        return profile in self.values
+        return profile in self.scorer.policy.profile_names()
 
     def spread(self, a: Assessment) -> tuple[np.ndarray, np.ndarray]:
-        """Severity and score per category of the union (missing: allow, -inf)."""
+        """Severity and margin per category of the union (a category the policy does not
+        have: allow, -inf)."""
         n = len(a.action)
         severity = np.zeros((n, len(self.columns)), np.int8)
-        score = np.full((n, len(self.columns)), -np.inf)
+        margin = np.full((n, len(self.columns)), -np.inf)
         present = self.columns != _MISSING
         severity[:, present] = a.severity[:, self.columns[present]]
-        score[:, present] = a.score[:, self.columns[present]]
-        return severity, score
+        margin[:, present] = a.margin[:, self.columns[present]]
+        return severity, margin
 
     def decide(self, vectors: np.ndarray, frames: list[int], profile: str) -> Outcome:
         scorer = Scorer(self.scorer.policy, self.scorer.text, profile)
@@ -296,11 +293,6 @@ def window_of(store: DecisionStore, model: str, since: float | None, until: floa
     return counts, others
 
 
-def _margins(score: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """score - threshold per category; -inf for a category the policy does not have."""
-    return np.where(np.isfinite(score), score - values, -np.inf)
-
-
 def dry_run(
     store: DecisionStore,
     before: Scorer,
@@ -349,11 +341,9 @@ def dry_run(
             else:
                 keep = np.repeat(profiles == profile, part.frame_counts)
                 vectors, counts_ = part.vectors[keep], part.frame_counts[rows]
-            results = []
-            for side in sides:
-                severity, score = side.spread(side.scorer.assess(vectors, counts_, profile))
-                results.append((severity, _margins(score, side.values[profile])))
-            tally.add(part, rows, profile, results[0], results[1])
+            before_, after_ = (side.spread(side.scorer.assess(vectors, counts_, profile))
+                               for side in sides)
+            tally.add(part, rows, profile, before_, after_)
 
     top = sorted(tally.top, reverse=True)
     stored = store.frames_of([t[3] for t in top])

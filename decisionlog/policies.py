@@ -15,12 +15,13 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
-from moderation.prompts import VectorCache
+from moderation.prompts import EmbeddingCache, VectorCache
 
 from .database import connect, migrate
 from .schema import policy_activations, policy_versions, text_embeddings
@@ -164,6 +165,13 @@ class SharedEmbeddingCache:
     def __init__(self, url: str, local: VectorCache | None = None) -> None:
         self.engine = connect(url)
         self.local = local
+
+    @classmethod
+    def with_folder(cls, url: str, cache_dir: str | Path | None = None
+                    ) -> SharedEmbeddingCache:
+        """In front of the core's folder cache under ``cache_dir``/embeddings (default: the
+        core's default folder), as the service and the commands use it."""
+        return cls(url, EmbeddingCache(Path(cache_dir) / "embeddings" if cache_dir else None))
 
     @staticmethod
     def _digest(key: str) -> str:

@@ -221,14 +221,7 @@ class DecisionStore:
     def frame_embeddings(self, decision_id: str) -> tuple[list[int], np.ndarray] | None:
         """Every stored frame of a decision: (frame indices, float32 array of shape
         (frames, dim)), for re-scoring; ``None`` when none is stored."""
-        rows = self._rows(
-            sa.select(decision_frames.c.frame, decision_frames.c.embedding)
-            .where(decision_frames.c.decision_id == decision_id)
-            .order_by(decision_frames.c.frame)
-        )
-        if not rows:
-            return None
-        return [int(r.frame) for r in rows], np.stack([r.embedding for r in rows])
+        return self.frames_of([decision_id]).get(decision_id)
 
     def embedding(self, decision_id: str) -> np.ndarray | None:
         """The decided frame's image embedding (float32, shape (dim,))."""

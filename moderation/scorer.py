@@ -37,13 +37,15 @@ class Assessment:
     terms, closest exceptions, frames): for re-deciding many stored images at once.
 
     ``score``: ndarray of shape (n_images, n_categories), float32, each category's maximum
-    over the image's frames. ``severity``: same shape, int8, each category's action as its
-    severity (0 allow, 1 flag, 2 review, 3 block). ``action``: ndarray of shape (n_images,),
-    int8, the image's action (the most severe of its categories').
+    over the image's frames. ``margin``: same shape, float64, ``score - threshold``.
+    ``severity``: same shape, int8, each category's action as its severity (0 allow, 1 flag,
+    2 review, 3 block). ``action``: ndarray of shape (n_images,), int8, the image's action
+    (the most severe of its categories').
     """
 
     category_ids: list[str]
     score: np.ndarray
+    margin: np.ndarray
     severity: np.ndarray
     action: np.ndarray
 
@@ -93,7 +95,7 @@ class Scorer:
         ids = self.text.category_ids
         if len(counts) == 0:
             empty = np.zeros((0, len(ids)))
-            return Assessment(ids, empty.astype(np.float32), empty.astype(np.int8),
+            return Assessment(ids, empty.astype(np.float32), empty, empty.astype(np.int8),
                               np.zeros(0, np.int8))
         if counts.min() < 1 or counts.sum() != len(vectors):
             raise ValueError(
@@ -103,7 +105,8 @@ class Scorer:
         score = _max_over_frames(score_images(vectors, self.text).score, counts)
         table = ThresholdTable.of(self.policy, ids, profile or self.profile)
         severity = category_severities(score, table)
-        return Assessment(ids, score, severity, severity.max(axis=1))
+        return Assessment(ids, score, score.astype(np.float64) - table.value, severity,
+                          severity.max(axis=1))
 
     def decide(
         self,

@@ -25,7 +25,6 @@ from decisionlog import (
     default_dead_letter_path,
 )
 from moderation import Moderator
-from moderation.prompts import EmbeddingCache
 
 from .errors import register_error_handlers
 from .metrics import Metrics
@@ -37,14 +36,13 @@ __all__ = ["create_app"]
 
 
 def _load_moderator(settings: Settings, database_url: str) -> Moderator:
-    folder = EmbeddingCache(settings.cache_dir / "embeddings" if settings.cache_dir else None)
     moderator = Moderator.from_policy(
         settings.policy,
         model=settings.model,
         pretrained=settings.pretrained,
         random_weights=settings.random_weights,
         # text embeddings in the log as well: what one replica encodes, the others read
-        cache=SharedEmbeddingCache(database_url, folder),
+        cache=SharedEmbeddingCache.with_folder(database_url, settings.cache_dir),
         threads=settings.torch_threads,
         limits=settings.image_limits,
     )

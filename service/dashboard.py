@@ -13,7 +13,7 @@ from decisionlog import DecisionStore
 from decisionlog.lab import DryRun
 from moderation import ModerationError, Moderator
 from moderation.diff import diff_policies
-from moderation.policy import Policy, parse_policy
+from moderation.policy import Policy
 
 from .state import PolicyHolder, read_policy_text
 
@@ -109,11 +109,8 @@ EFFECT_WINDOW_S = 24 * 3600
 def _policy_at(holder: PolicyHolder, version: str, parsed: dict[str, Policy | None]
                ) -> Policy | None:
     if version not in parsed:
-        stored = holder.policies.text(version) if holder.policies is not None else None
-        base_dir = holder.policy_path.parent if holder.policy_path is not None else None
         try:
-            parsed[version] = (parse_policy(stored.text, source=stored.source, base_dir=base_dir)
-                               if stored is not None else None)
+            parsed[version] = holder.stored_policy(version)
         except ModerationError:
             parsed[version] = None
     return parsed[version]

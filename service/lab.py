@@ -32,11 +32,11 @@ def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunReque
                            faults=e.faults) from e
     before, before_source = active.policy, "active policy"
     if request.against:
-        stored = holder.policies.text(request.against) if holder.policies else None
+        stored = holder.stored_policy(request.against)
         if stored is None:
             raise RequestError(404, "not_found",
                                f"no policy version {request.against!r} was ever active")
-        before = parse_policy(stored.text, source=stored.source, base_dir=base_dir)
+        before = stored
         before_source = f"stored version {request.against}"
     for what, policy in (("the proposed policy", proposed), (before_source, before)):
         if policy.model != active.policy.model:

@@ -172,10 +172,19 @@ class PolicyHolder:
             self._retry_at = time.monotonic() + 1.0
 
     def _policy_of(self, activation: Activation) -> Policy:
-        assert self.policies is not None
-        recorded = self.policies.text(activation.version)
-        if recorded is None:
+        found = self.stored_policy(activation.version)
+        if found is None:
             raise LookupError(f"the log has no text for policy version {activation.version}")
+        return found
+
+    def stored_policy(self, version: str) -> Policy | None:
+        """The policy ``version`` was (last) activated with, read from the log (a relative
+        checkpoint path resolved beside this server's policy file, as the file's own);
+        ``None`` when the log never had it. Raises :class:`PolicyError` if it no longer
+        validates."""
+        recorded = self.policies.text(version) if self.policies is not None else None
+        if recorded is None:
+            return None
         base_dir = self.policy_path.parent if self.policy_path is not None else None
         return parse_policy(recorded.text, source=recorded.source, base_dir=base_dir)
 

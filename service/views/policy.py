@@ -133,9 +133,8 @@ def diff() -> Any:
     """What differs from stored version ``from`` to stored version ``to`` (default: the
     active policy), in plain words."""
     from moderation.diff import diff_policies
-    from moderation.policy import parse_policy
 
-    policies = _policies()
+    _policies()  # 404 unless this server's policy is kept in the log
     names = {"from": request.args.get("from"), "to": request.args.get("to")}
     if not names["from"]:
         raise RequestError(400, "missing_field", "give the version to compare: ?from=VERSION"
@@ -145,10 +144,10 @@ def diff() -> Any:
         if key == "to" and not version:
             found[key] = holder().current().policy
             continue
-        stored = policies.text(version or "")
+        stored = holder().stored_policy(version or "")
         if stored is None:
             raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
-        found[key] = parse_policy(stored.text, source=stored.source)
+        found[key] = stored
     changes = diff_policies(found["from"], found["to"])
     return jsonify(PolicyDiff(
         from_version=found["from"].version, to_version=found["to"].version,

@@ -90,6 +90,8 @@ def test_assess_decides_as_decide_does_for_every_image(fake_encoder: FakeEncoder
             [d.categories[c].action.severity for c in ("weapons", "alcohol")] for d in decisions
         ]
         assert np.allclose(assessed.score, scorer.scores(images))
+        assert np.allclose(assessed.margin, [
+            [d.categories[c].margin for c in ("weapons", "alcohol")] for d in decisions])
         assert set(assessed.action.tolist()) == {0, 1, 2, 3}  # every action was exercised
 
 
