@@ -154,6 +154,8 @@ HAND_COLOURS = {
     GREEN: unit(0, 1, 0),  # a beer: alcohol flags
     GREY: unit(-1, -1, -1),  # nothing at all
 }
+# the same vectors by what they show, for tests that store or score vectors directly
+RIFLE, TOY, BETWEEN, BEER, NOTHING = (HAND_COLOURS[c] for c in (RED, BLUE, PURPLE, GREEN, GREY))
 
 
 @pytest.fixture
@@ -171,6 +173,16 @@ def write_policy(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def fake_encoder() -> FakeEncoder:
     return FakeEncoder(dict(HAND_TEXTS), dict(HAND_COLOURS))
+
+
+def animation_bytes(*colours: tuple[int, int, int], duration: int = 40) -> bytes:
+    """An animated GIF of 16-px solid-colour frames, one per colour."""
+    import io
+
+    frames = [Image.new("RGB", (16, 16), c) for c in colours]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=duration)
+    return buffer.getvalue()
 
 
 def image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", size: tuple[int, int] = (16, 16),

@@ -19,7 +19,7 @@ from calibration.run import calibrate, threshold_diff, write_policy
 from moderation import ModelMismatchError, Moderator, load_policy
 from moderation.cli import main
 from moderation.policy import Goal
-from tests.conftest import TINY_ARCH, FakeEncoder, image_bytes, unit
+from tests.conftest import TINY_ARCH, FakeEncoder, animation_bytes, image_bytes, unit
 
 N = 60
 
@@ -304,9 +304,7 @@ def test_calibration_fits_on_the_scores_the_service_decides_with(
     """Stills and animations: calibration's per-category score of an image is exactly the
     score the moderator (the service, scan) compares with the threshold, because both go
     through one scorer (before: serving decided an animation by its single worst frame)."""
-    import io
 
-    from PIL import Image
 
     from calibration.labels import LabelledImage
     from calibration.run import image_scores
@@ -317,14 +315,9 @@ def test_calibration_fits_on_the_scores_the_service_decides_with(
                           fake_encoder)
     files = []
     for i, colours in enumerate([(RED,), (GREY, GREEN, PURPLE), (BLUE, GREY), (GREEN,)]):
-        frames = [Image.new("RGB", (16, 16), c) for c in colours]
-        buffer = io.BytesIO()
-        if len(frames) == 1:
-            frames[0].save(buffer, "PNG")
-        else:
-            frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)
-        path = tmp_path / f"{i}.{'png' if len(frames) == 1 else 'gif'}"
-        path.write_bytes(buffer.getvalue())
+        path = tmp_path / f"{i}.{'png' if len(colours) == 1 else 'gif'}"
+        path.write_bytes(image_bytes(colours[0], size=(16, 16)) if len(colours) == 1
+                         else animation_bytes(*colours))
         files.append(path)
     scores, kept, left_out = image_scores(
         moderator, [LabelledImage(p, frozenset()) for p in files]

@@ -19,10 +19,18 @@ from moderation.errors import ModelMismatchError
 from moderation.policy import parse_policy
 from moderation.prompts import embed_policy
 from moderation.scorer import Scorer
-from tests.conftest import HAND_POLICY, HAND_TEXTS, FakeEncoder, unit
+from tests.conftest import (
+    BEER,
+    BETWEEN,
+    HAND_POLICY,
+    HAND_TEXTS,
+    NOTHING,
+    RIFLE,
+    TOY,
+    FakeEncoder,
+    unit,
+)
 
-RIFLE, TOY, BETWEEN, BEER, NOTHING = (unit(1, 0, 0), unit(0, 0, 1), unit(1, 0, 1),
-                                      unit(0, 1, 0), unit(-1, -1, -1))
 MODEL = FakeEncoder.identity
 
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from tests.conftest import (
     RED,
     TINY_ARCH,
     FakeEncoder,
+    animation_bytes,
     image_bytes,
 )
 
@@ -61,10 +61,7 @@ def test_a_bad_image_does_not_cost_the_others(moderator: Moderator,
 def test_an_animation_is_decided_per_category_over_its_frames(moderator: Moderator) -> None:
     """A rifle in frame 2 and a beer in frame 1: both categories fire, each naming its frame
     (before: only the single worst frame was reported, and alcohol was lost)."""
-    frames = [Image.new("RGB", (16, 16), c) for c in (GREY, GREEN, RED, PURPLE, GREY)]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)
-    [result] = moderator.moderate([buffer.getvalue()])
+    [result] = moderator.moderate([animation_bytes(GREY, GREEN, RED, PURPLE, GREY)])
     out = result.to_dict()
     assert out["action"] == "block" and out["frame"] == 2
     assert out["triggered"] == ["weapons", "alcohol"]

@@ -13,10 +13,7 @@ from moderation import PolicyError
 from moderation.policy import Action, parse_policy
 from moderation.prompts import embed_policy
 from moderation.scorer import Scorer
-from tests.conftest import HAND_POLICY, FakeEncoder, unit
-
-RIFLE, TOY, BETWEEN, BEER, NOTHING = (unit(1, 0, 0), unit(0, 0, 1), unit(1, 0, 1),
-                                      unit(0, 1, 0), unit(-1, -1, -1))
+from tests.conftest import BEER, BETWEEN, HAND_POLICY, NOTHING, RIFLE, TOY, FakeEncoder
 
 
 @pytest.fixture

@@ -19,7 +19,16 @@ from PIL import Image
 
 from moderation.images import ImageLimits
 from service.app import create_app
-from tests.conftest import BLUE, GREEN, HAND_POLICY, PURPLE, RED, FakeEncoder, image_bytes
+from tests.conftest import (
+    BLUE,
+    GREEN,
+    HAND_POLICY,
+    PURPLE,
+    RED,
+    FakeEncoder,
+    animation_bytes,
+    image_bytes,
+)
 from tests.service.conftest import ADMIN, READER
 
 
@@ -86,10 +95,8 @@ def test_one_bad_image_does_not_fail_the_batch(client: FlaskClient) -> None:
 
 
 def test_animation_reports_its_worst_frame(client: FlaskClient) -> None:
-    frames = [Image.new("RGB", (16, 16), c) for c in (GREEN, BLUE, RED)]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
-    r = client.post("/v1/moderate", data=files((buffer.getvalue(), "a.gif")))
+    r = client.post("/v1/moderate",
+                    data=files((animation_bytes(GREEN, BLUE, RED, duration=50), "a.gif")))
     result = r.get_json()["results"][0]
     assert result["action"] == "block" and result["frame"] == 2 and result["frames_scored"] == 3
 

@@ -12,7 +12,6 @@ import pytest
 import yaml
 from flask import Flask
 from flask.testing import FlaskClient
-from PIL import Image
 
 from tests.conftest import (
     BLUE,
@@ -22,6 +21,7 @@ from tests.conftest import (
     PURPLE,
     RED,
     FakeEncoder,
+    animation_bytes,
     image_bytes,
     unit,
 )
@@ -31,17 +31,10 @@ ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 READER_H = {"Authorization": f"Bearer {READER}"}
 
 
-def animation(*colours: tuple[int, int, int]) -> bytes:
-    frames = [Image.new("RGB", (16, 16), c) for c in colours]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
-    return buffer.getvalue()
-
-
 IMAGES = {
     "rifle": image_bytes(RED), "toy": image_bytes(BLUE), "between": image_bytes(PURPLE),
     "beer": image_bytes(GREEN), "nothing": image_bytes(GREY),
-    "clip": animation(GREY, GREEN, RED), "clip2": animation(GREY, BLUE, GREY),
+    "clip": animation_bytes(GREY, GREEN, RED), "clip2": animation_bytes(GREY, BLUE, GREY),
 }
 
 
