@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["SchemaError", "connect", "head_revision", "migrate", "revision_of"]
+__all__ = ["SchemaError", "connect", "head_revision", "migrate", "migration_lock", "revision_of"]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_KEY = 0x6D6F6465  # "mode": the advisory-lock key of this schema's migrations
@@ -117,7 +117,7 @@ def revision_of(engine: Engine) -> str | None:
 
 
 @contextlib.contextmanager
-def _migration_lock(engine: Engine) -> Iterator[Connection]:
+def migration_lock(engine: Engine) -> Iterator[Connection]:
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
@@ -154,7 +154,7 @@ def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
     head = head_revision()
     if revision == "head" and _revision_or_none(engine) == head:
         return head, head  # the usual start: nothing to lock
-    with _migration_lock(engine) as conn:
+    with migration_lock(engine) as conn:
         from alembic.runtime.migration import MigrationContext
 
         before = MigrationContext.configure(conn).get_current_revision()

@@ -247,15 +247,9 @@ class DecisionStore:
         cursor: str | None = None,
     ) -> tuple[list[DecisionRecord], str | None]:
         """Newest first. Returns a page and the cursor of the next one (``None``: no more)."""
-        where = self._filters(since, until, action, policy_version, client_id)
-        if flagged is not None:
-            is_flagged = decisions.c.action.in_(("flag", "review", "block"))
-            where.append(is_flagged if flagged else sa.not_(is_flagged))
-        if category is not None:
-            where.append(decisions.c.id.in_(
-                sa.select(decision_flags.c.decision_id)
-                .where(decision_flags.c.category == category)
-            ))
+        where = self.decision_filters(since=since, until=until, action=action,
+                                      category=category, policy_version=policy_version,
+                                      client_id=client_id, flagged=flagged)
         if cursor is not None:
             created_at, last_id = decode_cursor(cursor)
             where.append(sa.or_(
@@ -272,6 +266,32 @@ class DecisionStore:
             encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
         )
         return page, next_cursor
+
+    @classmethod
+    def decision_filters(
+        cls,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+        category: str | None = None,
+        policy_version: str | None = None,
+        client_id: str | None = None,
+        flagged: bool | None = None,
+    ) -> list[Any]:
+        """The WHERE clauses on ``decisions`` of the filters the API and the CLI offer
+        (``category``: that category fired; ``flagged``: the action was flag, review or
+        block, or was not)."""
+        where = cls._filters(since, until, action, policy_version, client_id)
+        if flagged is not None:
+            is_flagged = decisions.c.action.in_(("flag", "review", "block"))
+            where.append(is_flagged if flagged else sa.not_(is_flagged))
+        if category is not None:
+            where.append(decisions.c.id.in_(
+                sa.select(decision_flags.c.decision_id)
+                .where(decision_flags.c.category == category)
+            ))
+        return where
 
     @staticmethod
     def _filters(

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import copy
 import time
-import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
-from decisionlog import DecisionRecord, DecisionStore
+from decisionlog import DecisionStore
 from decisionlog.lab import dry_run
 from moderation.errors import ModelMismatchError
 from moderation.policy import parse_policy
@@ -30,8 +28,7 @@ from tests.conftest import (
     FakeEncoder,
     unit,
 )
-
-MODEL = FakeEncoder.identity
+from tests.decisionlog.conftest import MODEL, put
 
 
 def scorer(data: dict[str, Any], encoder: FakeEncoder | None = None) -> Scorer:
@@ -43,32 +40,6 @@ def edited(category: str, **fields: Any) -> dict[str, Any]:
     data = copy.deepcopy(HAND_POLICY)
     data["categories"][category].update(fields)
     return data
-
-
-def put(store: DecisionStore, images: Sequence[np.ndarray], *, at: float | None = None,
-        model: str = MODEL, profile: str = "default", frames: Sequence[int] | None = None,
-        error: bool = False, stored: bool = True) -> list[str]:
-    """Store one decision per image (ndarray of shape (frames, 3)); returns their ids."""
-    at = time.time() - 3600 if at is None else at
-    records = []
-    for i, vectors in enumerate(images):
-        indices = list(frames) if frames is not None else list(range(len(vectors)))
-        records.append(DecisionRecord(
-            id=uuid.uuid4().hex, created_at=at + i * 1e-3, client_id=f"client-{i}",
-            image={"sha256": "0" * 64, "size": 10}, policy={"name": "hand", "version": "v"},
-            model=model, profile=profile, action="error" if error else "allow", triggered=[],
-            categories={}, latency_ms=1.0, error_code="undecodable" if error else None,
-            frame=None if error else indices[0], frames_scored=len(indices),
-            frames=indices if stored and not error else [],
-            embeddings=np.asarray(vectors, np.float16) if stored and not error else None,
-        ))
-    store.add_many(records)
-    return [r.id for r in records]
-
-
-@pytest.fixture
-def store(url: str) -> DecisionStore:
-    return DecisionStore(url)
 
 
 HAND_IMAGES = [RIFLE[None], TOY[None], BETWEEN[None], BEER[None], NOTHING[None]]

@@ -1,0 +1,419 @@
+"""Searching the decision log by meaning: the stored decisions whose frame embeddings are
+nearest to query vectors (a text's, an uploaded image's, a stored decision's frames), each
+decision once, by its best frame, best first. No image is needed: the log holds vectors.
+
+Two indexes behind one small interface (:class:`VectorIndex`):
+
+* :class:`ExactIndex`, the embedded default (SQLite): the filters run in SQL, then every frame
+  they let through is read, in chunks, and compared with the queries. Exact, and the reference
+  the approximate index is tested against. It runs on PostgreSQL too.
+* :class:`HnswIndex` (PostgreSQL): pgvector's HNSW index on the ``halfvec`` column, cosine
+  distance. The column holds the vectors of every model the log has seen, and an index needs
+  one dimension, so there is one index per dimension (an expression index on
+  ``embedding::halfvec(D)``, partial on ``vector_dims(embedding) = D``): migration 0004 builds
+  them for the vectors already stored, :func:`ensure_hnsw_index` for a model's new dimension
+  at start-up. Queries set ``hnsw.ef_search`` and use iterative scans (pgvector 0.8), so that
+  a filtered query still returns ``k`` hits when the nearest frames are filtered out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import sqlalchemy as sa
+from pydantic import BaseModel, Field
+from sqlalchemy.engine import Engine
+
+from .schema import FrameVector, decision_frames, decisions
+from .store import DecisionStore
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExactIndex",
+    "HnswIndex",
+    "Neighbour",
+    "SearchFilters",
+    "SearchHit",
+    "SearchPage",
+    "VectorIndex",
+    "ensure_hnsw_index",
+    "float16_dot",
+    "hnsw_index_name",
+    "index_for",
+    "search",
+]
+
+#: The deepest page a search can reach (offset + limit): an index walks every hit before it.
+MAX_DEPTH = 10_000
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Which decisions a search may return: those of the API's and the CLI's filters, never
+    an error (it has no vector), never one of ``exclude`` (a query decision itself)."""
+
+    since: float | None = None
+    until: float | None = None
+    action: str | None = None
+    category: str | None = None
+    policy_version: str | None = None
+    client_id: str | None = None
+    flagged: bool | None = None
+    exclude: tuple[str, ...] = ()
+
+    def clauses(self, model: str) -> list[Any]:
+        where = DecisionStore.decision_filters(
+            since=self.since, until=self.until, action=self.action, category=self.category,
+            policy_version=self.policy_version, client_id=self.client_id, flagged=self.flagged,
+        )
+        where.append(decisions.c.model == model)
+        if self.exclude:
+            where.append(decisions.c.id.not_in(self.exclude))
+        return where
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A decision found by an index: its best frame, and that frame's cosine to the query."""
+
+    decision_id: str
+    frame: int
+    similarity: float
+
+
+class VectorIndex(Protocol):
+    name: str
+
+    def nearest(self, queries: np.ndarray, *, model: str, filters: SearchFilters,
+                k: int) -> list[Neighbour]:
+        """The ``k`` decisions of ``model`` that ``filters`` let through whose frames are most
+        similar to any of ``queries`` (ndarray of shape (q, dim), unit rows), each by its
+        best frame, best first."""
+        ...
+
+
+class _Best:
+    """The best ``k`` decisions seen so far, each by its best frame."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.found: dict[str, tuple[float, int]] = {}
+
+    def add(self, ids: Sequence[str], frames: Sequence[int], similarity: np.ndarray) -> None:
+        """One chunk of frame rows. A decision in the overall top k is in its own chunk's top
+        k (every decision above it there is above it overall), so only those are kept."""
+        n = len(ids)
+        wide = min(n, 4 * self.k)
+        order = (np.argsort(-similarity, kind="stable") if wide == n
+                 else np.argpartition(-similarity, wide - 1)[:wide])
+        if wide < n:
+            order = order[np.argsort(-similarity[order], kind="stable")]
+        taken: set[str] = set()
+        for i in order:
+            decision_id = ids[i]
+            if decision_id in taken:
+                continue
+            taken.add(decision_id)
+            self._offer(decision_id, float(similarity[i]), int(frames[i]))
+            if len(taken) == self.k:
+                break
+        else:
+            if wide < n:  # the 4k best rows held fewer than k decisions: look at them all
+                self.add_all(ids, frames, similarity)
+        if len(self.found) > 4 * self.k:
+            self.found = dict(self._ranked()[: self.k])
+
+    def add_all(self, ids: Sequence[str], frames: Sequence[int], similarity: np.ndarray) -> None:
+        for decision_id, frame, s in zip(ids, frames, similarity.tolist(), strict=True):
+            self._offer(decision_id, s, int(frame))
+
+    def _offer(self, decision_id: str, similarity: float, frame: int) -> None:
+        held = self.found.get(decision_id)
+        if held is None or similarity > held[0]:
+            self.found[decision_id] = (similarity, frame)
+
+    def _ranked(self) -> list[tuple[str, tuple[float, int]]]:
+        return sorted(self.found.items(), key=lambda kv: (-kv[1][0], kv[0]))
+
+    def result(self) -> list[Neighbour]:
+        return [Neighbour(i, frame, s) for i, (s, frame) in self._ranked()[: self.k]]
+
+
+# --- exact search ------------------------------------------------------------------------
+
+#: float32's exponent bias (127) minus float16's (15): see :func:`float16_dot`.
+_BIAS_GAP = np.float32(2.0**112)
+
+
+def float16_dot(halves: np.ndarray, queries: np.ndarray, block: int = 512) -> np.ndarray:
+    """``halves @ queries.T`` for float16 rows (given as their uint16 bit patterns, shape
+    (n, dim)) and float32 queries (q, dim), without numpy's slow float16 conversion.
+
+    Each float16 is widened with integer operations: its sign moved to bit 31, its exponent
+    and mantissa shifted up by 13 bits. That float32 is the float16's value times 2^-112 (the
+    exponent biases differ by 112; float16 subnormals become float32 subnormals of the same
+    scaled value), so the queries are scaled by 2^112 instead and the products are exact.
+    Works in blocks that stay in cache; about 3× faster than ``astype(float32)`` here.
+    Infinities and NaNs (never in a unit vector) are not preserved."""
+    n = len(halves)
+    out = np.empty((n, len(queries)), np.float32)
+    scaled = np.ascontiguousarray((queries.astype(np.float32) * _BIAS_GAP).T)
+    widened = np.empty((min(block, n), halves.shape[1]), np.uint32)
+    sign = np.empty_like(widened)
+    for start in range(0, n, block):
+        part = halves[start : start + block]
+        w, s = widened[: len(part)], sign[: len(part)]
+        np.copyto(w, part)
+        np.bitwise_and(w, 0x8000, out=s)
+        np.left_shift(s, 16, out=s)
+        np.bitwise_and(w, 0x7FFF, out=w)
+        np.left_shift(w, 13, out=w)
+        np.bitwise_or(w, s, out=w)
+        np.matmul(w.view(np.float32), scaled, out=out[start : start + len(part)])
+    return out
+
+
+def _similarity(blobs: Sequence[bytes], dialect: str, queries: np.ndarray) -> np.ndarray:
+    """Each stored vector's best cosine to any of the queries, shape (n,)."""
+    if dialect == "sqlite":  # little-endian float16 bytes
+        halves = np.frombuffer(b"".join(blobs), np.uint16).reshape(len(blobs), -1)
+        products = float16_dot(halves, queries)
+    else:
+        products = FrameVector.decode_many(list(blobs), dialect) @ queries.T
+    return products.max(axis=1)
+
+
+class ExactIndex:
+    """Every frame the filters let through, compared with the queries (see the module)."""
+
+    name = "exact"
+
+    def __init__(self, store: DecisionStore, chunk: int = 8192) -> None:
+        self.store = store
+        self.chunk = chunk
+
+    def nearest(self, queries: np.ndarray, *, model: str, filters: SearchFilters,
+                k: int) -> list[Neighbour]:
+        from .lab import read_ahead
+
+        d, f = decisions, decision_frames
+        statement = (
+            sa.select(f.c.decision_id, f.c.frame, FrameVector.raw(f.c.embedding,
+                                                                  self.store.dialect))
+            .select_from(f.join(d, d.c.id == f.c.decision_id))
+            .where(*filters.clauses(model))
+        )
+        best = _Best(k)
+        for rows in read_ahead(self._chunks(statement)):
+            ids, frames, blobs = zip(*rows, strict=True)
+            best.add(ids, frames, _similarity(blobs, self.store.dialect, queries))
+        return best.result()
+
+    def _chunks(self, statement: Any) -> Iterator[list[Any]]:
+        with self.store.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True).execute(statement)
+            while rows := result.fetchmany(self.chunk):
+                yield list(rows)
+
+
+# --- pgvector ----------------------------------------------------------------------------
+
+
+def hnsw_index_name(dim: int) -> str:
+    return f"decision_frames_hnsw_{dim}"
+
+
+def ensure_hnsw_index(engine: Engine, dim: int, *, m: int = 16,
+                      ef_construction: int = 64) -> bool:
+    """Create the HNSW index of ``dim``-dimension vectors unless it exists (PostgreSQL only;
+    under the migration lock, so that workers starting at once build it once). Building it
+    reads every stored vector of that dimension: instant on a new model's, minutes for
+    millions (give the server ``maintenance_work_mem`` for the graph). Returns whether it
+    was built now."""
+    from .database import migration_lock
+
+    if engine.dialect.name != "postgresql":
+        return False
+    name = hnsw_index_name(dim)
+    with migration_lock(engine) as conn:
+        if sa.inspect(conn).has_index("decision_frames", name):
+            return False
+        log.info("building the search index %s (m=%d, ef_construction=%d)", name, m,
+                 ef_construction)
+        conn.execute(sa.text(
+            f"CREATE INDEX IF NOT EXISTS {name} ON decision_frames USING hnsw "
+            f"((embedding::halfvec({int(dim)})) halfvec_cosine_ops) "
+            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
+            f"WHERE vector_dims(embedding) = {int(dim)}"
+        ))
+        conn.commit()
+        return True
+
+
+class HnswIndex:
+    """pgvector's HNSW index (see the module). ``ef_search``: candidates kept per layer while
+    searching (more: better recall, slower)."""
+
+    name = "pgvector"
+
+    def __init__(self, store: DecisionStore, ef_search: int = 100) -> None:
+        if store.dialect != "postgresql":
+            raise ValueError("the pgvector index needs a PostgreSQL decision log")
+        self.store = store
+        self.ef_search = ef_search
+
+    def nearest(self, queries: np.ndarray, *, model: str, filters: SearchFilters,
+                k: int) -> list[Neighbour]:
+        best = _Best(k)
+        for query in queries:  # an animation's frames: one index search each, merged
+            for n in self._nearest_one(query, model, filters, k):
+                best._offer(n.decision_id, n.similarity, n.frame)
+        return best.result()
+
+    def _nearest_one(self, query: np.ndarray, model: str, filters: SearchFilters,
+                     k: int) -> list[Neighbour]:
+        from pgvector.sqlalchemy import HALFVEC
+
+        d, f = decisions, decision_frames
+        dim = len(query)
+        distance = sa.cast(f.c.embedding, HALFVEC(dim)).cosine_distance(
+            np.asarray(query, np.float32))
+        where = [sa.func.vector_dims(f.c.embedding) == dim, *filters.clauses(model)]
+        fetch = max(2 * k, 20)
+        while True:  # frames, not decisions: an animation can take several rows
+            with self.store.engine.connect() as conn, conn.begin():
+                conn.execute(sa.select(
+                    sa.func.set_config("hnsw.ef_search", str(max(self.ef_search, 1)), True),
+                    sa.func.set_config("hnsw.iterative_scan", "strict_order", True),
+                ))
+                rows = conn.execute(
+                    sa.select(f.c.decision_id, f.c.frame, distance.label("distance"))
+                    .select_from(f.join(d, d.c.id == f.c.decision_id))
+                    .where(*where).order_by(distance).limit(fetch)
+                ).all()
+            found: dict[str, Neighbour] = {}
+            for decision_id, frame, dist in rows:
+                if decision_id not in found:
+                    found[decision_id] = Neighbour(decision_id, int(frame), 1.0 - float(dist))
+            if len(found) >= k or len(rows) < fetch:
+                return list(found.values())[:k]
+            fetch *= 4
+
+
+def index_for(store: DecisionStore, *, ef_search: int = 100) -> VectorIndex:
+    """The log's index: pgvector's on PostgreSQL, exact search on SQLite."""
+    if store.dialect == "postgresql":
+        return HnswIndex(store, ef_search=ef_search)
+    return ExactIndex(store)
+
+
+# --- the answer --------------------------------------------------------------------------
+
+
+class SearchHit(BaseModel):
+    """One decision found: what the API, the CLI's JSON lines and CSV and the dashboard show."""
+
+    decision_id: str
+    similarity: float = Field(description="cosine between the query and the best frame")
+    frame: int = Field(description="the frame of the image that matched best")
+    created_at: float = Field(description="unix seconds")
+    client_id: str | None
+    action: str
+    triggered: list[str]
+    top_terms: dict[str, list[str]] = Field(
+        description="per triggered category, its terms that scored highest"
+    )
+    policy_version: str
+
+    def csv_row(self) -> dict[str, Any]:
+        row = self.model_dump(mode="json")
+        row["triggered"] = ",".join(self.triggered)
+        row["top_terms"] = "; ".join(f"{c}: {', '.join(t)}" for c, t in self.top_terms.items())
+        return row
+
+
+CSV_COLUMNS = list(SearchHit.model_fields)
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    hits: list[SearchHit]
+    next_offset: int | None
+    index: str
+    model: str
+    filters: SearchFilters = field(default_factory=SearchFilters)
+
+
+def search(
+    store: DecisionStore,
+    queries: np.ndarray,
+    *,
+    model: str,
+    filters: SearchFilters | None = None,
+    limit: int = 20,
+    offset: int = 0,
+    min_similarity: float | None = None,
+    index: VectorIndex | None = None,
+) -> SearchPage:
+    """A page of the decisions most like ``queries`` (ndarray of shape (q, dim) or (dim,),
+    made unit length here), best first: ``limit`` hits from ``offset``, none below
+    ``min_similarity``. ``next_offset`` is where the next page starts (``None``: no more)."""
+    if offset + limit > MAX_DEPTH:
+        raise ValueError(f"offset + limit must be at most {MAX_DEPTH}; got {offset + limit}")
+    filters = filters or SearchFilters()
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    norms = np.linalg.norm(queries, axis=1, keepdims=True)
+    if not np.all(np.isfinite(queries)) or np.any(norms == 0):
+        raise ValueError("a query vector is zero or not finite")
+    index = index or index_for(store)
+    found = index.nearest(queries / norms, model=model, filters=filters, k=offset + limit + 1)
+    if min_similarity is not None:
+        found = [n for n in found if n.similarity >= min_similarity]
+    page = found[offset : offset + limit]
+    return SearchPage(
+        hits=_hits(store, page),
+        next_offset=offset + limit if len(found) > offset + limit else None,
+        index=index.name,
+        model=model,
+        filters=filters,
+    )
+
+
+def _hits(store: DecisionStore, found: list[Neighbour]) -> list[SearchHit]:
+    import json
+
+    if not found:
+        return []
+    d = decisions
+    rows = {
+        r.id: r for r in store._rows(
+            sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.action, d.c.triggered,
+                      d.c.categories, d.c.policy_version)
+            .where(d.c.id.in_([n.decision_id for n in found]))
+        )
+    }
+    hits = []
+    for n in found:
+        row = rows.get(n.decision_id)
+        if row is None:  # purged between the index and this read
+            continue
+        triggered = [c for c in row.triggered.split(",") if c]
+        outcomes = json.loads(row.categories)
+        hits.append(SearchHit(
+            decision_id=n.decision_id,
+            similarity=round(n.similarity, 6),
+            frame=n.frame,
+            created_at=row.created_at,
+            client_id=row.client_id,
+            action=row.action,
+            triggered=triggered,
+            top_terms={c: [t["text"] for t in outcomes.get(c, {}).get("top_terms", [])]
+                       for c in triggered},
+            policy_version=row.policy_version,
+        ))
+    return hits
