@@ -25,12 +25,10 @@ import argparse
 import copy
 import hashlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,9 +38,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DIM = 512
+from bench import synthetic  # noqa: E402
+from bench.synthetic import DIM, high_water_mb, postgres_database  # noqa: E402
+
 MODEL = "bench/random-unit-vectors"
-VERSIONS = ["v-aaaaaaaa", "v-bbbbbbbb", "v-cccccccc"]
 
 
 class HashedTexts:
@@ -72,74 +71,21 @@ def policies() -> tuple[object, object]:
 
 
 def fill(url: str, n: int) -> None:
-    """n decisions over the last 30 days, with their frames. Each vector leans towards one of
-    the policy's categories by a random amount, so that scores spread around the thresholds
-    (cosines of about 0 to 0.45) and an edit changes some decisions, as on real traffic."""
-    from decisionlog import DecisionStore
-    from decisionlog.schema import decision_frames, decisions
+    """Each vector leans towards one of the policy's categories by a random amount, so that
+    scores spread around the thresholds (cosines of about 0 to 0.45) and an edit changes some
+    decisions, as on real traffic."""
     from moderation.prompts import embed_policy
 
     current, _ = policies()
     towards = embed_policy(current, HashedTexts()).categories  # type: ignore[arg-type]
-    store = DecisionStore(url)
-    have = store.count()
-    if have >= n:
-        return
-    rng = np.random.default_rng(have)
-    now = time.time()
-    dialect = store.dialect
-    batch = 10_000
-    started = time.perf_counter()
-    for start in range(have, n, batch):
-        size = min(batch, n - start)
-        # in time order, as a log is written: decision i of n at i/n of the last 30 days
-        times = now - 30 * 86400 * (1 - (start + np.sort(rng.uniform(0, size, size))) / n)
-        frames = np.where(rng.random(size) < 0.02, 4, 1)
-        noise = rng.normal(size=(int(frames.sum()), DIM)) / np.sqrt(DIM)
-        lean = rng.uniform(0, 0.5, (len(noise), 1))
-        vectors = (noise + lean * towards[rng.integers(0, len(towards), len(noise))])
-        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-        rows, frame_rows, k = [], [], 0
-        for i in range(size):
-            decision_id = uuid.uuid4().hex
-            rows.append({
-                "id": decision_id, "created_at": float(times[i]), "hour": int(times[i] // 3600),
-                "client_id": f"upload-{start + i}", "image_sha256": "0" * 64, "image_size": 1,
-                "policy_name": "default", "policy_version": VERSIONS[i % len(VERSIONS)],
-                "model": MODEL, "profile": "default", "action": "allow", "triggered": "",
-                "categories": "{}", "latency_ms": 1.0, "error_code": None, "frame": 0,
-                "frames_scored": int(frames[i]),
-            })
-            for f in range(int(frames[i])):
-                frame_rows.append({"decision_id": decision_id, "frame": f,
-                                   "embedding": vectors[k]})
-                k += 1
-        with store.engine.begin() as conn:
-            conn.execute(decisions.insert(), rows)
-            if dialect == "postgresql":  # COPY: the insert path converts vectors to text
-                raw = conn.connection.dbapi_connection
-                assert raw is not None
-                with raw.cursor().copy(  # type: ignore[attr-defined]
-                        "COPY decision_frames (decision_id, frame, embedding) FROM STDIN") as cp:
-                    for r in frame_rows:
-                        cp.write_row((r["decision_id"], r["frame"],
-                                      "[" + ",".join(f"{x:.5g}" for x in
-                                                     r["embedding"].astype(np.float16)) + "]"))
-            else:  # FrameVector writes the float16 bytes
-                conn.execute(decision_frames.insert(), frame_rows)
-        done = start + size
-        if done % 100_000 == 0 or done == n:
-            print(f"  filled {done} decisions ({time.perf_counter() - started:.0f} s)",
-                  file=sys.stderr)
 
+    def leaning(rng: np.random.Generator, count: int) -> np.ndarray:
+        noise = rng.normal(size=(count, DIM)) / np.sqrt(DIM)
+        lean = rng.uniform(0, 0.5, (count, 1))
+        vectors = noise + lean * towards[rng.integers(0, len(towards), count)]
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
-def high_water_mb() -> float:
-    """This process's peak resident memory (VmHWM: ru_maxrss would also count the parent's
-    memory at fork, which Linux carries across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    synthetic.fill(url, n, leaning, model=MODEL)
 
 
 def measure(url: str) -> None:
@@ -172,16 +118,6 @@ def run(url: str, label: str) -> None:
           f"changed={figures['changed']}", flush=True)
 
 
-def postgres_database(server: str, n: int) -> str:
-    import psycopg
-
-    name = f"bench_lab_{n}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return server.rsplit("/", 1)[0] + f"/{name}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decisions", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -199,7 +135,7 @@ def main() -> None:
         fill(url, n)
         run(url, "sqlite")
         if args.postgres:
-            pg = postgres_database(args.postgres, n)
+            pg = postgres_database(args.postgres, f"bench_lab_{n}")
             fill(pg, n)
             run(pg, "postgresql")
 

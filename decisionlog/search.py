@@ -214,11 +214,27 @@ class ExactIndex:
             best.add(ids, frames, _similarity(blobs, self.store.dialect, queries))
         return best.result()
 
-    def _chunks(self, statement: Any) -> Iterator[list[Any]]:
+    def _chunks(self, statement: Any) -> Iterator[Sequence[Any]]:
+        """The statement's rows as the driver gives them (plain tuples: SQLAlchemy's rows
+        would cost as much again as the database read, per frame)."""
         with self.store.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True).execute(statement)
-            while rows := result.fetchmany(self.chunk):
-                yield list(rows)
+            compiled = statement.compile(dialect=conn.dialect,
+                                         compile_kwargs={"render_postcompile": True})
+            params = compiled.construct_params()
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            # PostgreSQL: a server-side cursor, so that the client holds one chunk at a time
+            cursor = (raw.cursor(name="exact_search")
+                      if conn.dialect.name == "postgresql" else raw.cursor())
+            try:
+                if compiled.positiontup is not None:  # SQLite: ? placeholders
+                    cursor.execute(str(compiled), [params[k] for k in compiled.positiontup])
+                else:
+                    cursor.execute(str(compiled), params)
+                while rows := cursor.fetchmany(self.chunk):
+                    yield rows
+            finally:
+                cursor.close()
 
 
 # --- pgvector ----------------------------------------------------------------------------
