@@ -35,6 +35,7 @@ __all__ = [
     "VectorCache",
     "default_cache_path",
     "embed_policy",
+    "embed_query",
     "encode_cached",
     "expand",
 ]
@@ -120,6 +121,18 @@ def encode_cached(
 def expand(phrases: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Every phrase in every template, phrase-major: ``[p0t0, p0t1, …, p1t0, …]``."""
     return [t.replace(PLACEHOLDER, p) for p in phrases for t in templates]
+
+
+def embed_query(
+    text: str,
+    encoder: TextEncoder,
+    templates: Sequence[str] | None = None,
+    cache: VectorCache | None = None,
+) -> np.ndarray:
+    """A search text as one unit vector: the mean of its expansion through ``templates`` (a
+    prompt ensemble, as a policy term is embedded), or the text alone (``templates=None``)."""
+    prompts = expand([text], templates) if templates else [text]
+    return _unit(encode_cached(encoder, prompts, cache).mean(axis=0))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

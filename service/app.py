@@ -24,13 +24,14 @@ from decisionlog import (
     default_database_url,
     default_dead_letter_path,
 )
+from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .settings import Settings, load_settings
 from .state import ModelOccupancy, PolicyHolder
-from .views import dashboard, decisions, moderate, ops, policy
+from .views import dashboard, decisions, moderate, ops, policy, search
 
 __all__ = ["create_app"]
 
@@ -88,6 +89,10 @@ def create_app(
         moderator, settings.policy, PolicyLog(database_url, migrate_schema=False)
     )  # the store migrated the schema just above
     holder.start(given=given)
+    # pgvector: the search index of this model's vector dimension (built once, if missing)
+    ensure_hnsw_index(store.engine, moderator.text.categories.shape[1],
+                      m=settings.search_hnsw_m,
+                      ef_construction=settings.search_hnsw_ef_construction)
     holder.follow_in_background()
     metrics = Metrics()
     app.extensions["metrics"] = metrics
@@ -117,6 +122,6 @@ def create_app(
         return response
 
     register_error_handlers(app)
-    for blueprint in (moderate.bp, policy.bp, decisions.bp, dashboard.bp, ops.bp):
+    for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, dashboard.bp, ops.bp):
         app.register_blueprint(blueprint)
     return app

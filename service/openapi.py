@@ -34,7 +34,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Request too large, too many images, or (single image) too many pixels",
         415: "Unsupported media type, or (single image) unsupported image format",
         422: "The policy is not valid (invalid_policy: the previous policy keeps serving), or "
-        "is for another model than the stored embeddings (model_mismatch)",
+        "is for another model than the stored embeddings (model_mismatch); a search like= a "
+        "decision with no stored embedding (no_embedding)",
     }
     return {str(s): _json(_ref("Error"), meaning[s]) for s in statuses}
 
@@ -45,6 +46,71 @@ def schemas() -> dict[str, Any]:
     _, top = models_json_schema(MODELS, ref_template="#/components/schemas/{model}")
     found: dict[str, Any] = top["$defs"]
     return found
+
+
+def _search_path() -> dict[str, Any]:
+    """GET (q= or like=) and POST (an uploaded image): the same parameters and answer."""
+    filters = [
+        {"name": n, "in": "query", "required": False, "schema": sch}
+        for n, sch in (
+            ("since", {"type": "string"}), ("until", {"type": "string"}),
+            ("action", {"type": "string", "enum": ["allow", "flag", "review", "block"]}),
+            ("category", {"type": "string"}), ("policy_version", {"type": "string"}),
+            ("client_id", {"type": "string"}),
+            ("flagged", {"type": "string", "enum": ["true", "false"]}),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}),
+            ("offset", {"type": "integer", "minimum": 0, "default": 0}),
+            ("min_similarity", {"type": "number", "minimum": -1, "maximum": 1}),
+            ("format", {"type": "string", "enum": ["json", "jsonl", "csv"],
+                        "default": "json"}),
+        )
+    ]
+    answer = {
+        "200": {
+            "description": "The decisions most like the query, best first (format=json); "
+            "format=jsonl: one hit per line; format=csv: a header and one hit per row",
+            "content": {
+                "application/json": {"schema": _ref("SearchResponse")},
+                # OpenAPI 3.1: an empty schema is raw bytes
+                "application/x-ndjson": {"schema": {}},
+                "text/csv": {"schema": {}},
+            },
+        },
+    }
+    return {
+        "get": {
+            "summary": "Search the decision log by text (q=) or like a stored decision (like=) "
+            "(reader token)",
+            "description": "q: the text is encoded through the policy's prompt templates (an "
+            "ensemble), or as it is with raw=true. like: the stored decision's frames are the "
+            "query; the decision itself is left out. Hits are per decision, by its best frame.",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": "q", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "raw", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["true", "false"]}},
+                {"name": "like", "in": "query", "required": False,
+                 "schema": {"type": "string"}},
+                *filters,
+            ],
+            "responses": {**answer, **_errors(400, 401, 403, 404, 422)},
+        },
+        "post": {
+            "summary": "Search the decision log with an uploaded image (reader token)",
+            "description": "The image is decoded and encoded as a moderation upload (an "
+            "animation's sampled frames each ask); nothing is recorded.",
+            "security": [{"bearer": []}],
+            "parameters": filters,
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }}},
+            },
+            "responses": {**answer, **_errors(400, 401, 403, 413, 415)},
+        },
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -228,6 +294,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/search": _search_path(),
             "/v1/stats": {
                 "get": {
                     "summary": "Counts and flag rates per time bucket and policy version",

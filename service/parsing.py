@@ -11,11 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from decisionlog.search import MAX_DEPTH
+
 __all__ = [
     "MAX_ID_LENGTH",
     "DryRunRequest",
     "ModerateRequest",
     "RequestError",
+    "SearchRequest",
     "Upload",
     "check_text",
     "decode_base64",
@@ -23,6 +26,7 @@ __all__ = [
     "parse_dry_run",
     "parse_json",
     "parse_multipart",
+    "parse_search",
     "time_field",
 ]
 
@@ -75,22 +79,23 @@ def _check_count(n: int, max_images: int) -> None:
         )
 
 
-def check_text(value: str, where: str) -> str:
-    """``value`` if it is fit to store and echo as an id: at most :data:`MAX_ID_LENGTH`
+def check_text(value: str, where: str, *, max_length: int = MAX_ID_LENGTH,
+               code: str = "invalid_id") -> str:
+    """``value`` if it is fit to store and echo as an id: at most ``max_length``
     characters, no control characters, no unpaired surrogates (JSON lets ``"\\ud800"`` through,
-    and no database can store it as text). Else a 400 naming ``where``."""
-    if len(value) > MAX_ID_LENGTH:
+    and no database can store it as text). Else a 400 (``code``) naming ``where``."""
+    if len(value) > max_length:
         raise RequestError(
-            400, "invalid_id",
-            f"{where} is {len(value):,} characters long; at most {MAX_ID_LENGTH} are accepted",
+            400, code,
+            f"{where} is {len(value):,} characters long; at most {max_length} are accepted",
         )
     for position, char in enumerate(value):
         kind = unicodedata.category(char)
         if kind in ("Cc", "Cs"):
             what = "an unpaired surrogate" if kind == "Cs" else "a control character"
             raise RequestError(
-                400, "invalid_id",
-                f"{where} has {what} (U+{ord(char):04X}) at position {position}; ids must be "
+                400, code,
+                f"{where} has {what} (U+{ord(char):04X}) at position {position}; it must be "
                 "printable text",
             )
     return value
@@ -311,3 +316,109 @@ def time_field(name: str, value: str | None) -> float | None:
         return parse_time(value)
     except ValueError as e:
         raise RequestError(400, "invalid_field", f"{name}: {e}") from e
+
+
+#: The filters of a search, as the query string names them.
+SEARCH_FILTERS = ("since", "until", "action", "category", "policy_version", "client_id",
+                  "flagged")
+_SEARCH_PARAMETERS = ("q", "like", "raw", "limit", "offset", "min_similarity", "format",
+                      "token", *SEARCH_FILTERS)
+SEARCH_ACTIONS = ("allow", "flag", "review", "block")
+MAX_SEARCH_LIMIT = 500
+MAX_SEARCH_DEPTH = MAX_DEPTH  # offset + limit
+MAX_QUERY_LENGTH = 1000  # characters (CLIP reads 77 tokens of it)
+SEARCH_FORMATS = ("json", "jsonl", "csv")
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """A search as the query string gives it: the query (``q`` text, or ``like`` a decision
+    id; neither when an image is uploaded), its filters (times as unix seconds) and its page."""
+
+    q: str | None = None
+    like: str | None = None
+    raw: bool = False
+    since: float | None = None
+    until: float | None = None
+    action: str | None = None
+    category: str | None = None
+    policy_version: str | None = None
+    client_id: str | None = None
+    flagged: bool | None = None
+    limit: int = 20
+    offset: int = 0
+    min_similarity: float | None = None
+    format: str = "json"
+
+
+def _boolean(name: str, value: str | None) -> bool | None:
+    if value is None or value == "":
+        return None
+    found = {"true": True, "1": True, "false": False, "0": False}.get(value.lower())
+    if found is None:
+        raise RequestError(400, "invalid_field", f"{name} must be true or false; got {value!r}")
+    return found
+
+
+def _integer(name: str, value: str | None, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise RequestError(400, "invalid_field",
+                           f"{name} must be an integer from {low} to {high}; got {value!r}")
+    return number
+
+
+def parse_search(args: Mapping[str, str], *, image: bool = False) -> SearchRequest:
+    """The query string of ``/v1/search``: exactly one of ``q`` (text) and ``like`` (a
+    decision id), or neither when the request uploads an ``image``."""
+    unknown = sorted(set(args) - set(_SEARCH_PARAMETERS))
+    if unknown:
+        raise RequestError(400, "invalid_field", f"unknown parameters {unknown}; accepted: "
+                                                 f"{', '.join(_SEARCH_PARAMETERS)}")
+    q, like = args.get("q"), args.get("like")
+    if image and (q is not None or like is not None):
+        raise RequestError(400, "invalid_field", "an uploaded image is the query: leave out "
+                                                 "q and like")
+    if not image and (q is None) == (like is None):
+        raise RequestError(400, "missing_field" if q is None else "invalid_field",
+                           "give one query: q=<text> (text → image), like=<decision id> "
+                           "(image → image), or POST an image (multipart field 'image')")
+    if q is not None:
+        q = check_text(q, "q", max_length=MAX_QUERY_LENGTH, code="invalid_field").strip()
+        if not q:
+            raise RequestError(400, "invalid_field", "q is blank: give a text to search for")
+    if like is not None:
+        like = check_text(like, "like")
+    action = args.get("action") or None
+    if action is not None and action not in SEARCH_ACTIONS:
+        raise RequestError(400, "invalid_field", f"action must be one of "
+                                                 f"{', '.join(SEARCH_ACTIONS)}; got {action!r}")
+    min_similarity = None
+    if args.get("min_similarity"):
+        try:
+            min_similarity = float(args["min_similarity"])
+        except ValueError:
+            min_similarity = float("nan")
+        if not -1 <= min_similarity <= 1:
+            raise RequestError(400, "invalid_field", "min_similarity must be a number from -1 "
+                                                     f"to 1; got {args['min_similarity']!r}")
+    fmt = args.get("format", "json")
+    if fmt not in SEARCH_FORMATS:
+        raise RequestError(400, "invalid_field", f"format must be one of "
+                                                 f"{', '.join(SEARCH_FORMATS)}; got {fmt!r}")
+    limit = _integer("limit", args.get("limit"), 20, 1, MAX_SEARCH_LIMIT)
+    offset = _integer("offset", args.get("offset"), 0, 0, MAX_SEARCH_DEPTH - limit)
+    text = {k: check_text(args[k], k) if args.get(k) else None
+            for k in ("category", "policy_version", "client_id")}
+    return SearchRequest(
+        q=q, like=like, raw=bool(_boolean("raw", args.get("raw"))),
+        since=time_field("since", args.get("since")),
+        until=time_field("until", args.get("until")),
+        action=action, flagged=_boolean("flagged", args.get("flagged")),
+        limit=limit, offset=offset, min_similarity=min_similarity, format=fmt, **text,
+    )

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decisionlog.lab import DryRun, PolicyChange
 from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
+from decisionlog.search import SearchHit
 
 __all__ = [
     "MODELS",
@@ -30,6 +31,8 @@ __all__ = [
     "PolicyVersionText",
     "PolicyVersions",
     "ReloadResponse",
+    "SearchHit",
+    "SearchResponse",
     "Stats",
 ]
 
@@ -169,6 +172,25 @@ class DecisionPage(BaseModel):
     next_cursor: str | None = Field(description="pass it as cursor for the next page")
 
 
+class SearchQuery(BaseModel):
+    kind: Literal["text", "like", "image"]
+    q: str | None = Field(None, description="the text (kind text)")
+    raw: bool | None = Field(None, description="the text encoded as it is, not through the "
+                                               "policy's templates")
+    prompts: int | None = Field(None, description="prompts in the text's ensemble")
+    like: str | None = Field(None, description="the decision whose frames were the query")
+    format: str | None = Field(None, description="the uploaded image's format")
+    frames: int | None = Field(None, description="query vectors (an animation's frames)")
+
+
+class SearchResponse(BaseModel):
+    query: SearchQuery
+    model: str = Field(description="whose vectors were searched")
+    index: Literal["exact", "pgvector"]
+    hits: list[SearchHit] = Field(description="best first, one per decision (its best frame)")
+    next_offset: int | None = Field(description="pass it as offset for the next page")
+
+
 class CategoryCount(BaseModel):
     flagged: int
     rate: float
@@ -213,6 +235,7 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (DecisionRecord, "serialization"),
     (DecisionPage, "serialization"),
     (Stats, "serialization"),
+    (SearchResponse, "serialization"),
     (Health, "serialization"),
     (Ready, "serialization"),
 ]

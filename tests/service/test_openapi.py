@@ -74,6 +74,14 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("get", "/v1/policy/diff", {"headers": {"Authorization": f"Bearer {READER}"}}, 400),
     ("get", "/v1/policy/diff", {"query_string": {"from": "nope"},
                                 "headers": {"Authorization": f"Bearer {READER}"}}, 404),
+    ("get", "/v1/search", {"query_string": {"q": "gun"},
+                           "headers": {"Authorization": f"Bearer {READER}"}}, 200),
+    ("get", "/v1/search", {"headers": {"Authorization": f"Bearer {READER}"}}, 400),
+    ("get", "/v1/search", {"query_string": {"like": "nope"},
+                           "headers": {"Authorization": f"Bearer {READER}"}}, 404),
+    ("get", "/v1/search", {"query_string": {"q": "gun"}}, 401),
+    ("post", "/v1/search", {**upload((b"junk", "b")),
+                            "headers": {"Authorization": f"Bearer {READER}"}}, 415),
     ("get", "/dashboard", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
     ("get", "/healthz", {}, 200),
     ("get", "/readyz", {}, 200),
@@ -123,6 +131,25 @@ def test_stored_decisions_match_the_document(app: Flask, spec: OpenAPI) -> None:
         response = client.get(path, headers=headers)
         assert response.status_code == 200
         spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_search_answers_match_the_document(app: Flask, spec: OpenAPI) -> None:
+    client = app.test_client()
+    body = client.post("/v1/moderate", **upload((image_bytes(RED), "a.png"),
+                                                 (image_bytes(BLUE), "b.png"))).get_json()
+    app.extensions["decisions"][1].flush()
+    headers = {"Authorization": f"Bearer {READER}"}
+    like = body["results"][0]["decision_id"]
+    for query in ({"q": "gun"}, {"q": "a gun", "raw": "true", "format": "csv"},
+                  {"like": like, "format": "jsonl"}, {"like": like, "action": "allow"}):
+        response = client.get("/v1/search", query_string=query, headers=headers)
+        assert response.status_code == 200
+        if query.get("format") is None:
+            assert response.get_json()["hits"]
+        spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+    response = client.post("/v1/search", **upload((image_bytes(RED), "q.png")), headers=headers)
+    assert response.status_code == 200 and response.get_json()["hits"]
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
 
 
 def test_a_policy_version_matches_the_document(app: Flask, spec: OpenAPI) -> None:
