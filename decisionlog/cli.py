@@ -16,7 +16,7 @@ from moderation.command import load_moderator, weights_options
 
 @click.group()
 def decisions() -> None:
-    """The decision log: export it, purge old decisions."""
+    """The decision log: search it, export it, re-score it, purge old decisions."""
 
 
 _database_option = click.option(
@@ -117,6 +117,126 @@ def decisions_export(since: str | None, until: str | None, run_id: str | None, f
     writer.writerow(CSV_COLUMNS)
     for record in records:
         writer.writerow(record.csv_row())
+
+
+@decisions.command("search")
+@click.argument("text", required=False)
+@click.option("--like", metavar="DECISION_ID",
+              help="Search with a stored decision's frames (image → image; no model loaded).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Search with an image file, decoded and encoded as an upload.")
+@click.option("--raw", is_flag=True,
+              help="Encode TEXT as it is, not through the policy's prompt templates.")
+@click.option("--policy", "policy_spec", metavar="VERSION|FILE",
+              help="Whose templates and model encode TEXT or --image (default: the policy "
+                   "in force, the log's latest activation).")
+@click.option("--since", help="Unix seconds, ISO 8601, or an age (24h, 7d).")
+@click.option("--until", help="Same forms as --since.")
+@click.option("--action", type=click.Choice(["allow", "flag", "review", "block"]))
+@click.option("--category", help="Only decisions where this category fired.")
+@click.option("--policy-version", help="Only decisions made under this policy version.")
+@click.option("--client-id", help="Only decisions of this client id.")
+@click.option("--flagged/--not-flagged", default=None,
+              help="Only flagged (flag, review, block) decisions, or only the others.")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0, 9_999), default=0, show_default=True)
+@click.option("--min-similarity", type=click.FloatRange(-1, 1),
+              help="Leave out hits below this cosine.")
+@click.option("--ef-search", type=click.IntRange(1, 1000), default=100, show_default=True,
+              envvar="MODERATION_SEARCH_EF_SEARCH",
+              help="pgvector: candidates per search ($MODERATION_SEARCH_EF_SEARCH).")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]),
+              default="table", show_default=True)
+@click.option("--out", type=click.File("w", encoding="utf-8"), default="-",
+              help="Output file (default: standard output).")
+@_database_option
+@weights_options
+def decisions_search(text: str | None, like: str | None, image: Path | None, raw: bool,
+                     policy_spec: str | None, since: str | None, until: str | None,
+                     action: str | None, category: str | None, policy_version: str | None,
+                     client_id: str | None, flagged: bool | None, limit: int, offset: int,
+                     min_similarity: float | None, ef_search: int, fmt: str, out: Any,
+                     database_url: str | None, **weights: Any) -> None:
+    """The stored decisions most like TEXT (text → image), a stored decision (--like) or an
+    image file (--image), best first, one per decision (its best frame). Nothing is recorded;
+    ids are included, for a pipeline of your own to act on (--format jsonl or csv)."""
+    import csv
+
+    import numpy as np
+
+    from .search import CSV_COLUMNS, SearchFilters, index_for, search
+
+    if sum(x is not None for x in (text, like, image)) != 1:
+        raise click.UsageError("give one query: TEXT, --like DECISION_ID or --image FILE")
+    if offset + limit > 10_000:
+        raise click.BadParameter("offset + limit must be at most 10000", param_hint="--offset")
+    window = _time_option(since), _time_option(until)
+    url = database_url or default_database_url()
+    store = _store(url)
+    exclude: tuple[str, ...] = ()
+    if like is not None:
+        found = store.get(like)
+        if found is None:
+            raise click.ClickException(f"no decision with id {like!r}")
+        stored = store.frame_embeddings(like)
+        if stored is None:
+            raise click.ClickException(f"decision {like!r} has no stored embedding (an error "
+                                       "result, or recorded without one)")
+        model, queries, exclude = found.model, stored[1], (like,)
+    else:
+        from moderation import ImageError
+        from moderation.prompts import embed_query
+
+        from .policies import SharedEmbeddingCache
+
+        policy, _ = (_stored_or_file(policy_spec, url, Path.cwd()) if policy_spec
+                     else _in_force(url, Path.cwd(), "give --policy VERSION or --policy FILE"))
+        moderator = load_moderator(
+            policy_path=policy, cache=SharedEmbeddingCache.with_folder(url, weights["cache_dir"]),
+            **weights,
+        )
+        model = moderator.encoder.identity
+        if text is not None:
+            templates = None if raw else moderator.policy.templates
+            queries = embed_query(text, moderator.encoder, templates, moderator.cache)[None]
+        else:
+            assert image is not None
+            try:
+                decoded = moderator.decode(image.read_bytes())
+            except ImageError as e:
+                raise click.ClickException(f"{image}: {e.message}") from e
+            queries = np.asarray(moderator.encoder.encode_images(decoded.frames), np.float32)
+    filters = SearchFilters(
+        since=window[0], until=window[1], action=action, category=category,
+        policy_version=policy_version, client_id=client_id, flagged=flagged, exclude=exclude,
+    )
+    page = search(store, queries, model=model, filters=filters, limit=limit, offset=offset,
+                  min_similarity=min_similarity, index=index_for(store, ef_search=ef_search))
+    if fmt == "jsonl":
+        for hit in page.hits:
+            out.write(hit.model_dump_json() + "\n")
+    elif fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(h.csv_row() for h in page.hits)
+    else:
+        out.write(render_hits(page) + "\n")
+
+
+def render_hits(page: Any) -> str:
+    """Search hits as a table for a terminal."""
+    if not page.hits:
+        return f"no decisions of model {page.model} match ({page.index} search)"
+    lines = [f"{'similarity':>10}  {'decision':<32}  {'frame':>5}  {'time':<20}  "
+             f"{'action':<6}  client id / triggered (top terms)"]
+    for h in page.hits:
+        terms = "; ".join(f"{c} ({', '.join(t)})" for c, t in h.top_terms.items())
+        lines.append(f"{h.similarity:>10.4f}  {h.decision_id:<32}  {h.frame:>5}  "
+                     f"{_when(h.created_at, ''):<20}  {h.action:<6}  {h.client_id or '-'}"
+                     + (f"  {terms}" if terms else ""))
+    more = (f"; more from --offset {page.next_offset}" if page.next_offset is not None else "")
+    lines.append(f"{len(page.hits)} hits ({page.index} search, model {page.model}){more}")
+    return "\n".join(lines)
 
 
 @decisions.command("rescore")
@@ -249,15 +369,17 @@ def _stored_or_file(spec: str, database_url: str | None, base_dir: Path) -> tupl
         raise click.ClickException(str(e)) from e
 
 
-def _in_force(database_url: str | None, base_dir: Path) -> tuple[Any, str]:
-    """The policy of the log's latest activation."""
+def _in_force(database_url: str | None, base_dir: Path,
+              instead: str = "give the policy to compare with, --against VERSION or "
+                             "--against FILE") -> tuple[Any, str]:
+    """The policy of the log's latest activation (``instead``: what to do without one)."""
     from .policies import PolicyLog
 
     latest = PolicyLog(database_url or default_database_url()).latest()
     if latest is None:
         raise click.ClickException(
             "the decision log has no active policy (the service records one when it starts): "
-            "give the policy to compare with, --against VERSION or --against FILE"
+            + instead
         )
     found, _ = _stored_or_file(latest.version, database_url, base_dir)
     return found, f"active (activation {latest.id}, {latest.reason} on {latest.host})"

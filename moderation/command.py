@@ -66,7 +66,7 @@ def weights_options(command: F) -> F:
 
 
 def load_moderator(
-    policy_path: Path,
+    policy_path: Path | Any,
     model: str | None,
     pretrained: str | None,
     random_weights: bool,
@@ -74,7 +74,8 @@ def load_moderator(
     batch_size: int,
     cache: Any = None,
 ) -> Any:
-    """The :class:`~moderation.Moderator` of a policy file, its errors as click's; ``cache``:
+    """The :class:`~moderation.Moderator` of a policy file (or a parsed policy), its errors as
+    click's; ``cache``:
     a text-embedding cache a layer above provides (default: the folder cache)."""
     from .backends import RandomWeightsWarning
     from .moderator import Moderator

@@ -134,7 +134,7 @@ class Moderator:
     @classmethod
     def from_policy(
         cls,
-        path: str | Path,
+        path: str | Path | Policy,
         *,
         model: str | None = None,
         pretrained: str | None = None,
@@ -145,7 +145,8 @@ class Moderator:
         threads: int | None = None,
         **kwargs: Any,
     ) -> Moderator:
-        """Load the policy at ``path`` and the model it names (or ``model``/``pretrained``).
+        """Load the policy at ``path`` (or take it, parsed) and the model it names (or
+        ``model``/``pretrained``).
 
         ``cache_dir`` holds the text-embedding cache (default: see
         :func:`moderation.prompts.default_cache_path`), unless ``cache`` is given (a cache
@@ -154,7 +155,7 @@ class Moderator:
         """
         from .backends.torch import Encoder
 
-        policy = load_policy(path)
+        policy = path if isinstance(path, Policy) else load_policy(path)
         spec = policy.model
         name = model or spec.name
         if pretrained is None and name == spec.name:

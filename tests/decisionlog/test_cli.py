@@ -145,3 +145,47 @@ def test_rescore_then_export_it(log: tuple[str, Path], tiny: dict[str, Any],
     result = runner.invoke(main, ["decisions", "export", "--rescore", "nope",
                                   "--database-url", url])
     assert result.exit_code == 1 and f"the latest: {run_id}" in result.output
+
+
+def search_cli(url: str, *args: str) -> Any:
+    return CliRunner().invoke(main, ["decisions", "search", "--database-url", url, *args])
+
+
+def test_search_by_image_text_and_decision(log: tuple[str, Path], tmp_path: Path) -> None:
+    """The tiny model's random weights are seeded: the CLI's model is the one that filled the
+    log, so an image's file finds its own decision first, at cosine 1."""
+    url, _ = log
+    picture = tmp_path / "red.png"
+    picture.write_bytes(image_bytes(RED))
+    result = search_cli(url, "--image", str(picture), "--random-weights", "--format", "jsonl")
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(hits) == len(COLOURS)
+    assert hits[0]["similarity"] >= 0.999
+    red = hits[0]["decision_id"]
+    like = search_cli(url, "--like", red, "--format", "csv", "--limit", "3")
+    assert like.exit_code == 0, like.output
+    lines = like.stdout.splitlines()
+    assert lines[0].startswith("decision_id,similarity,frame") and len(lines) == 4
+    assert red not in like.stdout  # the query itself is left out
+    text = search_cli(url, "gun", "--random-weights", "--action", "allow")
+    assert text.exit_code == 0, text.output
+    assert "hits (exact search, model tiny-test-clip/random-weights" in text.stdout
+    assert "allow" in text.stdout and "block " not in text.stdout
+    raw = search_cli(url, "a gun", "--raw", "--random-weights", "--format", "jsonl",
+                     "--min-similarity", "1")
+    assert raw.exit_code == 0 and raw.stdout == ""  # no image is a text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give one query"),
+    (["gun", "--like", "x"], "give one query"),
+    (["--like", "no-such-id"], "no decision with id 'no-such-id'"),
+    (["--like", "x", "--limit", "600"], "600 is not in the range"),
+    (["--like", "x", "--since", "yesterday-ish"], "yesterday-ish"),
+])
+def test_search_refuses_bad_queries(log: tuple[str, Path], args: list[str],
+                                    message: str) -> None:
+    result = search_cli(log[0], *args)
+    assert result.exit_code != 0
+    assert message in result.output
