@@ -6,19 +6,22 @@ from __future__ import annotations
 import datetime as dt
 import time
 from typing import Any
+from urllib.parse import quote
 
 from flask import render_template
 
 from decisionlog import DecisionStore
 from decisionlog.lab import DryRun
+from decisionlog.search import SearchHit
 from moderation import ModerationError, Moderator
 from moderation.diff import diff_policies
 from moderation.policy import Policy
 
+from .search import SearchResult
 from .state import PolicyHolder, read_policy_text
 
-__all__ = ["active_text", "history_entries", "render_dashboard", "render_history",
-           "render_lab"]
+__all__ = ["active_text", "history_entries", "image_url", "render_dashboard", "render_history",
+           "render_lab", "render_search"]
 
 
 def _when(t: float) -> str:
@@ -189,3 +192,23 @@ def active_text(holder: PolicyHolder) -> str:
     if holder.policy_path is not None and holder.policy_path.is_file():
         return read_policy_text(holder.policy_path)
     return ""
+
+
+def image_url(template: str | None, hit: SearchHit) -> str | None:
+    """A hit's thumbnail in the client's own store (MODERATION_IMAGE_URL_TEMPLATE, with
+    ``{client_id}`` and ``{decision_id}`` filled in, URL-quoted), or ``None``."""
+    if not template or (hit.client_id is None and "{client_id}" in template):
+        return None
+    return (template.replace("{client_id}", quote(hit.client_id or "", safe="/"))
+            .replace("{decision_id}", quote(hit.decision_id, safe="")))
+
+
+def render_search(holder: PolicyHolder, *, form: dict[str, str],
+                  result: SearchResult | None = None, error: dict[str, Any] | None = None,
+                  image_template: str | None = None) -> str:
+    active = holder.current()
+    return render_template(
+        "search.html", policy=active.policy, model=active.encoder.identity, form=form,
+        result=result, error=error, when=_when,
+        thumbnail=lambda hit: image_url(image_template, hit),
+    )

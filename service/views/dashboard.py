@@ -1,4 +1,5 @@
-"""``/dashboard`` (reader), ``/dashboard/policies`` (reader: the policy history) and
+"""``/dashboard`` (reader), ``/dashboard/policies`` (reader: the policy history),
+``/dashboard/search`` (reader: search the log by text, decision or image) and
 ``/dashboard/lab`` (admin: dry-run a policy edit); the pages are rendered by
 :mod:`service.dashboard`."""
 
@@ -8,11 +9,15 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from moderation import ImageError
+
 from ..auth import TOKEN_COOKIE, admin_page_required, reader_required
-from ..dashboard import active_text, render_dashboard, render_history, render_lab
+from ..dashboard import active_text, render_dashboard, render_history, render_lab, render_search
+from ..errors import IMAGE_ERROR_STATUS
 from ..lab import run_dry_run
-from ..parsing import DryRunRequest, RequestError
-from . import holder, int_arg, store
+from ..parsing import IMAGE_FIELD, DryRunRequest, RequestError, parse_search
+from ..search import run_search
+from . import holder, int_arg, settings, store
 
 bp = Blueprint("dashboard", __name__)
 
@@ -36,6 +41,36 @@ def dashboard() -> Any:
 @reader_required
 def history() -> Any:
     return _page(render_history(holder(), store()))
+
+
+@bp.route("/dashboard/search", methods=["GET", "POST"])
+@reader_required
+def search() -> Any:
+    """GET: the form, and with ``q`` or ``like`` its hits (the query string of /v1/search).
+    POST (a plain multipart form): an uploaded image as the query, the filters beside it."""
+    fields = request.form if request.method == "POST" else request.args
+    form = {k: v.strip() for k, v in fields.items() if k != "token" and v.strip()}
+    image = request.files.get(IMAGE_FIELD) if request.method == "POST" else None
+    if image is not None:  # the image is the query (the form's text box goes along)
+        form = {k: v for k, v in form.items() if k not in ("q", "raw", "like", "offset")}
+    if image is None and "q" not in form and "like" not in form:
+        return _page(render_search(holder(), form=form))
+    if "raw" in form:
+        form["raw"] = "true"
+    try:
+        parsed = parse_search(form, image=image is not None)
+        data = image.read() if image is not None else None
+        if image is not None and not data:
+            raise RequestError(400, "empty", "choose an image file to search with")
+        result = run_search(holder(), store(), parsed, image=data,
+                            ef_search=settings().search_ef_search)
+    except (RequestError, ImageError) as e:
+        status = (e.status if isinstance(e, RequestError)
+                  else IMAGE_ERROR_STATUS.get(e.code, 400))
+        error = {"code": e.code, "message": e.message}
+        return _page(render_search(holder(), form=form, error=error), status)
+    return _page(render_search(holder(), form=form, result=result,
+                               image_template=settings().image_url_template))
 
 
 @bp.route("/dashboard/lab", methods=["GET", "POST"])

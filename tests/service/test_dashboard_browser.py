@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -163,4 +164,112 @@ def test_policy_lab_and_history_in_headless_chromium(app: Flask, served: str, tm
         page.screenshot(path=str(shots / "policy-history.png"), full_page=True)
         browser.close()
     # (the 401 and the 422 above were asked for; a JSON error page has no favicon)
+    assert [m for m in problems if not m.startswith("Failed to load resource")] == []
+
+
+@pytest.fixture
+def thumbnails(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A stand-in for the client's own image store: files of a folder, over HTTP."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", folder
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
+def test_search_page_in_headless_chromium(make_app: Any, thumbnails: tuple[str, Path],
+                                          tmp_path: Path) -> None:
+    """Text → image, "more like this" and an uploaded image, with thumbnails from the
+    client's store (MODERATION_IMAGE_URL_TEMPLATE)."""
+    import io
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import BLUE, GREEN, GREY, PURPLE, RED, animation_bytes, image_bytes
+
+    store_url, folder = thumbnails
+    app = make_app(IMAGE_URL_TEMPLATE=f"{store_url}/{{client_id}}")
+    uploads = {"rifle.png": image_bytes(RED), "rifle-copy.png": image_bytes(RED),
+               "toy.png": image_bytes(BLUE), "between.png": image_bytes(PURPLE),
+               "beer.png": image_bytes(GREEN), "nothing.png": image_bytes(GREY),
+               "clip.gif": animation_bytes(GREY, GREEN, RED)}
+    for name, data in uploads.items():
+        (folder / name).write_bytes(data)
+    r = app.test_client().post("/v1/moderate", data={
+        "image": [(io.BytesIO(b), n) for n, b in uploads.items()], "id": list(uploads)})
+    assert r.status_code == 200
+    app.extensions["decisions"][1].flush()
+    query = tmp_path / "query.png"
+    query.write_bytes(image_bytes(RED))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served = f"http://127.0.0.1:{server.server_port}"
+    problems: list[str] = []
+    shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            assert page.goto(f"{served}/dashboard/search").status == 401  # reader only
+            assert page.goto(f"{served}/dashboard/search?token={READER}").status == 200
+            page.locator("input#q").fill("a gun")
+            page.locator("input[name=raw]").check()
+            page.locator("button#go").click()
+            page.wait_for_selector("#result")
+            rows = page.locator("table#hits tbody tr")
+            assert rows.count() == len(uploads)
+            # the rifles, and the animation by its red frame (frame 2), all at cosine 1
+            best = {rows.nth(i).locator("td").nth(2).inner_text() for i in range(3)}
+            assert best == {"rifle.png", "rifle-copy.png", "clip.gif (frame 2)"}
+            assert "weapons" in rows.nth(0).inner_text()
+            sims = [float(rows.nth(i).locator("td").nth(0).inner_text())
+                    for i in range(rows.count())]
+            assert sims == sorted(sims, reverse=True) and sims[0] == pytest.approx(1, abs=1e-3)
+            page.wait_for_function(  # the thumbnails came from the client's store
+                "[...document.querySelectorAll('img.thumb')].every(i => i.naturalWidth > 0)")
+            assert page.locator("img.thumb").count() == len(uploads)
+            page.screenshot(path=str(shots / "search-text.png"), full_page=True)
+
+            # more like this: the rifle's re-upload first, the rifle itself left out
+            rifle = page.locator("table#hits tbody tr", has_text="rifle.png").first
+            rifle_id = rifle.get_attribute("data-decision")
+            rifle.locator("a.more").click()
+            page.wait_for_selector("#result")
+            rows = page.locator("table#hits tbody tr")
+            assert rows.nth(0).get_attribute("data-decision") != rifle_id
+            best = {rows.nth(i).locator("td").nth(2).inner_text() for i in range(2)}
+            assert best == {"rifle-copy.png", "clip.gif (frame 2)"}
+            assert page.locator(f"tr[data-decision='{rifle_id}']").count() == 0
+
+            # an uploaded image, filtered to blocked decisions
+            page.goto(f"{served}/dashboard/search")  # the cookie carries the token
+            page.locator("select[name=action]").select_option("block")
+            page.locator("input#image").set_input_files(str(query))
+            page.locator("button#go-image").click()
+            page.wait_for_selector("#result")
+            assert "like the uploaded image" in page.locator("#result h2").inner_text()
+            rows = page.locator("table#hits tbody tr")
+            assert rows.count() == 3  # the blocked ones: both rifles and the animation
+            assert all(rows.nth(i).locator("td").nth(0).inner_text().startswith("1.000")
+                       for i in range(3))
+            assert page.locator("select[name=action]").input_value() == "block"
+            page.screenshot(path=str(shots / "search-image.png"), full_page=True)
+
+            # a bad filter: the error on the page, the form kept
+            page.goto(f"{served}/dashboard/search?q=gun&since=last+week")
+            assert "invalid_field" in page.locator("#error").inner_text()
+            assert page.locator("input#q").input_value() == "gun"
+            browser.close()
+    finally:
+        server.shutdown()
     assert [m for m in problems if not m.startswith("Failed to load resource")] == []
