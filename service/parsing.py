@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from decisionlog.search import MAX_DEPTH
+from decisionlog.search import MAX_DEPTH, SearchFilters
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -22,6 +22,7 @@ __all__ = [
     "Upload",
     "check_text",
     "decode_base64",
+    "integer_field",
     "load_json",
     "parse_dry_run",
     "parse_json",
@@ -338,13 +339,7 @@ class SearchRequest:
     q: str | None = None
     like: str | None = None
     raw: bool = False
-    since: float | None = None
-    until: float | None = None
-    action: str | None = None
-    category: str | None = None
-    policy_version: str | None = None
-    client_id: str | None = None
-    flagged: bool | None = None
+    filters: SearchFilters = SearchFilters()
     limit: int = 20
     offset: int = 0
     min_similarity: float | None = None
@@ -360,7 +355,8 @@ def _boolean(name: str, value: str | None) -> bool | None:
     return found
 
 
-def _integer(name: str, value: str | None, default: int, low: int, high: int) -> int:
+def integer_field(name: str, value: str | None, default: int, low: int, high: int) -> int:
+    """An integer query parameter from ``low`` to ``high`` (``default`` when absent)."""
     if value is None:
         return default
     try:
@@ -411,14 +407,17 @@ def parse_search(args: Mapping[str, str], *, image: bool = False) -> SearchReque
     if fmt not in SEARCH_FORMATS:
         raise RequestError(400, "invalid_field", f"format must be one of "
                                                  f"{', '.join(SEARCH_FORMATS)}; got {fmt!r}")
-    limit = _integer("limit", args.get("limit"), 20, 1, MAX_SEARCH_LIMIT)
-    offset = _integer("offset", args.get("offset"), 0, 0, MAX_SEARCH_DEPTH - limit)
-    text = {k: check_text(args[k], k) if args.get(k) else None
-            for k in ("category", "policy_version", "client_id")}
-    return SearchRequest(
-        q=q, like=like, raw=bool(_boolean("raw", args.get("raw"))),
+    limit = integer_field("limit", args.get("limit"), 20, 1, MAX_SEARCH_LIMIT)
+    offset = integer_field("offset", args.get("offset"), 0, 0, MAX_SEARCH_DEPTH - limit)
+    def text(name: str) -> str | None:
+        return check_text(args[name], name) if args.get(name) else None
+
+    filters = SearchFilters(
         since=time_field("since", args.get("since")),
         until=time_field("until", args.get("until")),
-        action=action, flagged=_boolean("flagged", args.get("flagged")),
-        limit=limit, offset=offset, min_similarity=min_similarity, format=fmt, **text,
+        action=action, category=text("category"), policy_version=text("policy_version"),
+        client_id=text("client_id"), flagged=_boolean("flagged", args.get("flagged")),
     )
+    return SearchRequest(q=q, like=like, raw=bool(_boolean("raw", args.get("raw"))),
+                         filters=filters, limit=limit, offset=offset,
+                         min_similarity=min_similarity, format=fmt)

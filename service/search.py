@@ -4,13 +4,14 @@ decisions most like it (:func:`decisionlog.search.search`). Nothing is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from decisionlog import DecisionStore
-from decisionlog.search import SearchFilters, SearchPage, index_for, search
+from decisionlog.search import SearchPage, index_for, search
 from moderation.prompts import embed_query
 
 from .parsing import RequestError, SearchRequest
@@ -66,11 +67,7 @@ def run_search(holder: PolicyHolder, store: DecisionStore, request: SearchReques
         query = {"kind": "image", "format": decoded.format, "frames": len(decoded.frames)}
     else:
         raise RequestError(400, "missing_field", "no query")
-    filters = SearchFilters(
-        since=request.since, until=request.until, action=request.action,
-        category=request.category, policy_version=request.policy_version,
-        client_id=request.client_id, flagged=request.flagged, exclude=exclude,
-    )
+    filters = dataclasses.replace(request.filters, exclude=exclude)
     page = search(store, queries, model=model, filters=filters, limit=request.limit,
                   offset=request.offset, min_similarity=request.min_similarity,
                   index=index_for(store, ef_search=ef_search))

@@ -8,7 +8,7 @@ from flask import current_app, request
 from decisionlog import DecisionStore, Recorder
 
 from ..metrics import Metrics
-from ..parsing import RequestError, time_field
+from ..parsing import integer_field, time_field
 from ..settings import current_settings as settings
 from ..state import PolicyHolder
 
@@ -41,17 +41,4 @@ def time_arg(name: str) -> float | None:
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
-    value = request.args.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = low - 1
-    if not low <= number <= high:
-        raise RequestError(
-            400, "invalid_field", f"{name} must be an integer from {low} to {high}; got {value!r}"
-        )
-    return number
-
-
+    return integer_field(name, request.args.get(name), default, low, high)

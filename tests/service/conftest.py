@@ -59,6 +59,20 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
+def moderate_images(client: FlaskClient, app: Flask,
+                    images: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Moderate every image once, ids as the keys, and wait until they are in the log: the
+    result per client id."""
+    import io
+
+    data = {"image": [(io.BytesIO(b), f"{k}.img") for k, b in images.items()],
+            "id": list(images)}
+    r = client.post("/v1/moderate", data=data, content_type="multipart/form-data")
+    assert r.status_code == 200, r.get_data(as_text=True)
+    app.extensions["decisions"][1].flush()
+    return {res["id"]: res for res in r.get_json()["results"]}
+
+
 # --- the real `moderation serve` (gunicorn, the tiny test architecture) on loopback --------
 
 TOKEN = "integration-admin-token"

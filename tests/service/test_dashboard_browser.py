@@ -50,6 +50,15 @@ def seed(app: Flask) -> str:
     return active.policy.version
 
 
+def open_page(playwright: Any, problems: list[str], height: int = 1400) -> tuple[Any, Any]:
+    """Chromium and a page whose console errors and page errors go to ``problems``."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return browser, page
+
+
 @pytest.fixture
 def served(app: Flask) -> Iterator[str]:
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -68,10 +77,7 @@ def test_dashboard_in_headless_chromium(app: Flask, served: str, tmp_path: Path)
     version = seed(app)
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
+        browser, page = open_page(p, problems)
         response = page.goto(f"{served}/dashboard?token={READER}")
         assert response is not None and response.status == 200
         assert page.locator("h1").inner_text().startswith("Moderation: policy")
@@ -119,10 +125,7 @@ def test_policy_lab_and_history_in_headless_chromium(app: Flask, served: str, tm
     problems: list[str] = []
     shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
+        browser, page = open_page(p, problems)
         assert page.goto(f"{served}/dashboard/lab?token={READER}").status == 401  # admin only
         response = page.goto(f"{served}/dashboard/lab?token={ADMIN}")
         assert response is not None and response.status == 200
@@ -216,10 +219,7 @@ def test_search_page_in_headless_chromium(make_app: Any, thumbnails: tuple[str, 
     shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
+            browser, page = open_page(p, problems, height=1000)
             assert page.goto(f"{served}/dashboard/search").status == 401  # reader only
             assert page.goto(f"{served}/dashboard/search?token={READER}").status == 200
             page.locator("input#q").fill("a gun")

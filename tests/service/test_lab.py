@@ -4,7 +4,6 @@ proposed policy is active (moderate, dry-run, reload, moderate the same images a
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from tests.conftest import (
     image_bytes,
     unit,
 )
-from tests.service.conftest import ADMIN, READER
+from tests.service.conftest import ADMIN, READER, moderate_images
 
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 READER_H = {"Authorization": f"Bearer {READER}"}
@@ -40,12 +39,7 @@ IMAGES = {
 
 def moderate_all(client: FlaskClient, app: Flask) -> dict[str, dict[str, Any]]:
     """Moderate every image once; the outcome per client id."""
-    data = {"image": [(io.BytesIO(b), f"{k}.img") for k, b in IMAGES.items()],
-            "id": list(IMAGES)}
-    r = client.post("/v1/moderate", data=data, content_type="multipart/form-data")
-    assert r.status_code == 200, r.get_data(as_text=True)
-    app.extensions["decisions"][1].flush()
-    return {res["id"]: res for res in r.get_json()["results"]}
+    return moderate_images(client, app, IMAGES)
 
 
 def dry_run(client: FlaskClient, policy: dict[str, Any], **query: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import BLUE, GREEN, GREY, PURPLE, RED, animation_bytes, image_bytes
-from tests.service.conftest import ADMIN, READER
+from tests.service.conftest import ADMIN, READER, moderate_images
 
 READER_H = {"Authorization": f"Bearer {READER}"}
 
@@ -27,12 +27,7 @@ IMAGES = {
 @pytest.fixture
 def logged(client: FlaskClient, app: Flask) -> dict[str, dict[str, Any]]:
     """Every image moderated once: its result, by client id."""
-    data = {"image": [(io.BytesIO(b), f"{k}.img") for k, b in IMAGES.items()],
-            "id": list(IMAGES)}
-    r = client.post("/v1/moderate", data=data, content_type="multipart/form-data")
-    assert r.status_code == 200, r.get_data(as_text=True)
-    app.extensions["decisions"][1].flush()
-    return {res["id"]: res for res in r.get_json()["results"]}
+    return moderate_images(client, app, IMAGES)
 
 
 def get(client: FlaskClient, **query: Any) -> dict[str, Any]:
