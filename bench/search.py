@@ -1,12 +1,12 @@
 """How fast the decision log answers a search, and (pgvector) how many true neighbours it finds.
 
 Fills a log with N synthetic 512-dimension unit vectors in clusters (so that neighbours
-exist: about 1,000 vectors a cluster, cosine ~0.75 within one), then runs the same queries
-(stored vectors, moved as an edited copy would be) through the library's search, top 10 with
-the hits' records, and prints one line per index:
+exist: topics of ~1,000 uploads, scenes of ~10 in each; ``--flat``: topics only), then runs the
+same queries (another copy of a stored scene) through the library's search, top 10 with the
+hits' records, and prints one line per index (and per ``--ef-search`` value):
 
-    index=exact n=N p50_ms=… p95_ms=…
-    index=pgvector n=N build_s=… p50_ms=… p95_ms=… recall_at_10=…
+    index=exact n=N data=… p50_ms=… p95_ms=…
+    index=pgvector n=N data=… build_s=… p50_ms=… p95_ms=… recall_at_10=… ef_search=…
 
 Exact search runs on SQLite (the embedded default); with ``--postgres`` the same log is filled
 on that server (a scratch database per size), the HNSW index is built (``build_s``) and
@@ -14,7 +14,7 @@ searched, and recall@10 is measured against the exact answers of the SQLite log 
 decisions and vectors: the fill is deterministic).
 
     .venv/bin/python bench/search.py [--n 100000 1000000] [--postgres URL] [--keep DIR]
-        [--queries 50] [--ef-search 100] [--m 16] [--ef-construction 64]
+        [--queries 50] [--ef-search 40 100 200] [--m 16] [--ef-construction 64] [--flat]
 """
 
 from __future__ import annotations
@@ -37,29 +37,38 @@ MODEL = "bench/clustered-unit-vectors"
 SEED = 11
 
 
-def centres(n: int) -> np.ndarray:
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def scenes(n: int, flat: bool) -> np.ndarray:
+    """Where the uploads are: topics of ~1,000 uploads, and in each, scenes of ~10 (the same
+    picture re-uploaded, edited, shot again). ``flat``: topics only, every upload of a topic
+    as far from the others (no neighbours to find: the hardest case for an index)."""
     rng = np.random.default_rng([SEED, n])
-    c = rng.normal(size=(max(n // 1000, 10), DIM))
-    return c / np.linalg.norm(c, axis=1, keepdims=True)
+    topics = _unit(rng.normal(size=(max(n // 1000, 10), DIM)))
+    if flat:
+        return topics
+    per_topic = topics[rng.integers(0, len(topics), max(n // 10, 10))]
+    return _unit(per_topic + 0.8 * rng.normal(size=per_topic.shape) / np.sqrt(DIM))
 
 
-def clustered(n: int) -> synthetic.Vectors:
-    middle = centres(n)
+def clustered(n: int, flat: bool = False) -> synthetic.Vectors:
+    middle = scenes(n, flat)
+    spread = 0.55 if flat else 0.35  # cosine to the centre ~0.77 (flat), ~0.89 (a scene)
 
     def make(rng: np.random.Generator, count: int) -> np.ndarray:
         v = middle[rng.integers(0, len(middle), count)]
-        v = v + 0.55 * rng.normal(size=(count, DIM)) / np.sqrt(DIM)
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
+        return _unit(v + spread * rng.normal(size=(count, DIM)) / np.sqrt(DIM))
 
     return make
 
 
-def queries(n: int, count: int) -> np.ndarray:
-    """Vectors near stored ones: a cluster's centre moved as far as a stored vector is."""
+def queries(n: int, count: int, flat: bool = False) -> np.ndarray:
+    """Uploads like the stored ones (another copy of a stored scene), moved a little more."""
     rng = np.random.default_rng([SEED, n, 1])
-    q = clustered(n)(rng, count)
-    q = q + 0.2 * rng.normal(size=q.shape) / np.sqrt(DIM)
-    return q / np.linalg.norm(q, axis=1, keepdims=True)
+    q = clustered(n, flat)(rng, count)
+    return _unit(q + 0.2 * rng.normal(size=q.shape) / np.sqrt(DIM))
 
 
 def timed(store: object, index: object, qs: np.ndarray) -> tuple[list[float], list[list[str]]]:
@@ -85,7 +94,10 @@ def main() -> None:
     parser.add_argument("--postgres", help="a PostgreSQL server URL (scratch databases)")
     parser.add_argument("--keep", type=Path, help="keep and reuse the SQLite logs here")
     parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument("--ef-search", type=int, default=100)
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[40, 100, 200],
+                        help="pgvector: one line per value (the same index)")
+    parser.add_argument("--flat", action="store_true",
+                        help="topics only, no scenes: no neighbours closer than the rest")
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=64)
     args = parser.parse_args()
@@ -94,31 +106,34 @@ def main() -> None:
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench-search-"))
     folder.mkdir(parents=True, exist_ok=True)
+    shape = "flat" if args.flat else "scenes"
     for n in args.n:
-        url = f"sqlite:///{folder / f'search-{n}.sqlite3'}"
-        synthetic.fill(url, n, clustered(n), model=MODEL, seed=SEED, actions=True)
-        qs = queries(n, args.queries)
+        url = f"sqlite:///{folder / f'search-{shape}-{n}.sqlite3'}"
+        synthetic.fill(url, n, clustered(n, args.flat), model=MODEL, seed=SEED, actions=True)
+        qs = queries(n, args.queries, args.flat)
         store = DecisionStore(url)
         millis, exact = timed(store, ExactIndex(store), qs)
-        print(f"index=exact n={n} {figures(millis)}", flush=True)
+        print(f"index=exact n={n} data={shape} {figures(millis)}", flush=True)
         if not args.postgres:
             continue
-        pg_url = postgres_database(args.postgres, f"bench_search_{n}")
+        name = f"bench_search_{shape}_{n}"
+        pg_url = postgres_database(args.postgres, name)
         pg = DecisionStore(pg_url)
         with pg.engine.begin() as conn:  # room for the graph while building (this database)
-            conn.exec_driver_sql(f"ALTER DATABASE bench_search_{n} SET "
-                                 "maintenance_work_mem = '4GB'")
-        synthetic.fill(pg_url, n, clustered(n), model=MODEL, seed=SEED, actions=True)
+            conn.exec_driver_sql(f"ALTER DATABASE {name} SET maintenance_work_mem = '4GB'")
+        synthetic.fill(pg_url, n, clustered(n, args.flat), model=MODEL, seed=SEED,
+                       actions=True)
         pg.close()  # new sessions: the setting above
         started = time.perf_counter()
         ensure_hnsw_index(pg.engine, DIM, m=args.m, ef_construction=args.ef_construction)
         build = time.perf_counter() - started
-        millis, approximate = timed(pg, HnswIndex(pg, ef_search=args.ef_search), qs)
-        recall = np.mean([len(set(a) & set(e)) / max(len(e), 1)
-                          for a, e in zip(approximate, exact, strict=True)])
-        print(f"index=pgvector n={n} build_s={build:.0f} {figures(millis)} "
-              f"recall_at_10={recall:.3f} ef_search={args.ef_search} m={args.m} "
-              f"ef_construction={args.ef_construction}", flush=True)
+        for ef_search in args.ef_search:
+            millis, approximate = timed(pg, HnswIndex(pg, ef_search=ef_search), qs)
+            recall = np.mean([len(set(a) & set(e)) / max(len(e), 1)
+                              for a, e in zip(approximate, exact, strict=True)])
+            print(f"index=pgvector n={n} data={shape} build_s={build:.0f} {figures(millis)} "
+                  f"recall_at_10={recall:.3f} ef_search={ef_search} m={args.m} "
+                  f"ef_construction={args.ef_construction}", flush=True)
 
 
 if __name__ == "__main__":
