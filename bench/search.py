@@ -1,7 +1,7 @@
 """How fast the decision log answers a search, and (pgvector) how many true neighbours it finds.
 
 Fills a log with N synthetic 512-dimension unit vectors in clusters (so that neighbours
-exist: topics of ~1,000 uploads, scenes of ~10 in each; ``--flat``: topics only), then runs the
+exist: topics of ~1,000 uploads, scenes of ~20 in each; ``--flat``: topics only), then runs the
 same queries (another copy of a stored scene) through the library's search, top 10 with the
 hits' records, and prints one line per index (and per ``--ef-search`` value):
 
@@ -42,14 +42,15 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def scenes(n: int, flat: bool) -> np.ndarray:
-    """Where the uploads are: topics of ~1,000 uploads, and in each, scenes of ~10 (the same
-    picture re-uploaded, edited, shot again). ``flat``: topics only, every upload of a topic
-    as far from the others (no neighbours to find: the hardest case for an index)."""
+    """Where the uploads are: topics of ~1,000 uploads, and in each, scenes of ~20 (the same
+    picture re-uploaded, edited, shot again: more than the 10 asked for, so that a query's
+    true top 10 are its scene's, not a near-tie among the topic). ``flat``: topics only,
+    every upload of a topic as far from the others (the hardest case for an index)."""
     rng = np.random.default_rng([SEED, n])
     topics = _unit(rng.normal(size=(max(n // 1000, 10), DIM)))
     if flat:
         return topics
-    per_topic = topics[rng.integers(0, len(topics), max(n // 10, 10))]
+    per_topic = topics[rng.integers(0, len(topics), max(n // 20, 10))]
     return _unit(per_topic + 0.8 * rng.normal(size=per_topic.shape) / np.sqrt(DIM))
 
 
