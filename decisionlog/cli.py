@@ -162,9 +162,7 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
     ids are included, for a pipeline of your own to act on (--format jsonl or csv)."""
     import csv
 
-    import numpy as np
-
-    from .search import CSV_COLUMNS, SearchFilters, index_for, search
+    from .search import CSV_COLUMNS, SearchFilters, frames_like, index_for, search
 
     if sum(x is not None for x in (text, like, image)) != 1:
         raise click.UsageError("give one query: TEXT, --like DECISION_ID or --image FILE")
@@ -175,17 +173,13 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
     store = _store(url)
     exclude: tuple[str, ...] = ()
     if like is not None:
-        found = store.get(like)
-        if found is None:
-            raise click.ClickException(f"no decision with id {like!r}")
-        stored = store.frame_embeddings(like)
-        if stored is None:
-            raise click.ClickException(f"decision {like!r} has no stored embedding (an error "
-                                       "result, or recorded without one)")
-        model, queries, exclude = found.model, stored[1], (like,)
+        try:
+            model, queries = frames_like(store, like)
+        except LookupError as e:
+            raise click.ClickException(str(e)) from e
+        exclude = (like,)
     else:
         from moderation import ImageError
-        from moderation.prompts import embed_query
 
         from .policies import SharedEmbeddingCache
 
@@ -197,15 +191,13 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
         )
         model = moderator.encoder.identity
         if text is not None:
-            templates = None if raw else moderator.policy.templates
-            queries = embed_query(text, moderator.encoder, templates, moderator.cache)[None]
+            queries = moderator.embed_text(text, raw=raw)
         else:
             assert image is not None
             try:
-                decoded = moderator.decode(image.read_bytes())
+                queries = moderator.embed_image(image.read_bytes())
             except ImageError as e:
                 raise click.ClickException(f"{image}: {e.message}") from e
-            queries = np.asarray(moderator.encoder.encode_images(decoded.frames), np.float32)
     filters = SearchFilters(
         since=window[0], until=window[1], action=action, category=category,
         policy_version=policy_version, client_id=client_id, flagged=flagged, exclude=exclude,

@@ -37,12 +37,15 @@ __all__ = [
     "ExactIndex",
     "HnswIndex",
     "Neighbour",
+    "NoEmbedding",
     "SearchFilters",
     "SearchHit",
     "SearchPage",
+    "UnknownDecision",
     "VectorIndex",
     "ensure_hnsw_index",
     "float16_dot",
+    "frames_like",
     "hnsw_index_name",
     "index_for",
     "search",
@@ -319,6 +322,27 @@ class HnswIndex:
             if len(found) >= k or len(rows) < fetch:
                 return list(found.values())[:k]
             fetch *= 4
+
+
+class UnknownDecision(LookupError):
+    """``like=`` a decision the log does not have."""
+
+
+class NoEmbedding(LookupError):
+    """``like=`` a decision with no stored embedding (an error result)."""
+
+
+def frames_like(store: DecisionStore, decision_id: str) -> tuple[str, np.ndarray]:
+    """A stored decision as a query: its model, and its frames' vectors (frames, dim)."""
+    found = store.get(decision_id)
+    if found is None:
+        raise UnknownDecision(f"no decision with id {decision_id!r}")
+    stored = store.frame_embeddings(decision_id)
+    if stored is None:
+        raise NoEmbedding(f"decision {decision_id!r} has no stored embedding (it is an error "
+                          "result, or was recorded without one): there is nothing to compare "
+                          "with")
+    return found.model, stored[1]
 
 
 def index_for(store: DecisionStore, *, ef_search: int = 100) -> VectorIndex:

@@ -14,7 +14,7 @@ from .decision import Decision
 from .errors import ImageError, ModelMismatchError
 from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
 from .policy import DEFAULT_PROFILE, Policy, load_policy
-from .prompts import EmbeddingCache, PolicyEmbeddings, VectorCache, embed_policy
+from .prompts import EmbeddingCache, PolicyEmbeddings, VectorCache, embed_policy, embed_query
 from .scorer import Scorer
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
@@ -195,6 +195,18 @@ class Moderator:
     def scorer(self, profile: str | None = None) -> Scorer:
         """The :class:`~moderation.scorer.Scorer` of this policy (and ``profile``)."""
         return Scorer(self.policy, self.text, profile)
+
+    def embed_text(self, text: str, *, raw: bool = False) -> np.ndarray:
+        """A search text as a query vector, shape (1, dim): through the policy's templates
+        (a prompt ensemble, as a term is), or as it is (``raw``)."""
+        templates = None if raw else self.policy.templates
+        return embed_query(text, self.encoder, templates, self.cache)[None]
+
+    def embed_image(self, source: ImageInput) -> np.ndarray:
+        """An image as query vectors, one per sampled frame, shape (frames, dim): decoded and
+        encoded as an upload is. Raises :class:`ImageError`."""
+        decoded = self.decode(source)
+        return np.asarray(self.encoder.encode_images(decoded.frames), np.float32)
 
     def decode(self, source: ImageInput) -> DecodedImage:
         """Decode one input for this moderator's model. Raises :class:`ImageError`."""

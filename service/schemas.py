@@ -179,7 +179,6 @@ class SearchQuery(BaseModel):
                                                "policy's templates")
     prompts: int | None = Field(None, description="prompts in the text's ensemble")
     like: str | None = Field(None, description="the decision whose frames were the query")
-    format: str | None = Field(None, description="the uploaded image's format")
     frames: int | None = Field(None, description="query vectors (an animation's frames)")
 
 

@@ -8,11 +8,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from decisionlog import DecisionStore
-from decisionlog.search import SearchPage, index_for, search
-from moderation.prompts import embed_query
+from decisionlog.search import (
+    NoEmbedding,
+    SearchPage,
+    UnknownDecision,
+    frames_like,
+    index_for,
+    search,
+)
 
 from .parsing import RequestError, SearchRequest
 from .state import PolicyHolder
@@ -43,30 +47,24 @@ def run_search(holder: PolicyHolder, store: DecisionStore, request: SearchReques
     model = active.encoder.identity
     exclude: tuple[str, ...] = ()
     if request.q is not None:
-        templates = None if request.raw else active.policy.templates
-        queries = embed_query(request.q, active.encoder, templates, active.cache)[None]
+        queries = active.embed_text(request.q, raw=request.raw)
         query: dict[str, Any] = {"kind": "text", "q": request.q, "raw": request.raw,
-                                 "prompts": len(templates) if templates else 1}
+                                 "prompts": 1 if request.raw else len(active.policy.templates)}
     elif request.like is not None:
-        found = store.get(request.like)
-        if found is None:
-            raise RequestError(404, "not_found", f"no decision with id {request.like!r}")
-        stored = store.frame_embeddings(request.like)
-        if stored is None:
-            raise RequestError(
-                422, "no_embedding",
-                f"decision {request.like!r} has no stored embedding (it is an error result, "
-                "or was recorded without one): there is nothing to compare with",
-            )
-        model, exclude = found.model, (request.like,)  # its model's vectors, not itself
-        queries = stored[1]
-        query = {"kind": "like", "like": request.like, "frames": len(stored[0])}
-    elif image is not None:
-        decoded = active.decode(image)
-        queries = np.asarray(active.encoder.encode_images(decoded.frames), np.float32)
-        query = {"kind": "image", "format": decoded.format, "frames": len(decoded.frames)}
+        try:
+            model, queries = frames_like(store, request.like)
+        except UnknownDecision as e:
+            raise RequestError(404, "not_found", str(e)) from e
+        except NoEmbedding as e:
+            raise RequestError(422, "no_embedding", str(e)) from e
+        exclude = (request.like,)  # its model's vectors, not itself
+        query = {"kind": "like", "like": request.like, "frames": len(queries)}
+    elif image:
+        queries = active.embed_image(image)
+        query = {"kind": "image", "frames": len(queries)}
     else:
-        raise RequestError(400, "missing_field", "no query")
+        raise RequestError(400, "empty" if image is not None else "missing_field",
+                           "the uploaded image is empty" if image is not None else "no query")
     filters = dataclasses.replace(request.filters, exclude=exclude)
     page = search(store, queries, model=model, filters=filters, limit=request.limit,
                   offset=request.offset, min_similarity=request.min_similarity,

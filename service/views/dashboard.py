@@ -59,10 +59,8 @@ def search() -> Any:
         form["raw"] = "true"
     try:
         parsed = parse_search(form, image=image is not None)
-        data = image.read() if image is not None else None
-        if image is not None and not data:
-            raise RequestError(400, "empty", "choose an image file to search with")
-        result = run_search(holder(), store(), parsed, image=data,
+        result = run_search(holder(), store(), parsed,
+                            image=image.read() if image is not None else None,
                             ef_search=settings().search_ef_search)
     except (RequestError, ImageError) as e:
         status = (e.status if isinstance(e, RequestError)

@@ -55,8 +55,5 @@ def search_post() -> Any:
         raise RequestError(400, "missing_field" if not files else "invalid_field",
                            f"send exactly one image in the field '{IMAGE_FIELD}'; got "
                            f"{len(files)}")
-    data = files[0].read()
-    if not data:
-        raise RequestError(400, "empty", "the uploaded image is empty")
-    return _answer(run_search(holder(), store(), parsed, image=data,
+    return _answer(run_search(holder(), store(), parsed, image=files[0].read(),
                               ef_search=settings().search_ef_search), parsed.format)

@@ -45,7 +45,7 @@ def test_like_a_decision_finds_its_byte_identical_reupload_first(
         client: FlaskClient, logged: dict[str, dict[str, Any]]) -> None:
     body = get(client, like=logged["rifle"]["decision_id"])
     assert body["query"] == {"kind": "like", "like": logged["rifle"]["decision_id"], "frames": 1,
-                             "q": None, "raw": None, "prompts": None, "format": None}
+                             "q": None, "raw": None, "prompts": None}
     first = body["hits"][0]
     assert first["client_id"] == "rifle-copy" and first["similarity"] >= 0.999
     assert first["decision_id"] == logged["rifle-copy"]["decision_id"]
