@@ -54,6 +54,21 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_state_dir, "metrics")
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
+def on_starting(server):  # type: ignore[no-untyped-def]
+    # Migrate the decision log here, in the master, before any worker starts: a long
+    # migration (building the search index of millions of stored vectors, migration 0004)
+    # would outlast a worker's `timeout` and be killed and retried by each new worker.
+    from decisionlog import SchemaError, default_database_url, migrate
+
+    try:
+        before, after = migrate(_settings.database_url or default_database_url())
+    except (SchemaError, ValueError) as e:  # said plainly, without a traceback
+        server.log.error("cannot use the decision log: %s", e)
+        raise SystemExit(1) from e
+    if before != after:
+        server.log.info("decision log schema: %s -> %s", before or "none", after)
+
+
 def post_fork(server, worker):  # type: ignore[no-untyped-def]
     # Split the cores between workers so their torch thread pools don't fight.
     os.environ.setdefault("MODERATION_TORCH_THREADS", str(max(1, _cores // server.num_workers)))
