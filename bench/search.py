@@ -15,6 +15,7 @@ decisions and vectors: the fill is deterministic).
 
     .venv/bin/python bench/search.py [--n 100000 1000000] [--postgres URL] [--keep DIR]
         [--queries 50] [--ef-search 40 100 200] [--m 16] [--ef-construction 64] [--flat]
+        [--reuse]
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main() -> None:
                         help="topics only, no scenes: no neighbours closer than the rest")
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--reuse", action="store_true",
+                        help="PostgreSQL: search the database (and index) a previous run with "
+                             "the same --n, --m and --ef-construction left (build_s=nan)")
     args = parser.parse_args()
     from decisionlog import DecisionStore
     from decisionlog.search import ExactIndex, HnswIndex, ensure_hnsw_index
@@ -117,17 +121,21 @@ def main() -> None:
         print(f"index=exact n={n} data={shape} {figures(millis)}", flush=True)
         if not args.postgres:
             continue
-        name = f"bench_search_{shape}_{n}"
-        pg_url = postgres_database(args.postgres, name)
-        pg = DecisionStore(pg_url)
-        with pg.engine.begin() as conn:  # room for the graph while building (this database)
-            conn.exec_driver_sql(f"ALTER DATABASE {name} SET maintenance_work_mem = '4GB'")
-        synthetic.fill(pg_url, n, clustered(n, args.flat), model=MODEL, seed=SEED,
-                       actions=True)
-        pg.close()  # new sessions: the setting above
-        started = time.perf_counter()
-        ensure_hnsw_index(pg.engine, DIM, m=args.m, ef_construction=args.ef_construction)
-        build = time.perf_counter() - started
+        name = f"bench_search_{shape}_{n}_m{args.m}_efc{args.ef_construction}"
+        if args.reuse:  # the database a previous run filled and indexed
+            pg_url = args.postgres.rsplit("/", 1)[0] + f"/{name}"
+            pg, build = DecisionStore(pg_url), float("nan")
+        else:
+            pg_url = postgres_database(args.postgres, name)
+            pg = DecisionStore(pg_url)
+            with pg.engine.begin() as conn:  # room for the graph while building
+                conn.exec_driver_sql(f"ALTER DATABASE {name} SET maintenance_work_mem = '4GB'")
+            synthetic.fill(pg_url, n, clustered(n, args.flat), model=MODEL, seed=SEED,
+                           actions=True)
+            pg.close()  # new sessions: the setting above
+            started = time.perf_counter()
+            ensure_hnsw_index(pg.engine, DIM, m=args.m, ef_construction=args.ef_construction)
+            build = time.perf_counter() - started
         for ef_search in args.ef_search:
             millis, approximate = timed(pg, HnswIndex(pg, ef_search=ef_search), qs)
             recall = np.mean([len(set(a) & set(e)) / max(len(e), 1)
