@@ -14,7 +14,7 @@ searched, and recall@10 is measured against the exact answers of the SQLite log 
 decisions and vectors: the fill is deterministic).
 
     .venv/bin/python bench/search.py [--n 100000 1000000] [--postgres URL] [--keep DIR]
-        [--queries 50] [--ef-search 40 100 200] [--m 16] [--ef-construction 64] [--flat]
+        [--queries 50] [--ef-search 40 100 200] [--m 32] [--ef-construction 128] [--flat]
         [--reuse]
 """
 
@@ -100,8 +100,8 @@ def main() -> None:
                         help="pgvector: one line per value (the same index)")
     parser.add_argument("--flat", action="store_true",
                         help="topics only, no scenes: no neighbours closer than the rest")
-    parser.add_argument("--m", type=int, default=16)
-    parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=128)
     parser.add_argument("--reuse", action="store_true",
                         help="PostgreSQL: search the database (and index) a previous run with "
                              "the same --n, --m and --ef-construction left (build_s=nan)")

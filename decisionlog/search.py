@@ -247,8 +247,8 @@ def hnsw_index_name(dim: int) -> str:
     return f"decision_frames_hnsw_{dim}"
 
 
-def ensure_hnsw_index(engine: Engine, dim: int, *, m: int = 16,
-                      ef_construction: int = 64) -> bool:
+def ensure_hnsw_index(engine: Engine, dim: int, *, m: int = 32,
+                      ef_construction: int = 128) -> bool:
     """Create the HNSW index of ``dim``-dimension vectors unless it exists (PostgreSQL only;
     under the migration lock, so that workers starting at once build it once). Building it
     reads every stored vector of that dimension: instant on a new model's, minutes for

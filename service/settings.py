@@ -88,8 +88,8 @@ class Settings(BaseSettings):
 
     search_ef_search: int = Field(default=100, ge=1, le=1000,
                                   description="pgvector: candidates per search (recall vs speed)")
-    search_hnsw_m: int = Field(default=16, ge=2, le=100, description="pgvector: links per node")
-    search_hnsw_ef_construction: int = Field(default=64, ge=4, le=1000,
+    search_hnsw_m: int = Field(default=32, ge=2, le=100, description="pgvector: links per node")
+    search_hnsw_ef_construction: int = Field(default=128, ge=4, le=1000,
                                              description="pgvector: candidates while building")
     image_url_template: str | None = Field(
         default=None, description="dashboard thumbnails, e.g. https://cdn.internal/{client_id}")

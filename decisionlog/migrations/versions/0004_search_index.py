@@ -32,7 +32,7 @@ def upgrade() -> None:
         op.execute(
             f"CREATE INDEX IF NOT EXISTS decision_frames_hnsw_{dim} ON decision_frames "
             f"USING hnsw ((embedding::halfvec({dim})) halfvec_cosine_ops) "
-            f"WITH (m = 16, ef_construction = 64) WHERE vector_dims(embedding) = {dim}"
+            f"WITH (m = 32, ef_construction = 128) WHERE vector_dims(embedding) = {dim}"
         )
 
 
