@@ -14,8 +14,8 @@ searched, and recall@10 is measured against the exact answers of the SQLite log 
 decisions and vectors: the fill is deterministic).
 
     .venv/bin/python bench/search.py [--n 100000 1000000] [--postgres URL] [--keep DIR]
-        [--queries 50] [--ef-search 40 100 200] [--m 32] [--ef-construction 128] [--flat]
-        [--reuse]
+        [--queries 50] [--warm 50] [--ef-search 40 100 200] [--m 32] [--ef-construction 128]
+        [--flat] [--reuse]
 """
 
 from __future__ import annotations
@@ -66,17 +66,22 @@ def clustered(n: int, flat: bool = False) -> synthetic.Vectors:
     return make
 
 
-def queries(n: int, count: int, flat: bool = False) -> np.ndarray:
-    """Uploads like the stored ones (another copy of a stored scene), moved a little more."""
-    rng = np.random.default_rng([SEED, n, 1])
+def queries(n: int, count: int, flat: bool = False, batch: int = 1) -> np.ndarray:
+    """Uploads like the stored ones (another copy of a stored scene), moved a little more;
+    ``batch``: another set of the same kind (the warm-up's)."""
+    rng = np.random.default_rng([SEED, n, batch])
     q = clustered(n, flat)(rng, count)
     return _unit(q + 0.2 * rng.normal(size=q.shape) / np.sqrt(DIM))
 
 
-def timed(store: object, index: object, qs: np.ndarray) -> tuple[list[float], list[list[str]]]:
+def timed(store: object, index: object, qs: np.ndarray,
+          warm: np.ndarray) -> tuple[list[float], list[list[str]]]:
+    """Each query's time and answer, after ``warm`` (other queries of the same kind) ran
+    untimed: the index's upper layers in the cache, as in a service that has been up."""
     from decisionlog.search import search
 
-    search(store, qs[0], model=MODEL, limit=10, index=index)  # type: ignore[arg-type]  # warm
+    for q in warm:
+        search(store, q, model=MODEL, limit=10, index=index)  # type: ignore[arg-type]
     millis, answers = [], []
     for q in qs:
         started = time.perf_counter()
@@ -96,6 +101,8 @@ def main() -> None:
     parser.add_argument("--postgres", help="a PostgreSQL server URL (scratch databases)")
     parser.add_argument("--keep", type=Path, help="keep and reuse the SQLite logs here")
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--warm", type=int, default=50,
+                        help="pgvector: other queries run untimed first (exact search: one)")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[40, 100, 200],
                         help="pgvector: one line per value (the same index)")
     parser.add_argument("--flat", action="store_true",
@@ -116,8 +123,9 @@ def main() -> None:
         url = f"sqlite:///{folder / f'search-{shape}-{n}.sqlite3'}"
         synthetic.fill(url, n, clustered(n, args.flat), model=MODEL, seed=SEED, actions=True)
         qs = queries(n, args.queries, args.flat)
+        warm = queries(n, args.warm, args.flat, batch=2)
         store = DecisionStore(url)
-        millis, exact = timed(store, ExactIndex(store), qs)
+        millis, exact = timed(store, ExactIndex(store), qs, warm[:1])
         print(f"index=exact n={n} data={shape} {figures(millis)}", flush=True)
         if not args.postgres:
             continue
@@ -137,7 +145,7 @@ def main() -> None:
             ensure_hnsw_index(pg.engine, DIM, m=args.m, ef_construction=args.ef_construction)
             build = time.perf_counter() - started
         for ef_search in args.ef_search:
-            millis, approximate = timed(pg, HnswIndex(pg, ef_search=ef_search), qs)
+            millis, approximate = timed(pg, HnswIndex(pg, ef_search=ef_search), qs, warm)
             recall = np.mean([len(set(a) & set(e)) / max(len(e), 1)
                               for a, e in zip(approximate, exact, strict=True)])
             print(f"index=pgvector n={n} data={shape} build_s={build:.0f} {figures(millis)} "
