@@ -21,7 +21,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["SchemaError", "connect", "head_revision", "migrate", "migration_lock", "revision_of"]
+__all__ = [
+    "SchemaError", "connect", "dispose_all", "head_revision", "migrate", "migration_lock",
+    "revision_of",
+]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_KEY = 0x6D6F6465  # "mode": the advisory-lock key of this schema's migrations
@@ -65,6 +68,16 @@ def connect(url: str) -> Engine:
             )
         _engines[url] = engine
         return engine
+
+
+def dispose_all() -> None:
+    """Close every pooled connection of this process and forget its engines: what a process
+    that forks afterwards (gunicorn's master, once it has migrated) must do, since a
+    connection carried across a fork is shared by two processes and breaks both."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
 
 
 def _sqlite_transactions(engine: Engine) -> None:

@@ -59,12 +59,15 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     # migration (building the search index of millions of stored vectors, migration 0004)
     # would outlast a worker's `timeout` and be killed and retried by each new worker.
     from decisionlog import SchemaError, default_database_url, migrate
+    from decisionlog.database import dispose_all
 
     try:
         before, after = migrate(_settings.database_url or default_database_url())
     except (SchemaError, ValueError) as e:  # said plainly, without a traceback
         server.log.error("cannot use the decision log: %s", e)
         raise SystemExit(1) from e
+    finally:
+        dispose_all()  # no connection of the master's may reach the forked workers
     if before != after:
         server.log.info("decision log schema: %s -> %s", before or "none", after)
 

@@ -12,7 +12,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from decisionlog import DeadLetters, DecisionStore, replay_dead_letters
-from decisionlog.database import connect, head_revision, migrate, revision_of
+from decisionlog.database import connect, dispose_all, head_revision, migrate, revision_of
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T0 = 1_790_000_000.0
@@ -137,3 +137,15 @@ def test_the_migrations_build_exactly_the_schema_the_code_queries(url: str) -> N
     with connect(url).connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), metadata)
     assert differences == []
+
+
+def test_dispose_all_leaves_no_connection_to_fork_with(url: str) -> None:
+    """gunicorn's master migrates, then forks: none of its connections may be inherited."""
+    migrate(url)
+    engine = connect(url)
+    with engine.connect():
+        pass
+    assert engine.pool.checkedin() >= 1  # type: ignore[attr-defined]
+    dispose_all()
+    assert engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert connect(url) is not engine  # a new engine, with connections of its own
