@@ -12,11 +12,24 @@ from moderation.policy import Policy, parse_policy
 from .parsing import DryRunRequest, RequestError, time_field
 from .state import PolicyHolder
 
-__all__ = ["run_dry_run"]
+__all__ = ["run_dry_run", "stored_policy"]
 
 
 def _model(policy: Policy) -> str:
     return f"{policy.model.name}/{policy.model.pretrained}"
+
+
+def stored_policy(holder: PolicyHolder, version: str) -> Policy:
+    """A version the log keeps, parsed; a 404 when the log never had it, a 422 (with the
+    faults) when its text no longer validates here (e.g. its checkpoint file is gone)."""
+    try:
+        stored = holder.stored_policy(version)
+    except PolicyError as e:
+        raise RequestError(422, "invalid_policy", f"stored policy version {version!r} no "
+                           "longer validates on this server", faults=e.faults) from e
+    if stored is None:
+        raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
+    return stored
 
 
 def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunRequest) -> DryRun:
@@ -32,11 +45,7 @@ def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunReque
                            faults=e.faults) from e
     before, before_source = active.policy, "active policy"
     if request.against:
-        stored = holder.stored_policy(request.against)
-        if stored is None:
-            raise RequestError(404, "not_found",
-                               f"no policy version {request.against!r} was ever active")
-        before = stored
+        before = stored_policy(holder, request.against)
         before_source = f"stored version {request.against}"
     for what, policy in (("the proposed policy", proposed), (before_source, before)):
         if policy.model != active.policy.model:

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from moderation import ModerationError, PolicyError
 
 from ..auth import admin_required, api_key_required, reader_required
-from ..lab import run_dry_run
+from ..lab import run_dry_run, stored_policy
 from ..parsing import RequestError, parse_dry_run
 from ..schemas import (
     PolicyActivation,
@@ -144,10 +144,7 @@ def diff() -> Any:
         if key == "to" and not version:
             found[key] = holder().current().policy
             continue
-        stored = holder().stored_policy(version or "")
-        if stored is None:
-            raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
-        found[key] = stored
+        found[key] = stored_policy(holder(), version or "")
     changes = diff_policies(found["from"], found["to"])
     return jsonify(PolicyDiff(
         from_version=found["from"].version, to_version=found["to"].version,

@@ -144,3 +144,25 @@ def test_the_dry_run_needs_the_admin_token(client: FlaskClient) -> None:
     r = client.post("/v1/policy/dry-run", data="x", content_type="application/yaml",
                     headers=READER_H)
     assert r.status_code == 401
+
+
+def test_a_stored_version_that_no_longer_validates_is_a_422(app: Flask, client: FlaskClient,
+                                                           policy_path: Path) -> None:
+    """A version the log keeps whose text does not validate here any more (a checkpoint file
+    gone, a release that tightened the schema): the dry-run and the diff say so, with the
+    faults, instead of failing with a 500."""
+    from decisionlog import PolicyLog
+
+    log = PolicyLog(app.extensions["decisions"][0].url)
+    broken = dict(HAND_POLICY, templates=["a template without its placeholder"])
+    log.activate(version="v-broken", name="hand", source="policy.yaml",
+                 text=yaml.safe_dump(broken, sort_keys=False))
+    client.post("/v1/policy/reload", headers=ADMIN_H)  # the file in force again
+    r = client.post("/v1/policy/dry-run", json={"policy": policy_path.read_text(),
+                                                "against": "v-broken"}, headers=ADMIN_H)
+    assert r.status_code == 422, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["code"] == "invalid_policy" and "'v-broken' no longer validates" in \
+        error["message"] and error["faults"]
+    r = client.get("/v1/policy/diff?from=v-broken", headers=READER_H)
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "invalid_policy"
