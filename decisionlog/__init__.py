@@ -8,6 +8,7 @@ from .policies import Activation, PolicyLog, SharedEmbeddingCache
 from .records import CSV_COLUMNS, DecisionRecord
 from .store import (
     DeadLetters,
+    DecisionFilters,
     DecisionStore,
     Recorder,
     default_database_url,
@@ -20,6 +21,7 @@ __all__ = [
     "CSV_COLUMNS",
     "Activation",
     "DeadLetters",
+    "DecisionFilters",
     "DecisionRecord",
     "DecisionStore",
     "PolicyLog",

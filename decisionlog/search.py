@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
 from .schema import FrameVector, decision_frames, decisions
-from .store import DecisionStore
+from .store import DecisionFilters, DecisionStore
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +56,14 @@ MAX_DEPTH = 10_000
 
 
 @dataclass(frozen=True)
-class SearchFilters:
-    """Which decisions a search may return: those of the API's and the CLI's filters, never
-    an error (it has no vector), never one of ``exclude`` (a query decision itself)."""
+class SearchFilters(DecisionFilters):
+    """Which decisions a search may return: those the filters let through, never an error
+    (it has no vector), never one of ``exclude`` (a query decision itself)."""
 
-    since: float | None = None
-    until: float | None = None
-    action: str | None = None
-    category: str | None = None
-    policy_version: str | None = None
-    client_id: str | None = None
-    flagged: bool | None = None
     exclude: tuple[str, ...] = ()
 
-    def clauses(self, model: str) -> list[Any]:
-        where = DecisionStore.decision_filters(
-            since=self.since, until=self.until, action=self.action, category=self.category,
-            policy_version=self.policy_version, client_id=self.client_id, flagged=self.flagged,
-        )
+    def search_clauses(self, model: str) -> list[Any]:
+        where = self.clauses()
         where.append(decisions.c.model == model)
         if self.exclude:
             where.append(decisions.c.id.not_in(self.exclude))
@@ -209,7 +199,7 @@ class ExactIndex:
             sa.select(f.c.decision_id, f.c.frame, FrameVector.raw(f.c.embedding,
                                                                   self.store.dialect))
             .select_from(f.join(d, d.c.id == f.c.decision_id))
-            .where(*filters.clauses(model))
+            .where(*filters.search_clauses(model))
         )
         best = _Best(k)
         for rows in read_ahead(self._chunks(statement)):
@@ -302,7 +292,7 @@ class HnswIndex:
         dim = len(query)
         distance = sa.cast(f.c.embedding, HALFVEC(dim)).cosine_distance(
             np.asarray(query, np.float32))
-        where = [sa.func.vector_dims(f.c.embedding) == dim, *filters.clauses(model)]
+        where = [sa.func.vector_dims(f.c.embedding) == dim, *filters.search_clauses(model)]
         fetch = max(2 * k, 20)
         while True:  # frames, not decisions: an animation can take several rows
             with self.store.engine.connect() as conn, conn.begin():

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DeadLetters",
+    "DecisionFilters",
     "DecisionStore",
     "StoredFrames",
     "Recorder",
@@ -102,6 +103,34 @@ class StoredFrames:
     frames: np.ndarray
     vectors: np.ndarray
     without_frames: int
+
+
+@dataclass(frozen=True)
+class DecisionFilters:
+    """Which decisions the API's and the CLI's filters let through (``category``: that
+    category fired; ``flagged``: the action was flag, review or block, or was not)."""
+
+    since: float | None = None
+    until: float | None = None
+    action: str | None = None
+    category: str | None = None
+    policy_version: str | None = None
+    client_id: str | None = None
+    flagged: bool | None = None
+
+    def clauses(self) -> list[Any]:
+        """The WHERE clauses on ``decisions``."""
+        where = DecisionStore._filters(self.since, self.until, self.action,
+                                       self.policy_version, self.client_id)
+        if self.flagged is not None:
+            is_flagged = decisions.c.action.in_(("flag", "review", "block"))
+            where.append(is_flagged if self.flagged else sa.not_(is_flagged))
+        if self.category is not None:
+            where.append(decisions.c.id.in_(
+                sa.select(decision_flags.c.decision_id)
+                .where(decision_flags.c.category == self.category)
+            ))
+        return where
 
 
 class DecisionStore:
@@ -233,23 +262,10 @@ class DecisionStore:
         frame = decided[0].frame if decided and decided[0].frame is not None else frames[0]
         return vectors[frames.index(frame)] if frame in frames else None
 
-    def query(
-        self,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        action: str | None = None,
-        category: str | None = None,
-        policy_version: str | None = None,
-        client_id: str | None = None,
-        flagged: bool | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> tuple[list[DecisionRecord], str | None]:
+    def query(self, filters: DecisionFilters | None = None, *, limit: int = 50,
+              cursor: str | None = None) -> tuple[list[DecisionRecord], str | None]:
         """Newest first. Returns a page and the cursor of the next one (``None``: no more)."""
-        where = self.decision_filters(since=since, until=until, action=action,
-                                      category=category, policy_version=policy_version,
-                                      client_id=client_id, flagged=flagged)
+        where = (filters or DecisionFilters()).clauses()
         if cursor is not None:
             created_at, last_id = decode_cursor(cursor)
             where.append(sa.or_(
@@ -266,32 +282,6 @@ class DecisionStore:
             encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
         )
         return page, next_cursor
-
-    @classmethod
-    def decision_filters(
-        cls,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        action: str | None = None,
-        category: str | None = None,
-        policy_version: str | None = None,
-        client_id: str | None = None,
-        flagged: bool | None = None,
-    ) -> list[Any]:
-        """The WHERE clauses on ``decisions`` of the filters the API and the CLI offer
-        (``category``: that category fired; ``flagged``: the action was flag, review or
-        block, or was not)."""
-        where = cls._filters(since, until, action, policy_version, client_id)
-        if flagged is not None:
-            is_flagged = decisions.c.action.in_(("flag", "review", "block"))
-            where.append(is_flagged if flagged else sa.not_(is_flagged))
-        if category is not None:
-            where.append(decisions.c.id.in_(
-                sa.select(decision_flags.c.decision_id)
-                .where(decision_flags.c.category == category)
-            ))
-        return where
 
     @staticmethod
     def _filters(

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from flask import render_template
 
-from decisionlog import DecisionStore
+from decisionlog import DecisionFilters, DecisionStore
 from decisionlog.lab import DryRun
 from decisionlog.search import SearchHit
 from moderation import ModerationError, Moderator
@@ -86,7 +86,7 @@ def render_dashboard(moderator: Moderator, store: DecisionStore, hours: int = 48
     buckets = store.stats(since=since, bucket=bucket)
     categories = list(policy.categories)
     chart = _rate_chart(buckets, categories, 1 if bucket == "hour" else 24)
-    latest, _ = store.query(flagged=True, limit=20)
+    latest, _ = store.query(DecisionFilters(flagged=True), limit=20)
     actions: dict[str, int] = {}
     for b in buckets:
         for action, n in b["actions"].items():

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from decisionlog import DecisionFilters
 from decisionlog.store import BUCKETS
 
 from ..auth import reader_required
@@ -23,13 +24,15 @@ def decisions() -> Any:
     limit = int_arg("limit", 50, 1, 500)
     try:
         page, cursor = store().query(
-            since=time_arg("since"),
-            until=time_arg("until"),
-            action=args.get("action"),
-            category=args.get("category"),
-            policy_version=args.get("policy_version"),
-            client_id=args.get("client_id"),
-            flagged={"true": True, "false": False}.get(args.get("flagged", "")),
+            DecisionFilters(
+                since=time_arg("since"),
+                until=time_arg("until"),
+                action=args.get("action"),
+                category=args.get("category"),
+                policy_version=args.get("policy_version"),
+                client_id=args.get("client_id"),
+                flagged={"true": True, "false": False}.get(args.get("flagged", "")),
+            ),
             limit=limit,
             cursor=args.get("cursor"),
         )

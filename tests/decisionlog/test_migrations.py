@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from decisionlog import DeadLetters, DecisionStore, replay_dead_letters
+from decisionlog import DeadLetters, DecisionFilters, DecisionStore, replay_dead_letters
 from decisionlog.database import connect, dispose_all, head_revision, migrate, revision_of
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -74,7 +74,7 @@ def test_a_first_release_log_is_upgraded_and_keeps_its_rows(url: str) -> None:
     assert error is not None and error.error_code == "unsupported_format"
     assert error.frames == [] and store.embedding("old-error") is None
     assert [b["total"] for b in store.stats(since=T0 - 1)] == [2]
-    assert len(store.query(category="weapons")[0]) == 1
+    assert len(store.query(DecisionFilters(category="weapons"))[0]) == 1
     columns = {c["name"] for c in sa.inspect(store.engine).get_columns("decisions")}
     assert "embedding" not in columns and {"frame", "frames_scored"} <= columns
 

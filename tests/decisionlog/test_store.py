@@ -15,6 +15,7 @@ import pytest
 
 from decisionlog import (
     DeadLetters,
+    DecisionFilters,
     DecisionRecord,
     DecisionStore,
     Recorder,
@@ -94,13 +95,13 @@ def test_filters_and_cursor_pagination(url: str) -> None:
         if cursor is None:
             break
     assert seen == [r.id for r in sorted(records, key=lambda r: -r.created_at)]
-    assert len(store.query(action="block", limit=100)[0]) == 7
-    assert len(store.query(category="weapons", limit=100)[0]) == 7
-    assert len(store.query(category="drugs", limit=100)[0]) == 0
-    assert len(store.query(policy_version="v2", limit=100)[0]) == 10
-    assert len(store.query(client_id="c1", limit=100)[0]) == 10
-    assert len(store.query(since=T0 + 5, until=T0 + 8, limit=100)[0]) == 3
-    assert len(store.query(flagged=True, limit=100)[0]) == 7
+    assert len(store.query(DecisionFilters(action="block"), limit=100)[0]) == 7
+    assert len(store.query(DecisionFilters(category="weapons"), limit=100)[0]) == 7
+    assert len(store.query(DecisionFilters(category="drugs"), limit=100)[0]) == 0
+    assert len(store.query(DecisionFilters(policy_version="v2"), limit=100)[0]) == 10
+    assert len(store.query(DecisionFilters(client_id="c1"), limit=100)[0]) == 10
+    assert len(store.query(DecisionFilters(since=T0 + 5, until=T0 + 8), limit=100)[0]) == 3
+    assert len(store.query(DecisionFilters(flagged=True), limit=100)[0]) == 7
     with pytest.raises(ValueError, match="invalid cursor"):
         store.query(cursor="garbage!")
 
@@ -133,7 +134,7 @@ def test_purge_and_export(url: str) -> None:
     assert [d.created_at for d in exported] == [T0 + 1, T0 + 2, T0 + 3, T0 + 4]
     assert store.purge(older_than=T0 + 3) == 3
     assert store.count() == 2
-    assert store.query(category="weapons", limit=10)[0][0].created_at == T0 + 4
+    assert store.query(DecisionFilters(category="weapons"), limit=10)[0][0].created_at == T0 + 4
 
 
 def test_recorder_returns_once_the_records_are_committed(url: str, tmp_path: Path) -> None:
@@ -263,7 +264,7 @@ def test_concurrent_writers_from_several_processes(url: str) -> None:
     ids = [d.id for d in store.export()]
     assert len(ids) == len(set(ids)) == 800
     for w in range(4):
-        assert len(store.query(client_id=f"w{w}", limit=500)[0]) == 200
+        assert len(store.query(DecisionFilters(client_id=f"w{w}"), limit=500)[0]) == 200
 
 
 def test_unsupported_url() -> None:
