@@ -21,7 +21,10 @@ __all__ = [
     "policy_versions",
     "rescore_runs",
     "rescored_decisions",
+    "review_items",
+    "review_verdicts",
     "text_embeddings",
+    "webhook_outbox",
 ]
 
 
@@ -198,4 +201,71 @@ rescored_decisions = sa.Table(
     sa.Column("frame", sa.Integer, nullable=False),
     sa.Column("original_action", sa.Text, nullable=False),
     sa.Index("rescored_time", "run_id", "created_at", "decision_id"),
+)
+
+
+#: The review queue: one item per decision and reason (review: its action was ``review``;
+#: audit: sampled at random from all traffic; appeal: its uploader asked for a second look).
+review_items = sa.Table(
+    "review_items",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("decision_id", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),  # review | audit | appeal
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),  # when it was queued
+    # the decision's, kept here so that quality never depends on the decision's retention
+    sa.Column("decision_created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("policy_version", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("triggered", sa.Text, nullable=False),  # comma-separated category ids
+    # the chance the decision had to be queued by design (1: review; the audit rate); NULL
+    # for an appeal, which the uploader chose
+    sa.Column("sample_probability", sa.Float(precision=53)),
+    sa.Column("note", sa.Text),  # an appeal's reason
+    sa.Column("status", sa.Text, nullable=False),  # waiting | claimed | decided
+    sa.Column("claimed_by", sa.Text),
+    sa.Column("claimed_at", sa.Float(precision=53)),
+    sa.Column("lease_until", sa.Float(precision=53)),
+    sa.UniqueConstraint("decision_id", "reason", name="review_items_once"),
+    sa.Index("review_items_status", "status", "created_at"),
+    sa.Index("review_items_decision_time", "decision_created_at"),
+)
+
+#: Reviewers' verdicts: one per decided item.
+review_verdicts = sa.Table(
+    "review_verdicts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("item_id", sa.Integer, sa.ForeignKey("review_items.id"), nullable=False,
+              unique=True),
+    sa.Column("decision_id", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("decided_at", sa.Float(precision=53), nullable=False),
+    sa.Column("decision_created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("policy_version", sa.Text, nullable=False),  # the decision's
+    sa.Column("violations", sa.Text, nullable=False),  # comma-separated category ids
+    sa.Column("action", sa.Text, nullable=False),  # what the violations call for
+    sa.Column("original_action", sa.Text, nullable=False),
+    sa.Column("appeal", sa.Text),  # upheld | overturned (appeals only)
+    sa.Column("note", sa.Text),
+    sa.Index("review_verdicts_time", "decided_at", "id"),
+    sa.Index("review_verdicts_decision", "decision_id"),
+)
+
+#: Verdicts waiting to be POSTed to the webhook, kept until delivered (or given up).
+webhook_outbox = sa.Table(
+    "webhook_outbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("verdict_id", sa.Integer, sa.ForeignKey("review_verdicts.id"), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # the JSON body, as signed
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("status", sa.Text, nullable=False),  # pending | delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Float(precision=53), nullable=False),
+    sa.Column("delivered_at", sa.Float(precision=53)),
+    sa.Column("last_error", sa.Text),
+    sa.Index("webhook_outbox_due", "status", "next_attempt_at"),
+    sa.Index("webhook_outbox_verdict", "verdict_id"),
 )

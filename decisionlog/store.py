@@ -26,7 +26,15 @@ import sqlalchemy as sa
 
 from .database import connect, migrate
 from .records import DecisionRecord, ImageRef, PolicyRef
-from .schema import FrameVector, decision_flags, decision_frames, decisions, rescored_decisions
+from .reviews import AuditSampler, queue_rows
+from .schema import (
+    FrameVector,
+    decision_flags,
+    decision_frames,
+    decisions,
+    rescored_decisions,
+    review_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +146,11 @@ class DecisionStore:
     PostgreSQL). Opening it brings the schema up to date (:func:`decisionlog.database.migrate`,
     once across the processes that open it at once). Thread-safe; safe across processes."""
 
-    def __init__(self, url: str, *, migrate_schema: bool = True) -> None:
+    def __init__(self, url: str, *, migrate_schema: bool = True,
+                 audit: AuditSampler | None = None) -> None:
         self.url = url
+        #: draws decisions into the review queue's audit sample as they are recorded
+        self.audit = audit
         self.engine = connect(url)
         self.dialect = self.engine.dialect.name
         if migrate_schema:
@@ -156,7 +167,8 @@ class DecisionStore:
     # --- writing -------------------------------------------------------------------------
 
     def add_many(self, records: Sequence[DecisionRecord]) -> None:
-        """Insert ``records`` with their frames in one transaction (all or none)."""
+        """Insert ``records`` with their frames in one transaction (all or none), and queue
+        for review the ones that go there (:func:`decisionlog.reviews.queue_rows`)."""
         if not records:
             return
         rows, flags, frames = [], [], []
@@ -192,16 +204,23 @@ class DecisionStore:
                 conn.execute(decision_flags.insert(), flags)
             if frames:
                 conn.execute(decision_frames.insert(), frames)
+            queued = queue_rows(records, self.audit, time.time())
+            if queued:
+                conn.execute(review_items.insert(), queued)
 
     def purge(self, older_than: float) -> int:
         """Delete decisions created before the unix time ``older_than`` (with their flags,
-        frames and re-scored versions); returns how many."""
+        frames, re-scored versions and the review items nobody decided: there is nothing
+        left to show a reviewer); returns how many. Verdicts are kept: they measure quality."""
         old = sa.select(decisions.c.id).where(decisions.c.created_at < older_than)
         with self._write() as conn:
             conn.execute(rescored_decisions.delete()
                          .where(rescored_decisions.c.created_at < older_than))
             conn.execute(decision_frames.delete().where(decision_frames.c.decision_id.in_(old)))
             conn.execute(decision_flags.delete().where(decision_flags.c.created_at < older_than))
+            conn.execute(review_items.delete().where(
+                review_items.c.decision_created_at < older_than,
+                review_items.c.status != "decided"))
             removed = conn.execute(decisions.delete().where(decisions.c.created_at < older_than))
             return int(removed.rowcount)
 

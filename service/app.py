@@ -24,14 +24,16 @@ from decisionlog import (
     default_database_url,
     default_dead_letter_path,
 )
+from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 
 from .errors import register_error_handlers
 from .metrics import Metrics
+from .reviews import WebhookSender
 from .settings import Settings, load_settings
 from .state import ModelOccupancy, PolicyHolder
-from .views import dashboard, decisions, moderate, ops, policy, search
+from .views import dashboard, decisions, moderate, ops, policy, reviews, search
 
 __all__ = ["create_app"]
 
@@ -79,7 +81,10 @@ def create_app(
     )
     app.extensions["settings"] = settings
     database_url = settings.database_url or default_database_url()
-    store = DecisionStore(database_url)  # brings the log's schema up to date (once)
+    store = DecisionStore(  # brings the log's schema up to date (once)
+        database_url,
+        audit=AuditSampler(AuditRates.parse(settings.audit_rate), seed=settings.audit_seed),
+    )
     given = moderator is not None
     if moderator is None:
         sys.setswitchinterval(settings.gil_switch_interval)
@@ -105,6 +110,15 @@ def create_app(
     app.extensions["decisions"] = (store, recorder)
     if recorder is not None:
         atexit.register(recorder.close)  # a worker that stops writes what it has queued
+    app.extensions["reviews"] = review_queue = ReviewQueue(store)
+    if settings.webhook_url and settings.webhook_secret:
+        sender = WebhookSender(
+            review_queue, settings.webhook_url, settings.webhook_secret,
+            timeout_s=settings.webhook_timeout_s, backoff_s=settings.webhook_backoff_s,
+            give_up_s=settings.webhook_give_up_h * 3600,
+        )
+        sender.start()
+        app.extensions["webhook"] = sender
 
     @app.before_request
     def start_clock() -> None:
@@ -122,6 +136,7 @@ def create_app(
         return response
 
     register_error_handlers(app)
-    for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, dashboard.bp, ops.bp):
+    for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, reviews.bp, dashboard.bp,
+                      ops.bp):
         app.register_blueprint(blueprint)
     return app

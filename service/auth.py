@@ -12,14 +12,14 @@ import hmac
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import request
+from flask import g, request
 
 from .parsing import RequestError
 from .settings import current_settings
 
 __all__ = [
     "TOKEN_COOKIE", "admin_page_required", "admin_required", "api_key_required",
-    "reader_required",
+    "reader_or_reviewer_required", "reader_required", "reviewer_required",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,6 +102,51 @@ def admin_page_required(view: F) -> F:
         given = _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
         _require([token] if token else [], given, "MODERATION_ADMIN_TOKEN", "admin",
                  "Authorization: Bearer <token>, or ?token=<admin token> for the page")
+        return view(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def _given() -> str | None:
+    return _bearer() or request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
+
+
+def _reviewer(given: str | None) -> str | None:
+    """The reviewer whose token ``given`` is: every token compared, in constant time."""
+    found = None
+    given_bytes = (given or "").encode()
+    for name, token in current_settings().reviewer_tokens.items():
+        if hmac.compare_digest(given_bytes, token.encode()) and given is not None:
+            found = name
+    return found
+
+
+def reviewer_required(view: F) -> F:
+    """A reviewer's token (MODERATION_REVIEWERS); the view finds the name in ``g.reviewer``.
+    Also from ``?token=`` or the dashboard cookie, for the review page."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        tokens = list(current_settings().reviewer_tokens.values())
+        given = _given()
+        _require(tokens, given, "MODERATION_REVIEWERS", "reviewer",
+                 "Authorization: Bearer <your reviewer token>")
+        g.reviewer = _reviewer(given)
+        return view(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def reader_or_reviewer_required(view: F) -> F:
+    """What reviewers and readers both see (verdicts, the queue's counts)."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        settings = current_settings()
+        tokens = [t for t in (settings.reader_token, settings.admin_token) if t]
+        tokens += list(settings.reviewer_tokens.values())
+        _require(tokens, _given(), "MODERATION_READER_TOKEN or MODERATION_REVIEWERS", "reader",
+                 "Authorization: Bearer <reader or reviewer token>")
         return view(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]

@@ -28,14 +28,17 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "Malformed request (code says what: missing_field, invalid_field, invalid_json, "
         "unknown_profile, corrupt_image, empty, …)",
         401: "Missing or wrong API key or admin token",
-        403: "Admin or reader routes are disabled (no MODERATION_ADMIN_TOKEN or "
-        "MODERATION_READER_TOKEN)",
-        404: "No such decision or policy version",
+        403: "Admin, reader or reviewer routes are disabled (no MODERATION_ADMIN_TOKEN, "
+        "MODERATION_READER_TOKEN or MODERATION_REVIEWERS)",
+        404: "No such decision, policy version or review item",
+        409: "A review rule: the item is not claimed by you (not_claimed), was already decided "
+        "(already_decided), or the decision was already appealed (already_appealed)",
         413: "Request too large, too many images, or (single image) too many pixels",
         415: "Unsupported media type, or (single image) unsupported image format",
         422: "The policy is not valid (invalid_policy: the previous policy keeps serving), or "
         "is for another model than the stored embeddings (model_mismatch); a search like= a "
-        "decision with no stored embedding (no_embedding)",
+        "decision with no stored embedding (no_embedding); an appeal of an error "
+        "(not_appealable)",
     }
     return {str(s): _json(_ref("Error"), meaning[s]) for s in statuses}
 
@@ -110,6 +113,87 @@ def _search_path() -> dict[str, Any]:
             },
             "responses": {**answer, **_errors(400, 401, 403, 413, 415)},
         },
+    }
+
+
+def _review_paths() -> dict[str, Any]:
+    """Appeals, claims, verdicts, the queue and quality (README: "Review")."""
+    item_id = {"name": "item_id", "in": "path", "required": True,
+               "schema": {"type": "integer"}}
+
+    def query(*names: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"name": n, "in": "query", "required": False, "schema": sch} for n, sch in names]
+
+    return {
+        "/v1/decisions/{decision_id}/appeal": {"post": {
+            "summary": "Appeal a decision: a reviewer looks again (API key; one per decision)",
+            "security": [{}, {"bearer": []}],
+            "parameters": [{"name": "decision_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "requestBody": {"required": False, "content": {
+                "application/json": {"schema": _ref("AppealJSON")}}},
+            "responses": {"201": _json(_ref("ReviewItem"), "The appeal, queued"),
+                          **_errors(400, 401, 404, 409, 415, 422)},
+        }},
+        "/v1/reviews/claim": {"post": {
+            "summary": "The next item for this reviewer, leased (reviewer token)",
+            "description": "Appeals, then review actions, then audit samples "
+            "(MODERATION_REVIEW_PRIORITY), oldest first; an item you already hold is handed "
+            "to you again. Never handed to two reviewers at once.",
+            "security": [{"bearer": []}],
+            "responses": {"200": _json(_ref("ReviewClaim"), "The item, yours until its lease "
+                                                             "expires"),
+                          "204": {"description": "Nothing waits"}, **_errors(401, 403)},
+        }},
+        "/v1/reviews/{item_id}": {"post": {
+            "summary": "Record the verdict on an item you hold (reviewer token)",
+            "security": [{"bearer": []}],
+            "parameters": [item_id],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": _ref("VerdictJSON")}}},
+            "responses": {"201": _json(_ref("Verdict"), "The verdict"),
+                          **_errors(400, 401, 403, 404, 409, 415)},
+        }},
+        "/v1/reviews/{item_id}/release": {"post": {
+            "summary": "Give an item you hold back to the queue (reviewer token)",
+            "security": [{"bearer": []}],
+            "parameters": [item_id],
+            "responses": {"200": _json(_ref("ReviewItem"), "The item, waiting again"),
+                          **_errors(401, 403, 404, 409)},
+        }},
+        "/v1/reviews": {"get": {
+            "summary": "Verdicts, newest first (reader or reviewer token)",
+            "security": [{"bearer": []}],
+            "parameters": query(
+                ("since", {"type": "string"}), ("until", {"type": "string"}),
+                ("reviewer", {"type": "string"}),
+                ("reason", {"type": "string", "enum": ["appeal", "review", "audit"]}),
+                ("category", {"type": "string"}), ("policy_version", {"type": "string"}),
+                ("decision_id", {"type": "string"}),
+                ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                ("offset", {"type": "integer", "minimum": 0}),
+            ),
+            "responses": {"200": _json(_ref("VerdictPage"), "A page of verdicts, each with "
+                                                             "its webhook delivery"),
+                          **_errors(400, 401, 403)},
+        }},
+        "/v1/reviews/queue": {"get": {
+            "summary": "Items by reason and state, and webhook deliveries by state",
+            "security": [{"bearer": []}],
+            "responses": {"200": _json(_ref("QueueCounts"), "Counts"), **_errors(401, 403)},
+        }},
+        "/v1/quality": {"get": {
+            "summary": "Precision and recall per category on live traffic, from verdicts "
+            "(reader token)",
+            "description": "Weighted by the inverse of each decision's chance to be "
+            "reviewed (README: Quality); 95% intervals; appeals counted apart.",
+            "security": [{"bearer": []}],
+            "parameters": query(("since", {"type": "string", "default": "30d"}),
+                                ("until", {"type": "string"}),
+                                ("policy_version", {"type": "string"})),
+            "responses": {"200": _json(_ref("QualityResponse"), "Estimates"),
+                          **_errors(400, 401, 403)},
+        }},
     }
 
 
@@ -295,6 +379,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/v1/search": _search_path(),
+            **_review_paths(),
             "/v1/stats": {
                 "get": {
                     "summary": "Counts and flag rates per time bucket and policy version",

@@ -421,3 +421,64 @@ def parse_search(args: Mapping[str, str], *, image: bool = False) -> SearchReque
     return SearchRequest(q=q, like=like, raw=bool(_boolean("raw", args.get("raw"))),
                          filters=filters, limit=limit, offset=offset,
                          min_similarity=min_similarity, format=fmt)
+
+
+# --- reviews -------------------------------------------------------------------------------
+
+MAX_NOTE_LENGTH = 2000
+MAX_VIOLATIONS = 100
+
+
+def free_text(value: Any, where: str) -> str | None:
+    """A note or a reason: text of at most MAX_NOTE_LENGTH characters, line breaks allowed;
+    ``None`` when empty."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(400, "invalid_field", f"{where} must be a string")
+    check_text(value.replace("\n", " ").replace("\r", " ").replace("\t", " "), where,
+               max_length=MAX_NOTE_LENGTH, code="invalid_field")
+    return value.strip() or None
+
+
+def _json_object(mimetype: str, body: bytes, fields: tuple[str, ...],
+                 example: str) -> dict[str, Any]:
+    if mimetype != "application/json":
+        raise RequestError(415, "unsupported_media_type",
+                           f"send JSON (Content-Type: application/json), e.g. {example}; got "
+                           f"{mimetype or 'no content type'}")
+    data = load_json(body)
+    if not isinstance(data, dict):
+        raise RequestError(400, "invalid_json", f"send a JSON object, e.g. {example}")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RequestError(400, "invalid_field",
+                           f"unknown fields {unknown}; accepted: {', '.join(fields)}")
+    return data
+
+
+def parse_verdict(mimetype: str, body: bytes) -> tuple[list[str], str | None]:
+    """``{"violations": ["weapons"], "note": "…"}`` → (violations, note). ``violations`` is
+    required (``[]``: the image violates nothing)."""
+    example = '{"violations": ["weapons"], "note": "a replica, not a toy"}'
+    data = _json_object(mimetype, body, ("violations", "note"), example)
+    violations = data.get("violations")
+    if violations is None:
+        raise RequestError(400, "missing_field",
+                           f"'violations' is required ([] when the image violates nothing), "
+                           f"e.g. {example}")
+    if (not isinstance(violations, list) or len(violations) > MAX_VIOLATIONS
+            or not all(isinstance(v, str) for v in violations)):
+        raise RequestError(400, "invalid_field",
+                           f"'violations' must be a list of category ids, e.g. {example}")
+    for v in violations:
+        check_text(v, "a category id", max_length=100, code="invalid_field")
+    return violations, free_text(data.get("note"), "note")
+
+
+def parse_appeal(mimetype: str, body: bytes) -> str | None:
+    """An empty body, or ``{"reason": "…"}``."""
+    if not body.strip():
+        return None
+    data = _json_object(mimetype, body, ("reason",), '{"reason": "this is a museum piece"}')
+    return free_text(data.get("reason"), "reason")

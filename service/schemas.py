@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decisionlog.lab import DryRun, PolicyChange
 from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
+from decisionlog.reviews import ReviewItem, Verdict
 from decisionlog.search import SearchHit
 
 __all__ = [
@@ -30,10 +31,15 @@ __all__ = [
     "PolicyResponse",
     "PolicyVersionText",
     "PolicyVersions",
+    "QualityResponse",
     "ReloadResponse",
+    "ReviewClaim",
+    "ReviewItem",
     "SearchHit",
     "SearchResponse",
     "Stats",
+    "Verdict",
+    "VerdictPage",
 ]
 
 
@@ -208,6 +214,76 @@ class Stats(BaseModel):
     buckets: list[StatsBucket]
 
 
+class VerdictCategory(BaseModel):
+    id: str
+    action: Literal["flag", "review", "block"]
+    description: str
+
+
+class ReviewClaim(ReviewItem):
+    """A claimed item: the item, the decision, what a verdict may name, the image."""
+
+    decision: DecisionRecord | None = Field(description="null: the decision was purged")
+    categories: list[VerdictCategory] = Field(
+        description="the categories of the decision's policy version")
+    image_url: str | None = Field(description="from MODERATION_IMAGE_URL_TEMPLATE")
+
+
+class VerdictJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    violations: list[str] = Field(description="category ids; [] when nothing is violated")
+    note: str | None = Field(None, max_length=2000)
+
+
+class AppealJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=2000)
+
+
+class VerdictPage(BaseModel):
+    verdicts: list[Verdict]
+    next_offset: int | None
+
+
+class QueueState(BaseModel):
+    waiting: int = 0
+    claimed: int = 0
+    decided: int = 0
+
+
+class QueueCounts(BaseModel):
+    queue: dict[str, QueueState]
+    deliveries: dict[str, int]
+
+
+class Metric(BaseModel):
+    status: Literal["ok", "not_enough_verdicts"]
+    estimate: float | None
+    standard_error: float | None = None
+    interval: tuple[float, float] | None = Field(None, description="95%")
+    verdicts: int = Field(description="verdicts in the metric's denominator")
+    effective_verdicts: float | None = None
+    message: str | None = None
+
+
+class CategoryQuality(BaseModel):
+    precision: Metric
+    recall: Metric
+
+
+class QualityResponse(BaseModel):
+    since: float
+    until: float | None
+    policy_version: str | None
+    verdicts: int = Field(description="design verdicts (review actions and audits) used")
+    appeals: dict[str, int] = Field(description="counted, not weighted: appeals are chosen")
+    queued: dict[str, dict[str, int]] = Field(description="design items by reason and action")
+    decided: dict[str, dict[str, int]]
+    categories: dict[str, CategoryQuality]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 
@@ -235,6 +311,14 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (DecisionPage, "serialization"),
     (Stats, "serialization"),
     (SearchResponse, "serialization"),
+    (ReviewItem, "serialization"),
+    (ReviewClaim, "serialization"),
+    (VerdictJSON, "validation"),
+    (AppealJSON, "validation"),
+    (Verdict, "serialization"),
+    (VerdictPage, "serialization"),
+    (QueueCounts, "serialization"),
+    (QualityResponse, "serialization"),
     (Health, "serialization"),
     (Ready, "serialization"),
 ]

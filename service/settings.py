@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from moderation import ModerationError
@@ -93,6 +93,23 @@ class Settings(BaseSettings):
                                              description="pgvector: candidates while building")
     image_url_template: str | None = Field(
         default=None, description="dashboard thumbnails, e.g. https://cdn.internal/{client_id}")
+    # --- the review queue (README: "Review")
+    reviewers: str | None = Field(default=None, description="name:token,… (enables review)")
+    audit_rate: str = Field(default="0.01", description="share of decisions sampled for audit: "
+                                                        "0.01, or 0.01,allow=0.02,block=0.05")
+    audit_seed: int | None = Field(default=None, description="the same audit draws every run")
+    review_priority: str = Field(default="appeal,review,audit",
+                                 description="which items reviewers get first")
+    review_lease_s: float = Field(default=600, gt=0, le=86400,
+                                  description="a claimed item returns to the queue after this")
+    webhook_url: str | None = Field(default=None, description="verdicts are POSTed here")
+    webhook_secret: str | None = Field(default=None, description="signs them (HMAC-SHA256)")
+    webhook_timeout_s: float = Field(default=10, gt=0, le=120)
+    webhook_backoff_s: float = Field(default=5, gt=0, description="first retry; doubles to 10 min")
+    webhook_give_up_h: float = Field(default=72, gt=0,
+                                     description="a verdict not delivered by then: failed")
+    quality_min_verdicts: int = Field(default=10, ge=1,
+                                      description="fewer: 'not enough verdicts yet'")
 
     @classmethod
     def settings_customise_sources(
@@ -114,6 +131,55 @@ class Settings(BaseSettings):
             if value is not None and not value.strip():
                 raise ValueError(f"{name} is blank: unset it, or give a token")
         return self
+
+    @field_validator("audit_rate")
+    @classmethod
+    def _audit_rate(cls, value: str) -> str:
+        from decisionlog.reviews import AuditRates
+
+        AuditRates.parse(value)  # its ValueError says what is accepted
+        return value
+
+    @field_validator("review_priority")
+    @classmethod
+    def _review_priority(cls, value: str) -> str:
+        from decisionlog.reviews import REASONS
+
+        if sorted(r.strip() for r in value.split(",")) != sorted(REASONS):
+            raise ValueError(f"give {', '.join(REASONS)} in the order reviewers get them, "
+                             "each once")
+        return value
+
+    @model_validator(mode="after")
+    def _review_settings(self) -> Settings:
+        # checked here, not by a field validator: a fault must never echo a token back
+        self.reviewer_tokens  # noqa: B018  # raises on a malformed entry
+        if self.webhook_url is not None:
+            if not self.webhook_url.startswith(("http://", "https://")):
+                raise ValueError(f"webhook_url {self.webhook_url!r} is not an http(s) URL")
+            if not self.webhook_secret:
+                raise ValueError("webhook_url needs webhook_secret: every delivery is signed")
+        return self
+
+    @property
+    def reviewer_tokens(self) -> dict[str, str]:
+        """Reviewer name → token, from ``name:token,…``."""
+        found: dict[str, str] = {}
+        for entry in (e.strip() for e in (self.reviewers or "").split(",")):
+            if not entry:
+                continue
+            name, sep, token = entry.partition(":")
+            if not sep or not name.strip() or not token.strip():
+                raise ValueError("reviewers: each entry is name:token (a token is never shown "
+                                 "back; check the entries' form)")
+            if name.strip() in found:
+                raise ValueError(f"reviewers: {name.strip()!r} is named twice")
+            found[name.strip()] = token.strip()
+        return found
+
+    @property
+    def review_order(self) -> list[str]:
+        return [r.strip() for r in self.review_priority.split(",")]
 
     @property
     def api_key_list(self) -> list[str]:

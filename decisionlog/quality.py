@@ -1,0 +1,199 @@
+"""Precision and recall on live traffic, from reviewers' verdicts (the README's "Quality"
+explains the estimators).
+
+Verdicts on the queue's *design* items (every ``review`` action, sampled with probability 1,
+and the audit sample of all traffic, each with the rate it was drawn with) estimate the whole
+traffic without bias once each stands for ``1/π`` decisions, where ``π`` is the chance the
+decision had to be reviewed: its sampling probability times the share of its stratum
+(reason, action) that reviewers have decided so far in the window (items are not decided at
+random, but in queue order; the share corrects for how far the queue has got). Appeals are
+chosen by uploaders: they are counted, never weighted into the estimates.
+
+Both metrics are ratios of weighted totals (Horvitz–Thompson); their variance is the
+linearised one for Poisson sampling, ``Σ (1-π)/π² z²`` over the sample with
+``z = numerator - R·denominator``, divided by the estimated denominator squared; the 95%
+interval is Wilson's score interval at the effective sample size that variance implies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from .schema import review_items, review_verdicts
+
+__all__ = ["DesignSample", "Estimate", "QualityReport", "design_sample", "estimate_ratio",
+           "quality"]
+
+Z95 = 1.959963984540054
+#: Fewer verdicts than this in a metric's denominator: "not enough verdicts yet".
+MIN_VERDICTS = 10
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A weighted ratio: ``value`` with its standard error, 95% interval, the number of
+    verdicts it rests on and their effective number (after weighting)."""
+
+    value: float
+    standard_error: float
+    interval: tuple[float, float]
+    verdicts: int
+    effective_verdicts: float
+
+    def view(self) -> dict[str, Any]:
+        return {"estimate": round(self.value, 4), "standard_error": round(self.standard_error, 4),
+                "interval": [round(x, 4) for x in self.interval], "verdicts": self.verdicts,
+                "effective_verdicts": round(self.effective_verdicts, 1)}
+
+
+def _wilson(p: float, n: float) -> tuple[float, float]:
+    z2 = Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimate_ratio(numerator: np.ndarray, denominator: np.ndarray,
+                   probability: np.ndarray) -> Estimate | None:
+    """``Σ num/π / Σ den/π`` over a sample drawn with inclusion probabilities ``π``
+    (``num`` ≤ ``den``, both 0/1). ``None`` when no sampled unit is in the denominator."""
+    num = np.asarray(numerator, np.float64)
+    den = np.asarray(denominator, np.float64)
+    pi = np.asarray(probability, np.float64)
+    inside = den > 0
+    n = int(inside.sum())
+    if n == 0:
+        return None
+    w = 1 / pi
+    total = float((w * den).sum())
+    value = float((w * num).sum() / total)
+    z = num - value * den
+    variance = float(((1 - pi) / pi**2 * z * z).sum()) / total**2
+    se = math.sqrt(variance)
+    weights = w[inside]
+    kish = float(weights.sum() ** 2 / (weights**2).sum())
+    if np.all(pi[inside] >= 1):  # every unit of the population was looked at
+        return Estimate(value, 0.0, (value, value), n, float(n))
+    effective = value * (1 - value) / variance if variance > 0 else kish
+    effective = min(max(effective, 1.0), float(n))
+    return Estimate(value, se, _wilson(value, effective), n, effective)
+
+
+@dataclass
+class DesignSample:
+    """The window's design verdicts, one per decision (its latest verdict, an appeal's
+    included), with each decision's inclusion probability; and the appeals' tallies."""
+
+    decision_ids: list[str]
+    policy_versions: list[str]
+    triggered: list[frozenset[str]]
+    violations: list[frozenset[str]]
+    probability: np.ndarray
+    reasons: list[str]
+    queued: dict[str, dict[str, int]] = field(default_factory=dict)  # reason → action → n
+    decided: dict[str, dict[str, int]] = field(default_factory=dict)
+    appeals: dict[str, int] = field(default_factory=dict)
+
+
+def design_sample(engine: Any, *, since: float | None = None, until: float | None = None,
+                  policy_version: str | None = None) -> DesignSample:
+    """Read the design items of decisions made in the window, and their verdicts."""
+    i, v = review_items.c, review_verdicts.c
+
+    def window(c: Any) -> list[Any]:
+        where = []
+        if since is not None:
+            where.append(c.decision_created_at >= since)
+        if until is not None:
+            where.append(c.decision_created_at < until)
+        if policy_version is not None:
+            where.append(c.policy_version == policy_version)
+        return where
+
+    with engine.connect() as conn:
+        items = conn.execute(
+            sa.select(i.id, i.decision_id, i.reason, i.action, i.triggered, i.policy_version,
+                      i.sample_probability, i.status)
+            .where(*window(i))
+        ).all()
+        verdicts = conn.execute(
+            sa.select(v.decision_id, v.violations, v.decided_at, v.id, v.appeal)
+            .where(*window(v)).order_by(v.decided_at, v.id)
+        ).all()
+    latest = {r.decision_id: frozenset(c for c in r.violations.split(",") if c)
+              for r in verdicts}  # in time order: the last one wins
+    queued: dict[str, dict[str, int]] = {}
+    decided: dict[str, dict[str, int]] = {}
+    appeals = {"queued": 0, "decided": 0, "upheld": 0, "overturned": 0}
+    for r in items:
+        if r.reason == "appeal":
+            appeals["queued"] += 1
+            continue
+        queued.setdefault(r.reason, {}).setdefault(r.action, 0)
+        queued[r.reason][r.action] += 1
+        if r.status == "decided":
+            decided.setdefault(r.reason, {}).setdefault(r.action, 0)
+            decided[r.reason][r.action] += 1
+    for r in verdicts:
+        if r.appeal is not None:
+            appeals["decided"] += 1
+            appeals[r.appeal] += 1
+    sample = DesignSample([], [], [], [], np.zeros(0), [], queued, decided, appeals)
+    probability = []
+    for r in items:
+        if r.reason == "appeal" or r.status != "decided" or r.decision_id not in latest:
+            continue
+        share = decided[r.reason][r.action] / queued[r.reason][r.action]
+        probability.append(float(r.sample_probability) * share)
+        sample.decision_ids.append(r.decision_id)
+        sample.policy_versions.append(r.policy_version)
+        sample.triggered.append(frozenset(c for c in r.triggered.split(",") if c))
+        sample.violations.append(latest[r.decision_id])
+        sample.reasons.append(r.reason)
+    sample.probability = np.asarray(probability, np.float64)
+    return sample
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    categories: dict[str, dict[str, Any]]
+    verdicts: int
+    appeals: dict[str, int]
+    queued: dict[str, dict[str, int]]
+    decided: dict[str, dict[str, int]]
+
+
+def _metric(found: Estimate | None, min_verdicts: int, what: str) -> dict[str, Any]:
+    if found is None or found.verdicts < min_verdicts:
+        n = 0 if found is None else found.verdicts
+        return {"estimate": None, "status": "not_enough_verdicts", "verdicts": n,
+                "message": f"not enough verdicts yet: {n} {what} (at least {min_verdicts})"}
+    return {"status": "ok", **found.view()}
+
+
+def quality(engine: Any, categories: Sequence[str], *, since: float | None = None,
+            until: float | None = None, policy_version: str | None = None,
+            min_verdicts: int = MIN_VERDICTS) -> QualityReport:
+    """Per category: precision (of the decisions it flagged, the share a reviewer found
+    violating it) and recall (of the decisions violating it, the share it flagged)."""
+    sample = design_sample(engine, since=since, until=until, policy_version=policy_version)
+    found: dict[str, dict[str, Any]] = {}
+    names = list(dict.fromkeys([*categories, *sorted(set().union(*sample.violations,
+                                                                  *sample.triggered))]))
+    for c in names:
+        fired = np.fromiter((c in t for t in sample.triggered), bool, len(sample.triggered))
+        truth = np.fromiter((c in v for v in sample.violations), bool, len(sample.violations))
+        precision = estimate_ratio(fired & truth, fired, sample.probability)
+        recall = estimate_ratio(fired & truth, truth, sample.probability)
+        found[c] = {
+            "precision": _metric(precision, min_verdicts, "verdicts on images it flagged"),
+            "recall": _metric(recall, min_verdicts, "sampled images found violating it"),
+        }
+    return QualityReport(found, len(sample.decision_ids), sample.appeals, sample.queued,
+                         sample.decided)
