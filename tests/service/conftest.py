@@ -59,15 +59,16 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-def moderate_images(client: FlaskClient, app: Flask,
-                    images: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+def moderate_images(client: FlaskClient, app: Flask, images: dict[str, bytes],
+                    headers: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Moderate every image once, ids as the keys, and wait until they are in the log: the
     result per client id."""
     import io
 
     data = {"image": [(io.BytesIO(b), f"{k}.img") for k, b in images.items()],
             "id": list(images)}
-    r = client.post("/v1/moderate", data=data, content_type="multipart/form-data")
+    r = client.post("/v1/moderate", data=data, content_type="multipart/form-data",
+                    headers=headers or {})
     assert r.status_code == 200, r.get_data(as_text=True)
     app.extensions["decisions"][1].flush()
     return {res["id"]: res for res in r.get_json()["results"]}
@@ -227,3 +228,25 @@ def nginx_in_front(tmp_path: Path) -> Iterator[Callable[..., int]]:
     for process in started:
         process.terminate()
         process.wait(10)
+
+
+# --- the OpenAPI document, checked against real answers -----------------------------------
+
+
+def described(response: Any) -> Any:
+    """The request a response answered (method and path; its body was consumed already)."""
+    from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    sent = response.request
+    return WerkzeugOpenAPIRequest(Request(EnvironBuilder(
+        path=sent.path, method=sent.method,
+        query_string=sent.query_string.decode()).get_environ()))
+
+
+@pytest.fixture
+def spec(client: FlaskClient) -> Any:
+    from openapi_core import OpenAPI
+
+    return OpenAPI.from_dict(client.get("/openapi.json").get_json())

@@ -14,26 +14,10 @@ import pytest
 import yaml
 from flask import Flask
 from openapi_core import OpenAPI
-from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
+from openapi_core.contrib.werkzeug import WerkzeugOpenAPIResponse
 
 from tests.conftest import BLUE, HAND_POLICY, RED, image_bytes
-from tests.service.conftest import ADMIN, READER
-
-
-def described(response: Any) -> WerkzeugOpenAPIRequest:
-    """The request a response answered (method and path; its body was consumed already)."""
-    from werkzeug.test import EnvironBuilder
-    from werkzeug.wrappers import Request
-
-    sent = response.request
-    return WerkzeugOpenAPIRequest(Request(EnvironBuilder(
-        path=sent.path, method=sent.method,
-        query_string=sent.query_string.decode()).get_environ()))
-
-
-@pytest.fixture
-def spec(client) -> OpenAPI:  # type: ignore[no-untyped-def]
-    return OpenAPI.from_dict(client.get("/openapi.json").get_json())
+from tests.service.conftest import ADMIN, READER, described
 
 
 def upload(*items: tuple[bytes, str]) -> dict[str, Any]:
