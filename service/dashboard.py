@@ -1,12 +1,12 @@
 """The trust-and-safety dashboard: server-rendered HTML with inline SVG charts (no front-end
-build step, no script)."""
+build step; one small inline script gives the review page its keys, and the page works
+without it)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
 from typing import Any
-from urllib.parse import quote
 
 from flask import render_template
 
@@ -17,11 +17,12 @@ from moderation import ModerationError, Moderator
 from moderation.diff import diff_policies
 from moderation.policy import Policy
 
+from . import reviews
 from .search import SearchResult
 from .state import PolicyHolder, read_policy_text
 
 __all__ = ["active_text", "history_entries", "image_url", "render_dashboard", "render_history",
-           "render_lab", "render_search"]
+           "render_lab", "render_review", "render_search"]
 
 
 def _when(t: float) -> str:
@@ -79,7 +80,8 @@ def _rate_chart(buckets: list[dict[str, Any]], categories: list[str], width_h: i
             "ymax": ymax, "empty": False, "totals": sum(by_time[t]["total"] for t in times)}
 
 
-def render_dashboard(moderator: Moderator, store: DecisionStore, hours: int = 48) -> str:
+def render_dashboard(moderator: Moderator, store: DecisionStore, quality: dict[str, Any],
+                     hours: int = 48) -> str:
     policy = moderator.policy
     since = time.time() - hours * 3600
     bucket = "hour" if hours <= 72 else "day"
@@ -100,8 +102,14 @@ def render_dashboard(moderator: Moderator, store: DecisionStore, hours: int = 48
         "dashboard.html",
         policy=policy, model=moderator.encoder.identity, thresholds=thresholds,
         chart=chart, width=WIDTH, height=HEIGHT, pad=PAD, latest=latest, actions=actions,
-        hours=hours, bucket=bucket, when=_when,
+        hours=hours, bucket=bucket, when=_when, quality=quality,
     )
+
+
+def render_review(reviewer: str, item: dict[str, Any] | None, counts: dict[str, Any], *,
+                  done: Any = None, error: dict[str, Any] | None = None) -> str:
+    return render_template("review.html", reviewer=reviewer, item=item, counts=counts,
+                           done=done, error=error, when=_when)
 
 
 # --- policy history: what each activation changed, and what that did ----------------------
@@ -195,12 +203,8 @@ def active_text(holder: PolicyHolder) -> str:
 
 
 def image_url(template: str | None, hit: SearchHit) -> str | None:
-    """A hit's thumbnail in the client's own store (MODERATION_IMAGE_URL_TEMPLATE, with
-    ``{client_id}`` and ``{decision_id}`` filled in, URL-quoted), or ``None``."""
-    if not template or (hit.client_id is None and "{client_id}" in template):
-        return None
-    return (template.replace("{client_id}", quote(hit.client_id or "", safe="/"))
-            .replace("{decision_id}", quote(hit.decision_id, safe="")))
+    """A hit's thumbnail in the client's own store (MODERATION_IMAGE_URL_TEMPLATE)."""
+    return reviews.image_url(template, hit.client_id, hit.decision_id)
 
 
 def render_search(holder: PolicyHolder, *, form: dict[str, str],

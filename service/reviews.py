@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decisionlog import DecisionStore
+from decisionlog.quality import quality
 from decisionlog.reviews import (
     AlreadyAppealed,
     AlreadyDecided,
@@ -25,14 +26,17 @@ from decisionlog.reviews import (
     ReviewQueue,
     UnknownCategory,
     UnknownItem,
+    Verdict,
 )
 from moderation import PolicyError
 from moderation.policy import Policy
 
 from .parsing import RequestError
+from .schemas import QualityResponse
 from .state import PolicyHolder
 
-__all__ = ["WebhookSender", "decision_policy", "item_view", "request_error", "signature"]
+__all__ = ["WebhookSender", "decision_policy", "item_view", "quality_report", "record_verdict",
+           "request_error", "signature"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,42 @@ def item_view(holder: PolicyHolder, store: DecisionStore, item: ReviewItem,
         "image_url": image_url(image_template, record.client_id if record else None,
                                item.decision_id),
     }
+
+
+def record_verdict(queue: ReviewQueue, holder: PolicyHolder, sender: WebhookSender | None,
+                   item_id: int, reviewer: str, violations: list[str],
+                   note: str | None) -> Verdict:
+    """Validate against the decision's policy and record (into the outbox too when a webhook
+    is set, and the sender is woken). Raises :class:`RequestError`."""
+    item = queue.item(item_id)
+    if item is None:
+        raise RequestError(404, "not_found", f"no review item {item_id}")
+    policy = decision_policy(holder, item.policy_version)
+    actions = {cid: c.action for cid, c in policy.categories.items()}
+    try:
+        verdict = queue.decide(item_id, reviewer, violations, actions, note=note,
+                               webhook=sender is not None)
+    except ReviewError as e:
+        raise request_error(e) from e
+    if sender is not None:
+        sender.wake()
+    return verdict
+
+
+def quality_report(holder: PolicyHolder, store: DecisionStore, min_verdicts: int, *,
+                   since: float | None, until: float | None,
+                   policy_version: str | None) -> dict[str, Any]:
+    """What /v1/quality answers and the dashboard's panel shows (default window: 30 days)."""
+    since = time.time() - 30 * 86400 if since is None else since
+    policy = (decision_policy(holder, policy_version) if policy_version is not None
+              else holder.current().policy)
+    report = quality(store.engine, list(policy.categories), since=since, until=until,
+                     policy_version=policy_version, min_verdicts=min_verdicts)
+    return QualityResponse.model_validate({
+        "since": since, "until": until, "policy_version": policy_version,
+        "verdicts": report.verdicts, "appeals": report.appeals, "queued": report.queued,
+        "decided": report.decided, "categories": report.categories,
+    }).model_dump(mode="json")
 
 
 # --- the webhook ---------------------------------------------------------------------------

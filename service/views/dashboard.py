@@ -1,23 +1,32 @@
 """``/dashboard`` (reader), ``/dashboard/policies`` (reader: the policy history),
-``/dashboard/search`` (reader: search the log by text, decision or image) and
-``/dashboard/lab`` (admin: dry-run a policy edit); the pages are rendered by
-:mod:`service.dashboard`."""
+``/dashboard/search`` (reader: search the log by text, decision or image),
+``/dashboard/lab`` (admin: dry-run a policy edit) and ``/dashboard/review`` (a reviewer: claim,
+see, decide, next); the pages are rendered by :mod:`service.dashboard`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, redirect, request, url_for
 
+from decisionlog.reviews import ReviewError, VerdictFilters
 from moderation import ImageError
 
-from ..auth import TOKEN_COOKIE, admin_page_required, reader_required
-from ..dashboard import active_text, render_dashboard, render_history, render_lab, render_search
+from ..auth import TOKEN_COOKIE, admin_page_required, reader_required, reviewer_required
+from ..dashboard import (
+    active_text,
+    render_dashboard,
+    render_history,
+    render_lab,
+    render_review,
+    render_search,
+)
 from ..errors import IMAGE_ERROR_STATUS
 from ..lab import run_dry_run
-from ..parsing import IMAGE_FIELD, DryRunRequest, RequestError, parse_search
+from ..parsing import IMAGE_FIELD, DryRunRequest, RequestError, free_text, parse_search
+from ..reviews import item_view, quality_report, record_verdict, request_error
 from ..search import run_search
-from . import holder, int_arg, settings, store
+from . import holder, int_arg, reviews, settings, store
 
 bp = Blueprint("dashboard", __name__)
 
@@ -34,7 +43,10 @@ def _page(html: str, status: int = 200) -> Response:
 @reader_required
 def dashboard() -> Any:
     active = holder().current()
-    return _page(render_dashboard(active, store(), hours=int_arg("hours", 48, 1, 24 * 90)))
+    quality = quality_report(holder(), store(), settings().quality_min_verdicts, since=None,
+                             until=None, policy_version=None)
+    return _page(render_dashboard(active, store(), quality,
+                                  hours=int_arg("hours", 48, 1, 24 * 90)))
 
 
 @bp.get("/dashboard/policies")
@@ -97,3 +109,43 @@ def lab() -> Any:
         error = {"code": e.code, "message": e.message, "faults": e.extra.get("faults", [])}
         return _page(render_lab(holder(), error=error, **shown), e.status)
     return _page(render_lab(holder(), report=report, **shown))
+
+
+@bp.get("/dashboard/review")
+@reviewer_required
+def review() -> Any:
+    """Claim the next item (or the one held) and show it; ``?done=`` names the verdict just
+    recorded."""
+    item = reviews.queue().claim(g.reviewer, lease_s=settings().review_lease_s,
+                                 priority=settings().review_order)
+    shown = (item_view(holder(), store(), item, settings().image_url_template)
+             if item is not None else None)
+    done = None
+    if request.args.get("done", "").isdigit():
+        found = reviews.queue().verdicts(VerdictFilters(reviewer=g.reviewer),
+                                         verdict_id=int(request.args["done"]))
+        done = found[0] if found else None
+    return _page(render_review(g.reviewer, shown, reviews.queue().counts(), done=done))
+
+
+@bp.post("/dashboard/review/<int:item_id>")
+@reviewer_required
+def review_decide(item_id: int) -> Any:
+    """A plain form post: ``violation`` (repeated), ``note``, ``do=decide|skip``; then the
+    next item (303 to the page)."""
+    form = request.form
+    try:
+        if form.get("do") == "skip":
+            try:
+                reviews.queue().release(item_id, g.reviewer)
+            except ReviewError as e:
+                raise request_error(e) from e
+            return redirect(url_for("dashboard.review"), 303)
+        verdict = record_verdict(reviews.queue(), holder(), reviews.sender(), item_id,
+                                 g.reviewer, form.getlist("violation"),
+                                 free_text(form.get("note"), "note"))
+    except RequestError as e:
+        error = {"code": e.code, "message": e.message}
+        return _page(render_review(g.reviewer, None, reviews.queue().counts(), error=error),
+                     e.status)
+    return redirect(url_for("dashboard.review", done=verdict.verdict_id), 303)

@@ -3,12 +3,10 @@ verdicts and the queue's counts (readers and reviewers), and ``/v1/quality`` (re
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from decisionlog.quality import quality as measure_quality
 from decisionlog.reviews import REASONS, ReviewError, ReviewQueue, VerdictFilters
 
 from ..auth import (
@@ -18,8 +16,8 @@ from ..auth import (
     reviewer_required,
 )
 from ..parsing import RequestError, parse_appeal, parse_verdict
-from ..reviews import WebhookSender, decision_policy, item_view, request_error
-from ..schemas import QualityResponse, VerdictPage
+from ..reviews import WebhookSender, item_view, quality_report, record_verdict, request_error
+from ..schemas import VerdictPage
 from . import holder, int_arg, settings, store, time_arg
 
 bp = Blueprint("reviews", __name__)
@@ -33,24 +31,6 @@ def queue() -> ReviewQueue:
 def sender() -> WebhookSender | None:
     found: WebhookSender | None = current_app.extensions.get("webhook")
     return found
-
-
-def record_verdict(item_id: int, reviewer: str, violations: list[str],
-                   note: str | None) -> Any:
-    """Validate against the decision's policy and record; the webhook sender is woken."""
-    item = queue().item(item_id)
-    if item is None:
-        raise RequestError(404, "not_found", f"no review item {item_id}")
-    policy = decision_policy(holder(), item.policy_version)
-    actions = {cid: c.action for cid, c in policy.categories.items()}
-    try:
-        verdict = queue().decide(item_id, reviewer, violations, actions, note=note,
-                                 webhook=sender() is not None)
-    except ReviewError as e:
-        raise request_error(e) from e
-    if sender() is not None:
-        sender().wake()  # type: ignore[union-attr]
-    return verdict
 
 
 @bp.post("/v1/decisions/<decision_id>/appeal")
@@ -78,7 +58,7 @@ def claim() -> Any:
 @reviewer_required
 def decide(item_id: int) -> Any:
     violations, note = parse_verdict(request.mimetype, request.get_data(cache=False))
-    verdict = record_verdict(item_id, g.reviewer, violations, note)
+    verdict = record_verdict(queue(), holder(), sender(), item_id, g.reviewer, violations, note)
     return jsonify(verdict.model_dump(mode="json")), 201
 
 
@@ -117,25 +97,9 @@ def counts() -> Any:
     return jsonify(queue().counts())
 
 
-def quality_report(since: float | None, until: float | None,
-                   policy_version: str | None) -> dict[str, Any]:
-    """What /v1/quality answers and the dashboard panel shows."""
-    since = time.time() - 30 * 86400 if since is None else since
-    policy = holder().current().policy
-    if policy_version is not None:
-        policy = decision_policy(holder(), policy_version)
-    report = measure_quality(store().engine, list(policy.categories), since=since, until=until,
-                             policy_version=policy_version,
-                             min_verdicts=settings().quality_min_verdicts)
-    return QualityResponse.model_validate({
-        "since": since, "until": until, "policy_version": policy_version,
-        "verdicts": report.verdicts, "appeals": report.appeals, "queued": report.queued,
-        "decided": report.decided, "categories": report.categories,
-    }).model_dump(mode="json")
-
-
 @bp.get("/v1/quality")
 @reader_required
 def quality() -> Any:
-    return jsonify(quality_report(time_arg("since"), time_arg("until"),
-                                  request.args.get("policy_version")))
+    return jsonify(quality_report(holder(), store(), settings().quality_min_verdicts,
+                                  since=time_arg("since"), until=time_arg("until"),
+                                  policy_version=request.args.get("policy_version")))

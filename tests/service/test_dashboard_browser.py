@@ -273,3 +273,97 @@ def test_search_page_in_headless_chromium(make_app: Any, thumbnails: tuple[str, 
     finally:
         server.shutdown()
     assert [m for m in problems if not m.startswith("Failed to load resource")] == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
+def test_review_page_driven_by_the_keyboard(make_app: Any, thumbnails: tuple[str, Path],
+                                            tmp_path: Path) -> None:
+    """A reviewer claims, sees the image and its scores, marks a category with its key,
+    confirms with Enter, skips with s, and reaches the end of the queue; the verdicts are
+    recorded as keyed. The same form also works as a plain post (no script)."""
+    import io
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import PURPLE, image_bytes
+
+    store_url, folder = thumbnails
+    app = make_app(REVIEWERS="ann:ann-token", AUDIT_RATE="0",
+                   IMAGE_URL_TEMPLATE=f"{store_url}/{{client_id}}")
+    uploads = {f"between-{i}.png": image_bytes(PURPLE) for i in range(3)}
+    for name, data in uploads.items():
+        (folder / name).write_bytes(data)
+    r = app.test_client().post("/v1/moderate", data={
+        "image": [(io.BytesIO(b), n) for n, b in uploads.items()], "id": list(uploads)})
+    assert [x["action"] for x in r.get_json()["results"]] == ["review"] * 3
+    app.extensions["decisions"][1].flush()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served = f"http://127.0.0.1:{server.server_port}"
+    problems: list[str] = []
+    shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
+    try:
+        with sync_playwright() as p:
+            browser, page = open_page(p, problems, height=900)
+            assert page.goto(f"{served}/dashboard/review").status == 401
+            assert page.goto(f"{served}/dashboard/review?token={READER}").status == 401
+            assert page.goto(f"{served}/dashboard/review?token=ann-token").status == 200
+            problems.clear()  # the console's report of those 401s (and of their favicon)
+            assert page.locator("#reviewer").inner_text() == "ann"
+            first = page.locator("#decision-id").inner_text()
+            page.wait_for_function("document.querySelector('img#image').naturalWidth > 0")
+            assert "gun" in page.locator("table#scores").inner_text()  # the driving terms
+            page.keyboard.press("1")  # weapons
+            assert page.locator("#v-weapons").is_checked()
+            page.screenshot(path=str(shots / "review.png"), full_page=True)
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#done")
+            assert "block" in page.locator("#done").inner_text().lower()
+            second = page.locator("#decision-id").inner_text()
+            assert second != first
+            page.keyboard.press("2")  # alcohol, then cleared: nothing violated
+            page.keyboard.press("0")
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#done")
+            third = page.locator("#decision-id").inner_text()
+            page.keyboard.press("s")  # skip: back to the queue, and handed out again
+            page.wait_for_load_state()
+            assert page.locator("#decision-id").inner_text() == third
+            page.locator("#note").fill("typed in the note: keys do not count here 1 s")
+            page.keyboard.press("Enter")  # a new line in the note, no submit
+            assert page.locator("#decision-id").inner_text() == third
+            page.locator("#v-alcohol").check()
+            page.locator("button#confirm").click()  # the mouse works too
+            page.wait_for_selector("#empty")
+            page.screenshot(path=str(shots / "review-empty.png"), full_page=True)
+            browser.close()
+    finally:
+        server.shutdown()
+    assert problems == []
+    verdicts = app.test_client().get(
+        "/v1/reviews", headers={"Authorization": f"Bearer {READER}"}).get_json()["verdicts"]
+    by_decision = {v["decision_id"]: (v["violations"], v["action"]) for v in verdicts}
+    assert by_decision == {first: (["weapons"], "block"), second: ([], "allow"),
+                           third: (["alcohol"], "flag")}
+    assert [v["note"] for v in verdicts if v["decision_id"] == third][0].startswith("typed")
+
+
+def test_the_review_form_works_as_a_plain_post(make_app: Any) -> None:
+    """No script: the form's own fields, posted, decide the item."""
+    import io
+
+    from tests.conftest import PURPLE, image_bytes
+
+    app = make_app(REVIEWERS="ann:ann-token", AUDIT_RATE="0")
+    client = app.test_client()
+    client.post("/v1/moderate", data={"image": [(io.BytesIO(image_bytes(PURPLE)), "a.png")]})
+    app.extensions["decisions"][1].flush()
+    page = client.get("/dashboard/review?token=ann-token")
+    assert page.status_code == 200 and 'name="violation" value="weapons"' in page.text
+    item_id = app.extensions["reviews"].claim("ann").item_id  # the one the page showed
+    answer = client.post(f"/dashboard/review/{item_id}",
+                         data={"violation": ["weapons"], "note": "", "do": "decide"})
+    assert answer.status_code == 303 and "done=" in answer.headers["Location"]
+    assert "Nothing waits" in client.get(answer.headers["Location"]).text
+    again = client.post(f"/dashboard/review/{item_id}", data={"do": "decide"})
+    assert again.status_code == 409 and "already_decided" in again.text
