@@ -13,8 +13,17 @@ from moderation.command import load_moderator, model_options
 
 
 @click.command()
-@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--labels", type=click.Path(exists=True, path_type=Path),
               help="Labelled images: a CSV manifest (path,labels) or a folder per category.")
+@click.option("--from-reviews", is_flag=True,
+              help="Label with reviewers' verdicts from the decision log instead (review "
+                   "actions and audit samples, weighted by 1/sampling probability).")
+@click.option("--since", default="30d", show_default=True,
+              help="--from-reviews: decisions made since (unix seconds, ISO 8601, or 30d).")
+@click.option("--until", help="--from-reviews: decisions made before this.")
+@click.option("--database-url", envvar="MODERATION_DATABASE_URL",
+              help="--from-reviews: the decision log (default: MODERATION_DATABASE_URL, else "
+                   "the local SQLite log).")
 @click.option("--test", type=click.Path(exists=True, path_type=Path),
               help="A held-out labelled set to report on (else a stratified split of --labels).")
 @click.option("--scores", "scan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -35,7 +44,11 @@ from moderation.command import load_moderator, model_options
               help="Fewer positive images than this in a split: the category is not calibrated.")
 @model_options
 def calibrate(
-    labels: Path,
+    labels: Path | None,
+    from_reviews: bool,
+    since: str,
+    until: str | None,
+    database_url: str | None,
     test: Path | None,
     scan: Path | None,
     target_precision: float | None,
@@ -54,9 +67,7 @@ def calibrate(
     """
     from moderation.policy import Goal
 
-    from .labels import LabelError
     from .report import write_report
-    from .run import calibrate as run
     from .run import threshold_diff, write_policy
 
     if target_precision is not None and target_recall is not None:
@@ -65,23 +76,73 @@ def calibrate(
     if target_precision is not None or target_recall is not None:
         goal = Goal(precision=target_precision, recall=target_recall)
     policy_path: Path = model_options["policy_path"]
-    try:
-        result = run(
-            policy_path, labels, test=test, scan=scan, goal=goal, profile=profile,
-            load_moderator=lambda: load_moderator(**model_options), test_size=test_size,
-            seed=seed, min_positives=min_positives,
-        )
-    except (LabelError, PolicyError) as e:
-        raise click.ClickException(str(e)) from e
+    if from_reviews:
+        if labels is not None or test is not None or scan is not None:
+            raise click.UsageError("--from-reviews takes its labels from the log: leave out "
+                                   "--labels, --test and --scores")
+        result = _from_reviews(policy_path, goal, profile, test_size, seed, min_positives,
+                               since, until, database_url, model_options)
+    elif labels is None:
+        raise click.UsageError("give --labels (a labelled set), or --from-reviews")
+    else:
+        result = _from_labels(policy_path, labels, test, scan, goal, profile, test_size, seed,
+                              min_positives, model_options)
     write_policy(result, policy_path, out)
     index = write_report(result, report_dir)
     for line in threshold_diff(result):
         click.echo(line)
     for line in result.left_out:
         click.echo(f"left out: {line}", err=True)
+    if result.weighting:
+        click.echo(f"labels: {result.dataset}; {result.weighting}")
+        for line in result.caveats:
+            click.echo(f"cannot represent: {line}")
     click.echo(f"wrote {out} (version {result.new_policy.version}) and {index}")
     if result.failed:
         names = ", ".join(o.category for o in result.failed)
         click.secho(f"NOT CALIBRATED: {names} (see above); their thresholds are unchanged",
                     fg="red", err=True)
         sys.exit(3)
+
+
+def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path | None,
+                 goal: Any, profile: str | None, test_size: float, seed: int,
+                 min_positives: int, model_options: dict[str, Any]) -> Any:
+    from .labels import LabelError
+    from .run import calibrate as run
+
+    try:
+        return run(
+            policy_path, labels, test=test, scan=scan, goal=goal, profile=profile,
+            load_moderator=lambda: load_moderator(**model_options), test_size=test_size,
+            seed=seed, min_positives=min_positives,
+        )
+    except (LabelError, PolicyError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: float,
+                  seed: int, min_positives: int, since: str, until: str | None,
+                  database_url: str | None, model_options: dict[str, Any]) -> Any:
+    """The verdicts come from the decision log, a sibling package this one never imports:
+    it contributes them as the ``reviews`` label source (the ``moderation.label_sources``
+    entry points), the way packages contribute commands."""
+    from importlib.metadata import entry_points
+
+    from .labels import LabelError
+    from .run import calibrate_from_reviews
+
+    found = entry_points(group="moderation.label_sources", name="reviews")
+    if not found:
+        raise click.ClickException("no 'reviews' label source is installed (the decisionlog "
+                                   "package provides it: pip install -e .)")
+    source = next(iter(found)).load()
+    try:
+        moderator = load_moderator(**model_options)
+        reviewed = source(database_url, model=moderator.encoder.identity, since=since,
+                          until=until)
+        return calibrate_from_reviews(policy_path, moderator, reviewed, goal=goal,
+                                      profile=profile, test_size=test_size, seed=seed,
+                                      min_positives=min_positives)
+    except (LabelError, PolicyError, ValueError) as e:
+        raise click.ClickException(str(e)) from e

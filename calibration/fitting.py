@@ -51,8 +51,12 @@ class ThresholdFitter:
         self.min_positives = min_positives
         self.min_negatives = min_negatives
 
-    def fit(self, scores: np.ndarray, labels: np.ndarray) -> ThresholdFitter:
-        """``scores``: ndarray of shape (n_images,); ``labels``: same shape, bool."""
+    def fit(self, scores: np.ndarray, labels: np.ndarray,
+            weights: np.ndarray | None = None) -> ThresholdFitter:
+        """``scores``: ndarray of shape (n_images,); ``labels``: same shape, bool;
+        ``weights``: same shape, how many images of the population each one stands for (the
+        inverse of its sampling probability; default 1). The minimum counts are of images,
+        unweighted."""
         scores = np.asarray(scores, dtype=np.float64)
         labels = np.asarray(labels, dtype=bool)
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
@@ -74,7 +78,8 @@ class ThresholdFitter:
             )
             return self
 
-        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        precision, recall, thresholds = precision_recall_curve(labels, scores,
+                                                               sample_weight=weights)
         precision, recall = precision[:-1], recall[:-1]  # aligned with thresholds now
         if self.goal.precision is not None:
             ok = precision >= self.goal.precision
@@ -136,7 +141,7 @@ class Evaluation:
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
 def evaluate(
@@ -146,12 +151,16 @@ def evaluate(
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> Evaluation:
     """Precision and recall of ``score >= threshold``, with percentile-bootstrap intervals
     (images resampled with replacement, ``n_boot`` times, fixed ``seed``). Precision with no
-    predicted positive, or recall with no positive, is NaN."""
+    predicted positive, or recall with no positive, is NaN. With ``weights`` (each image's
+    inverse sampling probability), precision and recall are weighted ratios, estimates for
+    the population the images were sampled from; the confusion counts stay counts."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
     predicted = scores >= threshold
     tp = int((predicted & labels).sum())
     fp = int((predicted & ~labels).sum())
@@ -160,10 +169,11 @@ def evaluate(
     rng = np.random.default_rng(seed)
     n = len(scores)
     idx = rng.integers(0, n, size=(n_boot, n))
-    p_b, l_b = predicted[idx], labels[idx]
-    tp_b = (p_b & l_b).sum(axis=1)
-    precision_b = _ratio(tp_b, p_b.sum(axis=1))
-    recall_b = _ratio(tp_b, l_b.sum(axis=1))
+    p_b, l_b, w_b = predicted[idx], labels[idx], w[idx]
+    tp_b = (w_b * (p_b & l_b)).sum(axis=1)
+    precision_b = _ratio(tp_b, (w_b * p_b).sum(axis=1))
+    recall_b = _ratio(tp_b, (w_b * l_b).sum(axis=1))
+    w_tp = float((w * (predicted & labels)).sum())
     tail = 100 * (1 - confidence) / 2
 
     def interval(values: np.ndarray) -> tuple[float, float]:
@@ -174,8 +184,8 @@ def evaluate(
 
     return Evaluation(
         threshold=threshold,
-        precision=float(_ratio(np.array(tp), np.array(tp + fp))),
-        recall=float(_ratio(np.array(tp), np.array(tp + fn))),
+        precision=float(_ratio(np.array(w_tp), np.array((w * predicted).sum()))),
+        recall=float(_ratio(np.array(w_tp), np.array((w * labels).sum()))),
         precision_interval=interval(precision_b),
         recall_interval=interval(recall_b),
         tp=tp,

@@ -122,6 +122,8 @@ def _summary(result: CalibrationResult) -> dict[str, Any]:
         "split": result.split,
         "date": result.date.isoformat(),
         "intervals": "95% percentile bootstrap over held-out images",
+        "weighting": result.weighting,
+        "cannot_represent": result.caveats,
         "left_out": result.left_out,
         "categories": {o.category: category(o) for o in result.outcomes},
     }
@@ -136,6 +138,17 @@ def _confusion_table(o: CategoryOutcome) -> str:
         f"<tr><th>positive</th><td>{e.tp} (TP)</td><td>{e.fn} (FN)</td></tr>"
         f"<tr><th>negative</th><td>{e.fp} (FP)</td><td>{e.tn} (TN)</td></tr></table>"
     )
+
+
+def _weighting(result: CalibrationResult) -> str:
+    """How a weighted sample (reviewers' verdicts) was used, and what it cannot stand for."""
+    if not result.weighting:
+        return ""
+    caveats = "".join(f"<li>{html.escape(c)}</li>" for c in result.caveats)
+    return (f"<dt>Weighting</dt><dd id='weighting'>{html.escape(result.weighting)}: precision "
+            "and recall are estimates for the traffic the verdicts were sampled from, not for "
+            "the verdicts themselves.</dd><dt>What the sample cannot represent</dt>"
+            f"<dd><ul id='caveats'>{caveats}</ul></dd>")
 
 
 def _html(result: CalibrationResult, summary: dict[str, Any]) -> str:
@@ -188,6 +201,7 @@ dt {{ font-weight: bold; }}
 <dt>Method</dt><dd>{esc(result.split)}. Thresholds are chosen on the fitting split with
 scikit-learn's precision_recall_curve; precision and recall are reported on the held-out split
 with 95% percentile-bootstrap intervals (1,000 resamples of the held-out images).</dd>
+{_weighting(result)}
 <dt>Policy version</dt><dd>{esc(result.policy.version)} → {esc(result.new_policy.version)}</dd>
 <dt>Date</dt><dd>{result.date.isoformat()}</dd>
 </dl>

@@ -7,10 +7,10 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from ruamel.yaml import YAML
@@ -23,7 +23,28 @@ from moderation.policy import DEFAULT_PROFILE, Goal, Policy, load_policy, parse_
 from .fitting import Evaluation, ThresholdFitter, evaluate
 from .labels import LabelError, LabelledImage, fingerprint, load_labels
 
-__all__ = ["CalibrationResult", "CategoryOutcome", "calibrate"]
+__all__ = ["CalibrationResult", "CategoryOutcome", "ReviewedImages", "calibrate",
+           "calibrate_from_reviews"]
+
+
+class ReviewedImage(Protocol):
+    key: str
+    vectors: np.ndarray  # (frames, dim): the stored frames' image embeddings
+    labels: frozenset[str]
+    weight: float  # how many images of the traffic it stands for
+
+
+class ReviewedImages(Protocol):
+    """A labelled set of stored image vectors with weights: reviewers' verdicts, read from
+    the decision log by the caller (``decisionlog.quality.reviewed_set``)."""
+
+    @property
+    def images(self) -> Sequence[ReviewedImage]: ...
+    name: str
+    fingerprint: str
+    weighting: str
+    left_out: list[str]
+    caveats: list[str]
 
 DEFAULT_TEST_SIZE = 0.3
 
@@ -66,6 +87,10 @@ class CalibrationResult:
     outcomes: list[CategoryOutcome]
     left_out: list[str] = field(default_factory=list)
     date: dt.date = field(default_factory=dt.date.today)
+    #: how the images were weighted (``None``: every image counts once), and what the
+    #: sample cannot represent
+    weighting: str | None = None
+    caveats: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CategoryOutcome]:
@@ -177,6 +202,74 @@ def _split(
     return np.sort(fit), np.sort(test), how
 
 
+def _fit_categories(
+    policy: Policy, categories: list[str], profile: str | None, goal: Goal | None,
+    scores: np.ndarray, truth: np.ndarray, weights: np.ndarray | None, fit_rows: np.ndarray,
+    test_rows: np.ndarray, min_positives: int, n_boot: int, seed: int,
+) -> list[CategoryOutcome]:
+    """Fit each category on the fitting rows and report on the held-out ones (``weights``:
+    each image's inverse sampling probability, or ``None``)."""
+    outcomes = []
+    for col, cid in enumerate(categories):
+        category = policy.categories[cid]
+        old = policy.threshold_for(cid, profile if profile in policy.profiles else None)
+        target = category.target
+        this_goal = goal or (Goal(precision=target.precision, recall=target.recall)
+                             if target else None)
+        fs, fl = scores[fit_rows, col], truth[fit_rows, col]
+        ts, tl = scores[test_rows, col], truth[test_rows, col]
+        fw = weights[fit_rows] if weights is not None else None
+        tw = weights[test_rows] if weights is not None else None
+        outcome = CategoryOutcome(
+            category=cid, goal=this_goal, status="no_target", message="", old_value=old.value,
+            old_review_from=old.review_from, fit_positives=int(fl.sum()),
+            fit_negatives=int((~fl).sum()), test_positives=int(tl.sum()),
+            test_negatives=int((~tl).sum()), fit_scores=fs, fit_labels=fl, test_scores=ts,
+            test_labels=tl,
+        )
+        outcomes.append(outcome)
+        if this_goal is None:
+            outcome.message = (
+                "no target: set target in the policy, or pass --target-precision or "
+                "--target-recall; threshold unchanged"
+            )
+            continue
+        fitter = ThresholdFitter(this_goal, min_positives=min_positives).fit(fs, fl, fw)
+        outcome.status, outcome.message = fitter.status_, fitter.message_
+        if fitter.threshold_ is None:
+            continue
+        if outcome.test_positives < min_positives:
+            outcome.status = "too_few_positives"
+            outcome.message = (
+                f"the held-out split has only {outcome.test_positives} positive images (at "
+                f"least {min_positives} are needed to report on the threshold); not calibrated"
+            )
+            continue
+        outcome.value = fitter.threshold_
+        outcome.held_out = evaluate(ts, tl, fitter.threshold_, n_boot=n_boot, seed=seed,
+                                    weights=tw)
+        if target is not None and target.review is not None and category.action == "block":
+            review = ThresholdFitter(target.review, min_positives=min_positives).fit(fs, fl,
+                                                                                   fw)
+            if review.threshold_ is None:
+                outcome.review_message = f"review band: {review.message_}"
+            elif review.threshold_ < fitter.threshold_:
+                outcome.review_from = review.threshold_
+                outcome.review_message = f"review band: {review.message_}"
+            else:
+                outcome.review_message = (
+                    "review band: not needed, the block threshold already meets "
+                    f"{target.review.model_dump(exclude_none=True)}"
+                )
+        elif old.review_from is not None:
+            outcome.review_message = (
+                f"review band: the previous review_from ({old.review_from}) was set for the "
+                "previous threshold and is dropped; set target.review to calibrate one"
+            )
+
+    return outcomes
+
+
 def calibrate(
     policy_path: Path,
     labels: Path,
@@ -229,65 +322,59 @@ def calibrate(
         fit_rows, test_rows, how = _split(len(kept), keys, test_size, seed)
         split = f"fitted and reported on two splits of {labels.name}: {how}"
 
-    outcomes = []
-    for col, cid in enumerate(categories):
-        category = policy.categories[cid]
-        old = policy.threshold_for(cid, profile if profile in policy.profiles else None)
-        target = category.target
-        this_goal = goal or (Goal(precision=target.precision, recall=target.recall)
-                             if target else None)
-        fs, fl = scores[fit_rows, col], truth[fit_rows, col]
-        ts, tl = scores[test_rows, col], truth[test_rows, col]
-        outcome = CategoryOutcome(
-            category=cid, goal=this_goal, status="no_target", message="", old_value=old.value,
-            old_review_from=old.review_from, fit_positives=int(fl.sum()),
-            fit_negatives=int((~fl).sum()), test_positives=int(tl.sum()),
-            test_negatives=int((~tl).sum()), fit_scores=fs, fit_labels=fl, test_scores=ts,
-            test_labels=tl,
-        )
-        outcomes.append(outcome)
-        if this_goal is None:
-            outcome.message = (
-                "no target: set target in the policy, or pass --target-precision or "
-                "--target-recall; threshold unchanged"
-            )
-            continue
-        fitter = ThresholdFitter(this_goal, min_positives=min_positives).fit(fs, fl)
-        outcome.status, outcome.message = fitter.status_, fitter.message_
-        if fitter.threshold_ is None:
-            continue
-        if outcome.test_positives < min_positives:
-            outcome.status = "too_few_positives"
-            outcome.message = (
-                f"the held-out split has only {outcome.test_positives} positive images (at "
-                f"least {min_positives} are needed to report on the threshold); not calibrated"
-            )
-            continue
-        outcome.value = fitter.threshold_
-        outcome.held_out = evaluate(ts, tl, fitter.threshold_, n_boot=n_boot, seed=seed)
-        if target is not None and target.review is not None and category.action == "block":
-            review = ThresholdFitter(target.review, min_positives=min_positives).fit(fs, fl)
-            if review.threshold_ is None:
-                outcome.review_message = f"review band: {review.message_}"
-            elif review.threshold_ < fitter.threshold_:
-                outcome.review_from = review.threshold_
-                outcome.review_message = f"review band: {review.message_}"
-            else:
-                outcome.review_message = (
-                    "review band: not needed, the block threshold already meets "
-                    f"{target.review.model_dump(exclude_none=True)}"
-                )
-        elif old.review_from is not None:
-            outcome.review_message = (
-                f"review band: the previous review_from ({old.review_from}) was set for the "
-                "previous threshold and is dropped; set target.review to calibrate one"
-            )
-
+    outcomes = _fit_categories(policy, categories, profile, goal, scores, truth, None,
+                               fit_rows, test_rows, min_positives, n_boot, seed)
     result = CalibrationResult(
         policy=policy, new_policy=policy, model=model, profile=profile or DEFAULT_PROFILE,
         split=split, dataset=labels.name,
         fingerprint=fingerprint([items[i] for i in kept]),
         outcomes=outcomes, left_out=left_out,
+    )
+    result.new_policy = parse_policy(
+        updated_policy_text(policy_path, result), source=policy_path.name,
+        base_dir=policy_path.parent,
+    )
+    return result
+
+
+def calibrate_from_reviews(
+    policy_path: Path,
+    moderator: Moderator,
+    reviewed: ReviewedImages,
+    *,
+    goal: Goal | None = None,
+    profile: str | None = None,
+    test_size: float = DEFAULT_TEST_SIZE,
+    seed: int = 0,
+    min_positives: int = 10,
+    n_boot: int = 1000,
+) -> CalibrationResult:
+    """Fit thresholds on reviewers' verdicts: each reviewed decision's stored frames scored
+    by the service's scorer under the policy being calibrated (``moderator``'s), weighted by
+    the inverse of its chance to be reviewed, split and fitted as :func:`calibrate` does."""
+    policy = moderator.policy
+    if profile == DEFAULT_PROFILE:
+        profile = None
+    categories = list(policy.categories)
+    images = list(reviewed.images)
+    if not images:
+        raise LabelError(
+            f"no usable verdicts in {reviewed.name}"
+            + ("; " + "; ".join(reviewed.left_out) if reviewed.left_out else "")
+            + ": review more items (or widen --since)")
+    scores = moderator.scorer().scores([i.vectors for i in images])  # the service's rule
+    truth = np.array([[c in i.labels for c in categories] for i in images], dtype=bool)
+    weights = np.array([i.weight for i in images], dtype=np.float64)
+    keys = [",".join(sorted(set(i.labels) & set(categories))) or "none" for i in images]
+    fit_rows, test_rows, how = _split(len(images), keys, test_size, seed)
+    split = f"fitted and reported on two splits of the verdicts: {how}; weighted"
+    outcomes = _fit_categories(policy, categories, profile, goal, scores, truth, weights,
+                               fit_rows, test_rows, min_positives, n_boot, seed)
+    result = CalibrationResult(
+        policy=policy, new_policy=policy, model=moderator.encoder.identity,
+        profile=profile or DEFAULT_PROFILE, split=split, dataset=reviewed.name,
+        fingerprint=reviewed.fingerprint, outcomes=outcomes, left_out=list(reviewed.left_out),
+        weighting=reviewed.weighting, caveats=list(reviewed.caveats),
     )
     result.new_policy = parse_policy(
         updated_policy_text(policy_path, result), source=policy_path.name,
@@ -315,8 +402,10 @@ def _provenance(result: CalibrationResult, o: CategoryOutcome) -> dict[str, Any]
             "recall": round(e.recall, 4),
             "precision_interval": [round(x, 4) for x in e.precision_interval],
             "recall_interval": [round(x, 4) for x in e.recall_interval],
-            "split": f"held out: {o.test_positives} positives, {o.test_negatives} negatives",
+            "split": f"held out: {o.test_positives} positives, {o.test_negatives} negatives"
+                     + (" (weighted)" if result.weighting else ""),
         },
+        **({"note": result.weighting} if result.weighting else {}),
     }
 
 

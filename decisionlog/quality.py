@@ -27,8 +27,8 @@ import sqlalchemy as sa
 
 from .schema import review_items, review_verdicts
 
-__all__ = ["DesignSample", "Estimate", "QualityReport", "design_sample", "estimate_ratio",
-           "quality"]
+__all__ = ["DesignSample", "Estimate", "QualityReport", "ReviewedImage", "ReviewedSet",
+           "design_sample", "estimate_ratio", "labelled_from_log", "quality", "reviewed_set"]
 
 Z95 = 1.959963984540054
 #: Fewer verdicts than this in a metric's denominator: "not enough verdicts yet".
@@ -197,3 +197,115 @@ def quality(engine: Any, categories: Sequence[str], *, since: float | None = Non
         }
     return QualityReport(found, len(sample.decision_ids), sample.appeals, sample.queued,
                          sample.decided)
+
+
+# --- verdicts as a labelled set, for calibration --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReviewedImage:
+    """A decision a reviewer judged, as calibration reads it: its stored frames' vectors,
+    the categories it violates, and how many decisions of the traffic it stands for."""
+
+    key: str  # the decision id
+    vectors: np.ndarray  # (frames, dim), float32
+    labels: frozenset[str]
+    weight: float  # 1 / its chance to be reviewed
+
+
+@dataclass
+class ReviewedSet:
+    images: list[ReviewedImage]
+    name: str  # names the source: reviews, the window, the counts
+    fingerprint: str
+    weighting: str
+    left_out: list[str]
+    caveats: list[str]
+
+
+def reviewed_set(url: str, *, model: str, since: float | None = None,
+                 until: float | None = None) -> ReviewedSet:
+    """The design verdicts of the window (review actions and audit samples; appeals are
+    chosen by uploaders and left out) with the stored embeddings of their decisions, each
+    weighted by the inverse of its chance to be reviewed. Decisions of another model, purged,
+    or without embeddings are left out and counted."""
+    import datetime as dt
+    import hashlib
+    from collections import Counter
+
+    from .schema import decisions
+    from .store import DecisionStore
+
+    store = DecisionStore(url)
+    sample = design_sample(store.engine, since=since, until=until)
+    models: dict[str, str] = {}
+    ids = sample.decision_ids
+    with store.engine.connect() as conn:
+        for start in range(0, len(ids), 500):
+            models.update({r.id: r.model for r in conn.execute(
+                sa.select(decisions.c.id, decisions.c.model)
+                .where(decisions.c.id.in_(ids[start:start + 500])))})
+    mine = [n for n, d in enumerate(ids) if models.get(d) == model]
+    frames = store.frames_of([ids[n] for n in mine])
+    images = [ReviewedImage(ids[n], frames[ids[n]][1], sample.violations[n],
+                            float(1 / sample.probability[n]))
+              for n in mine if ids[n] in frames]
+    left_out = []
+    other = Counter(m for d, m in models.items())
+    other.pop(model, None)
+    for m, count in sorted(other.items()):
+        left_out.append(f"{count} reviewed decisions were made with another model ({m}): "
+                        "their embeddings cannot be scored by this one")
+    purged = len(ids) - len(models)
+    if purged:
+        left_out.append(f"{purged} reviewed decisions are no longer in the log (purged)")
+    missing = len(mine) - len(images)
+    if missing:
+        left_out.append(f"{missing} reviewed decisions have no stored embedding")
+    reasons = Counter(sample.reasons[n] for n in mine if ids[n] in frames)
+
+    def day(t: float | None) -> str:
+        return "…" if t is None else dt.datetime.fromtimestamp(
+            t, dt.timezone.utc).date().isoformat()
+
+    end = until if until is not None else dt.datetime.now().timestamp()
+    name = (f"reviews {day(since)}..{day(end)}: {len(images)} verdicts "
+            f"({reasons.get('review', 0)} review, {reasons.get('audit', 0)} audit)")
+    digest = hashlib.sha256()
+    for image in sorted(images, key=lambda i: i.key):
+        digest.update(f"{image.key}:{','.join(sorted(image.labels))};".encode())
+    caveats = [
+        f"{sample.appeals.get('decided', 0)} appeal verdicts are not used: uploaders choose "
+        "what to appeal, so they represent nobody but themselves",
+        "verdicts are reviewers' judgements, taken as the truth",
+    ]
+    zero = [f"{r}/{a}" for r in sample.queued for a in sample.queued[r]
+            if sample.decided.get(r, {}).get(a, 0) == 0]
+    if zero:
+        caveats.append("strata (reason/action) with queued items but no verdict yet stand "
+                       "for nothing: " + ", ".join(zero))
+    caveats.append("actions sampled at an audit rate of 0 (and every action before audits "
+                   "began) are not represented: their share of the traffic is missing from "
+                   "the estimates")
+    return ReviewedSet(
+        images=images, name=name, fingerprint=digest.hexdigest()[:16],
+        weighting="each verdict weighted by 1/π, π = its decision's chance to be reviewed "
+                  "(1 for a review action, the audit rate for an audit sample) × the share of "
+                  "its stratum (reason, action) decided in the window",
+        left_out=left_out, caveats=caveats,
+    )
+
+
+def labelled_from_log(database_url: str | None, *, model: str, since: str | None = "30d",
+                      until: str | None = None) -> ReviewedSet:
+    """The ``reviews`` label source of ``moderation calibrate --from-reviews`` (the
+    ``moderation.label_sources`` entry point): :func:`reviewed_set` with the command's
+    options as given (times as ``parse_time`` reads them; the default log when no URL).
+    Raises ``ValueError`` for a time it cannot read."""
+    from .store import default_database_url, parse_time
+
+    return reviewed_set(
+        database_url or default_database_url(), model=model,
+        since=parse_time(since) if since else None,
+        until=parse_time(until) if until else None,
+    )
