@@ -32,6 +32,7 @@ class ReviewedImage(Protocol):
     vectors: np.ndarray  # (frames, dim): the stored frames' image embeddings
     labels: frozenset[str]
     weight: float  # how many images of the traffic it stands for
+    judged: frozenset[str] | None  # the categories its reviewer was asked about (None: all)
 
 
 class ReviewedImages(Protocol):
@@ -206,11 +207,17 @@ def _fit_categories(
     policy: Policy, categories: list[str], profile: str | None, goal: Goal | None,
     scores: np.ndarray, truth: np.ndarray, weights: np.ndarray | None, fit_rows: np.ndarray,
     test_rows: np.ndarray, min_positives: int, n_boot: int, seed: int,
+    judged: np.ndarray | None = None,
 ) -> list[CategoryOutcome]:
     """Fit each category on the fitting rows and report on the held-out ones (``weights``:
-    each image's inverse sampling probability, or ``None``)."""
+    each image's inverse sampling probability, or ``None``; ``judged``: ndarray of shape
+    (n_images, n_categories), bool, whether the image's label says anything of the category,
+    or ``None``: every label does)."""
     outcomes = []
+    all_fit, all_test = fit_rows, test_rows
     for col, cid in enumerate(categories):
+        if judged is not None:
+            fit_rows, test_rows = all_fit[judged[all_fit, col]], all_test[judged[all_test, col]]
         category = policy.categories[cid]
         old = policy.threshold_for(cid, profile if profile in policy.profiles else None)
         target = category.target
@@ -368,8 +375,10 @@ def calibrate_from_reviews(
     keys = [",".join(sorted(set(i.labels) & set(categories))) or "none" for i in images]
     fit_rows, test_rows, how = _split(len(images), keys, test_size, seed)
     split = f"fitted and reported on two splits of the verdicts: {how}; weighted"
+    judged = np.array([[i.judged is None or c in i.judged for c in categories]
+                       for i in images], dtype=bool)  # a verdict says nothing of a newer one
     outcomes = _fit_categories(policy, categories, profile, goal, scores, truth, weights,
-                               fit_rows, test_rows, min_positives, n_boot, seed)
+                               fit_rows, test_rows, min_positives, n_boot, seed, judged)
     result = CalibrationResult(
         policy=policy, new_policy=policy, model=moderator.encoder.identity,
         profile=profile or DEFAULT_PROFILE, split=split, dataset=reviewed.name,

@@ -211,6 +211,9 @@ class ReviewedImage:
     vectors: np.ndarray  # (frames, dim), float32
     labels: frozenset[str]
     weight: float  # 1 / its chance to be reviewed
+    #: the categories the reviewer judged (those of the decision's policy version; ``None``:
+    #: unknown, that version's text is not in the log): a verdict says nothing of the others
+    judged: frozenset[str] | None = None
 
 
 @dataclass
@@ -247,8 +250,10 @@ def reviewed_set(url: str, *, model: str, since: float | None = None,
                 .where(decisions.c.id.in_(ids[start:start + 500])))})
     mine = [n for n, d in enumerate(ids) if models.get(d) == model]
     frames = store.frames_of([ids[n] for n in mine])
+    judged = _categories_of_versions(url, {sample.policy_versions[n] for n in mine})
     images = [ReviewedImage(ids[n], frames[ids[n]][1], sample.violations[n],
-                            float(1 / sample.probability[n]))
+                            float(1 / sample.probability[n]),
+                            judged.get(sample.policy_versions[n]))
               for n in mine if ids[n] in frames]
     left_out = []
     other = Counter(m for d, m in models.items())
@@ -275,18 +280,24 @@ def reviewed_set(url: str, *, model: str, since: float | None = None,
     for image in sorted(images, key=lambda i: i.key):
         digest.update(f"{image.key}:{','.join(sorted(image.labels))};".encode())
     caveats = [
-        f"{sample.appeals.get('decided', 0)} appeal verdicts are not used: uploaders choose "
-        "what to appeal, so they represent nobody but themselves",
+        f"appeals are not used ({sample.appeals.get('decided', 0)} decided in the window): "
+        "uploaders choose what to appeal, so they stand for nobody else",
         "verdicts are reviewers' judgements, taken as the truth",
     ]
     zero = [f"{r}/{a}" for r in sample.queued for a in sample.queued[r]
             if sample.decided.get(r, {}).get(a, 0) == 0]
     if zero:
-        caveats.append("strata (reason/action) with queued items but no verdict yet stand "
-                       "for nothing: " + ", ".join(zero))
-    caveats.append("actions sampled at an audit rate of 0 (and every action before audits "
-                   "began) are not represented: their share of the traffic is missing from "
-                   "the estimates")
+        caveats.append("kinds of item (reason/action) queued but not yet decided stand for "
+                       "nothing: " + ", ".join(zero))
+    sampled = {a for r in sample.queued for a in sample.queued[r]}
+    for action, count in sorted(_decisions_by_action(store, model, since, until).items()):
+        if action not in sampled:
+            caveats.append(f"{count} {action} decisions of the window had no chance to be "
+                           f"reviewed (audit rate 0 for {action}): not represented")
+    unknown = sorted({sample.policy_versions[n] for n in mine} - set(judged))
+    if unknown:
+        caveats.append(f"policy versions {', '.join(unknown)} are not in the log: their "
+                       "verdicts are taken to judge every category of this policy")
     return ReviewedSet(
         images=images, name=name, fingerprint=digest.hexdigest()[:16],
         weighting="each verdict weighted by 1/π, π = its decision's chance to be reviewed "
@@ -294,6 +305,42 @@ def reviewed_set(url: str, *, model: str, since: float | None = None,
                   "its stratum (reason, action) decided in the window",
         left_out=left_out, caveats=caveats,
     )
+
+
+def _categories_of_versions(url: str, versions: set[str]) -> dict[str, frozenset[str]]:
+    """The category ids of each policy version whose text the log keeps."""
+    import yaml
+
+    from .policies import PolicyLog
+
+    log = PolicyLog(url, migrate_schema=False)
+    found = {}
+    for version in versions:
+        stored = log.text(version)
+        if stored is None:
+            continue
+        try:
+            data = yaml.safe_load(stored.text)
+            found[version] = frozenset(data["categories"])
+        except (yaml.YAMLError, KeyError, TypeError):
+            continue
+    return found
+
+
+def _decisions_by_action(store: Any, model: str, since: float | None,
+                         until: float | None) -> dict[str, int]:
+    """Decisions of ``model`` made in the window, errors aside, per action."""
+    from .schema import decisions
+
+    where = [decisions.c.model == model, decisions.c.error_code.is_(None)]
+    if since is not None:
+        where.append(decisions.c.created_at >= since)
+    if until is not None:
+        where.append(decisions.c.created_at < until)
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(decisions.c.action, sa.func.count())
+                            .where(*where).group_by(decisions.c.action)).all()
+    return {str(a): int(n) for a, n in rows}
 
 
 def labelled_from_log(database_url: str | None, *, model: str, since: str | None = "30d",

@@ -111,3 +111,26 @@ def test_calibrate_needs_labels_or_reviews(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["calibrate", "--out", str(tmp_path / "o.yaml"),
                                        "--report", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--from-reviews" in result.output
+
+
+def test_a_verdict_says_nothing_of_categories_its_policy_did_not_have(
+        reviewed_log: tuple[str, Path, dict[str, set[str]]], tmp_path: Path) -> None:
+    """The decisions were made (and judged) under a version with weapons only: calibrating a
+    policy that also has alcohol must not take those verdicts as 'not alcohol'."""
+    from calibration.run import calibrate_from_reviews
+    from decisionlog import PolicyLog
+
+    url, policy, _ = reviewed_log
+    moderator = Moderator.from_policy(policy, random_weights=True, cache_dir=tmp_path / "cache")
+    older = yaml.safe_load(policy.read_text())
+    del older["categories"]["alcohol"]
+    PolicyLog(url).activate(version=moderator.policy.version, name="hand", source="old.yaml",
+                            text=yaml.safe_dump(older))
+    found = reviewed_set(url, model=moderator.encoder.identity)
+    assert {i.judged for i in found.images} == {frozenset({"weapons"})}
+    result = calibrate_from_reviews(policy, moderator, found, goal=None, min_positives=3)
+    by_category = {o.category: o for o in result.outcomes}
+    assert by_category["alcohol"].fit_positives + by_category["alcohol"].fit_negatives == 0
+    weapons = by_category["weapons"]
+    assert weapons.fit_positives + weapons.fit_negatives + weapons.test_positives + \
+        weapons.test_negatives == len(found.images)
