@@ -116,46 +116,58 @@ def design_sample(engine: Any, *, since: float | None = None, until: float | Non
             where.append(c.policy_version == policy_version)
         return where
 
+    decided_state = sa.case((i.status == "decided", 1), else_=0)
     with engine.connect() as conn:
-        items = conn.execute(
-            sa.select(i.id, i.decision_id, i.reason, i.action, i.triggered, i.policy_version,
-                      i.sample_probability, i.status)
-            .where(*window(i))
+        strata = conn.execute(
+            sa.select(i.reason, i.action, decided_state, sa.func.count())
+            .where(*window(i)).group_by(i.reason, i.action, decided_state)
+        ).all()
+        items = conn.execute(  # the decided design items: the sample
+            sa.select(i.decision_id, i.reason, i.action, i.triggered, i.policy_version,
+                      i.sample_probability)
+            .where(*window(i), i.status == "decided", i.reason != "appeal")
         ).all()
         verdicts = conn.execute(
-            sa.select(v.decision_id, v.violations, v.decided_at, v.id, v.appeal)
+            sa.select(v.decision_id, v.violations, v.appeal)
             .where(*window(v)).order_by(v.decided_at, v.id)
         ).all()
-    latest = {r.decision_id: frozenset(c for c in r.violations.split(",") if c)
-              for r in verdicts}  # in time order: the last one wins
+    parsed: dict[str, frozenset[str]] = {}  # a few distinct lists, parsed once each
+
+    def categories(text: str) -> frozenset[str]:
+        found = parsed.get(text)
+        if found is None:
+            found = parsed[text] = frozenset(c for c in text.split(",") if c)
+        return found
+
+    # in time order: a decision's last verdict (an appeal's second look) is its label
+    latest = {decision: violations for decision, violations, _ in verdicts}
     queued: dict[str, dict[str, int]] = {}
     decided: dict[str, dict[str, int]] = {}
     appeals = {"queued": 0, "decided": 0, "upheld": 0, "overturned": 0}
-    for r in items:
-        if r.reason == "appeal":
-            appeals["queued"] += 1
+    for reason, action, is_decided, count in strata:
+        if reason == "appeal":
+            appeals["queued"] += int(count)
             continue
-        queued.setdefault(r.reason, {}).setdefault(r.action, 0)
-        queued[r.reason][r.action] += 1
-        if r.status == "decided":
-            decided.setdefault(r.reason, {}).setdefault(r.action, 0)
-            decided[r.reason][r.action] += 1
-    for r in verdicts:
-        if r.appeal is not None:
+        queued.setdefault(reason, {}).setdefault(action, 0)
+        queued[reason][action] += int(count)
+        if is_decided:
+            decided.setdefault(reason, {})[action] = int(count)
+    for _, _, appeal in verdicts:
+        if appeal is not None:
             appeals["decided"] += 1
-            appeals[r.appeal] += 1
+            appeals[appeal] += 1
     sample = DesignSample([], [], [], [], np.zeros(0), [], queued, decided, appeals)
     probability = []
-    for r in items:
-        if r.reason == "appeal" or r.status != "decided" or r.decision_id not in latest:
+    for decision, reason, action, triggered, version, p in items:
+        violations = latest.get(decision)
+        if violations is None:
             continue
-        share = decided[r.reason][r.action] / queued[r.reason][r.action]
-        probability.append(float(r.sample_probability) * share)
-        sample.decision_ids.append(r.decision_id)
-        sample.policy_versions.append(r.policy_version)
-        sample.triggered.append(frozenset(c for c in r.triggered.split(",") if c))
-        sample.violations.append(latest[r.decision_id])
-        sample.reasons.append(r.reason)
+        probability.append(p * decided[reason][action] / queued[reason][action])
+        sample.decision_ids.append(decision)
+        sample.policy_versions.append(version)
+        sample.triggered.append(categories(triggered))
+        sample.violations.append(categories(violations))
+        sample.reasons.append(reason)
     sample.probability = np.asarray(probability, np.float64)
     return sample
 

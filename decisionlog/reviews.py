@@ -307,8 +307,6 @@ class ReviewQueue:
         nothing waits."""
         now = time.time() if now is None else now
         i = review_items.c
-        rank = sa.case({reason: n for n, reason in enumerate(priority)}, value=i.reason,
-                       else_=len(priority))
         with self._write() as conn:
             row = conn.execute(
                 sa.select(i.id).where(i.status == "claimed", i.claimed_by == reviewer,
@@ -316,13 +314,20 @@ class ReviewQueue:
                 .order_by(i.id).limit(1).with_for_update()
             ).first()
             if row is None:
-                row = conn.execute(
-                    sa.select(i.id)
-                    .where(sa.or_(i.status == "waiting",
-                                  sa.and_(i.status == "claimed", i.lease_until < now)))
-                    .order_by(rank, i.created_at, i.id).limit(1)
-                    .with_for_update(skip_locked=True)
-                ).first()
+                # leases that ran out: those items wait again, in their old place (a few
+                # rows at most: one claim per reviewer)
+                conn.execute(review_items.update()
+                             .where(i.status == "claimed", i.lease_until < now)
+                             .values(status="waiting", claimed_by=None, claimed_at=None,
+                                     lease_until=None))
+                for reason in priority:  # one indexed lookup per reason, first first
+                    row = conn.execute(
+                        sa.select(i.id).where(i.status == "waiting", i.reason == reason)
+                        .order_by(i.created_at, i.id).limit(1)
+                        .with_for_update(skip_locked=True)
+                    ).first()
+                    if row is not None:
+                        break
             if row is None:
                 return None
             conn.execute(review_items.update().where(i.id == row.id).values(

@@ -227,7 +227,7 @@ review_items = sa.Table(
     sa.Column("claimed_at", sa.Float(precision=53)),
     sa.Column("lease_until", sa.Float(precision=53)),
     sa.UniqueConstraint("decision_id", "reason", name="review_items_once"),
-    sa.Index("review_items_status", "status", "created_at"),
+    sa.Index("review_items_waiting", "status", "reason", "created_at", "id"),
     sa.Index("review_items_decision_time", "decision_created_at"),
 )
 

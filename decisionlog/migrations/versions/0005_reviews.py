@@ -33,7 +33,8 @@ def upgrade() -> None:
         sa.Column("lease_until", sa.Float(precision=53)),
         sa.UniqueConstraint("decision_id", "reason", name="review_items_once"),
     )
-    op.create_index("review_items_status", "review_items", ["status", "created_at"])
+    op.create_index("review_items_waiting", "review_items",
+                    ["status", "reason", "created_at", "id"])
     op.create_index("review_items_decision_time", "review_items", ["decision_created_at"])
     op.create_table(
         "review_verdicts",
