@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ from moderation.command import load_moderator, model_options
 @click.option("--from-reviews", is_flag=True,
               help="Label with reviewers' verdicts from the decision log instead (review "
                    "actions and audit samples, weighted by 1/sampling probability).")
-@click.option("--since", default="30d", show_default=True,
-              help="--from-reviews: decisions made since (unix seconds, ISO 8601, or 30d).")
+@click.option("--since", help="--from-reviews: decisions made since (unix seconds, ISO 8601, "
+                                "or an age; default 30d).")
 @click.option("--until", help="--from-reviews: decisions made before this.")
-@click.option("--database-url", envvar="MODERATION_DATABASE_URL",
+@click.option("--database-url",
               help="--from-reviews: the decision log (default: MODERATION_DATABASE_URL, else "
                    "the local SQLite log).")
 @click.option("--test", type=click.Path(exists=True, path_type=Path),
@@ -46,7 +47,7 @@ from moderation.command import load_moderator, model_options
 def calibrate(
     labels: Path | None,
     from_reviews: bool,
-    since: str,
+    since: str | None,
     until: str | None,
     database_url: str | None,
     test: Path | None,
@@ -82,6 +83,8 @@ def calibrate(
                                    "--labels, --test and --scores")
         result = _from_reviews(policy_path, goal, profile, test_size, seed, min_positives,
                                since, until, database_url, model_options)
+    elif since is not None or until is not None or database_url is not None:
+        raise click.UsageError("--since, --until and --database-url go with --from-reviews")
     elif labels is None:
         raise click.UsageError("give --labels (a labelled set), or --from-reviews")
     else:
@@ -122,7 +125,7 @@ def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path 
 
 
 def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: float,
-                  seed: int, min_positives: int, since: str, until: str | None,
+                  seed: int, min_positives: int, since: str | None, until: str | None,
                   database_url: str | None, model_options: dict[str, Any]) -> Any:
     """The verdicts come from the decision log, a sibling package this one never imports:
     it contributes them as the ``reviews`` label source (the ``moderation.label_sources``
@@ -139,8 +142,8 @@ def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: 
     source = next(iter(found)).load()
     try:
         moderator = load_moderator(**model_options)
-        reviewed = source(database_url, model=moderator.encoder.identity, since=since,
-                          until=until)
+        reviewed = source(database_url or os.environ.get("MODERATION_DATABASE_URL"),
+                          model=moderator.encoder.identity, since=since or "30d", until=until)
         return calibrate_from_reviews(policy_path, moderator, reviewed, goal=goal,
                                       profile=profile, test_size=test_size, seed=seed,
                                       min_positives=min_positives)

@@ -443,7 +443,7 @@ class ReviewQueue:
                 where.append(getattr(v, name) == value)
         if filters.category is not None:  # a whole entry of the comma-separated list
             where.append(sa.literal(",").op("||")(v.violations).op("||")(sa.literal(","))
-                         .contains(f",{filters.category},"))
+                         .contains(f",{filters.category},", autoescape=True))
         outbox = (sa.select(o.verdict_id, sa.func.max(o.id).label("id"))
                   .group_by(o.verdict_id).subquery())
         statement = (

@@ -134,3 +134,12 @@ def test_a_verdict_says_nothing_of_categories_its_policy_did_not_have(
     weapons = by_category["weapons"]
     assert weapons.fit_positives + weapons.fit_negatives + weapons.test_positives + \
         weapons.test_negatives == len(found.images)
+
+
+def test_review_options_need_from_reviews(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    monkeypatch.setenv("MODERATION_DATABASE_URL", "sqlite:///elsewhere.sqlite3")  # no matter
+    result = CliRunner().invoke(main, ["calibrate", "--labels", str(tmp_path), "--since", "7d",
+                                       "--out", str(tmp_path / "o.yaml"),
+                                       "--report", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "go with --from-reviews" in result.output
