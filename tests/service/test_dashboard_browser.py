@@ -4,6 +4,7 @@ when no Chromium is found."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -59,15 +60,21 @@ def open_page(playwright: Any, problems: list[str], height: int = 1400) -> tuple
     return browser, page
 
 
-@pytest.fixture
-def served(app: Flask) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(app: Flask) -> Iterator[str]:
+    """``app`` on loopback (werkzeug's threaded server) while the block runs: its address."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def served(app: Flask) -> Iterator[str]:
+    with serving(app) as address:
+        yield address
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
@@ -212,12 +219,9 @@ def test_search_page_in_headless_chromium(make_app: Any, thumbnails: tuple[str, 
     app.extensions["decisions"][1].flush()
     query = tmp_path / "query.png"
     query.write_bytes(image_bytes(RED))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    served = f"http://127.0.0.1:{server.server_port}"
     problems: list[str] = []
     shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
-    try:
+    with serving(app) as served:
         with sync_playwright() as p:
             browser, page = open_page(p, problems, height=1000)
             assert page.goto(f"{served}/dashboard/search").status == 401  # reader only
@@ -270,8 +274,6 @@ def test_search_page_in_headless_chromium(make_app: Any, thumbnails: tuple[str, 
             assert "invalid_field" in page.locator("#error").inner_text()
             assert page.locator("input#q").input_value() == "gun"
             browser.close()
-    finally:
-        server.shutdown()
     assert [m for m in problems if not m.startswith("Failed to load resource")] == []
 
 
@@ -297,12 +299,9 @@ def test_review_page_driven_by_the_keyboard(make_app: Any, thumbnails: tuple[str
         "image": [(io.BytesIO(b), n) for n, b in uploads.items()], "id": list(uploads)})
     assert [x["action"] for x in r.get_json()["results"]] == ["review"] * 3
     app.extensions["decisions"][1].flush()
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    served = f"http://127.0.0.1:{server.server_port}"
     problems: list[str] = []
     shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
-    try:
+    with serving(app) as served:
         with sync_playwright() as p:
             browser, page = open_page(p, problems, height=900)
             assert page.goto(f"{served}/dashboard/review").status == 401
@@ -337,8 +336,6 @@ def test_review_page_driven_by_the_keyboard(make_app: Any, thumbnails: tuple[str
             page.wait_for_selector("#empty")
             page.screenshot(path=str(shots / "review-empty.png"), full_page=True)
             browser.close()
-    finally:
-        server.shutdown()
     assert problems == []
     verdicts = app.test_client().get(
         "/v1/reviews", headers={"Authorization": f"Bearer {READER}"}).get_json()["verdicts"]
