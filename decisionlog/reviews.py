@@ -335,12 +335,16 @@ class ReviewQueue:
             claimed = conn.execute(sa.select(review_items).where(i.id == row.id)).one()
         return _item(claimed)
 
-    def release(self, item_id: int, reviewer: str) -> ReviewItem:
-        """Give a claimed item back to the queue (a reviewer skips it)."""
+    def release(self, item_id: int, reviewer: str, now: float | None = None) -> ReviewItem:
+        """Give a claimed item back to the queue (a reviewer skips it): it waits again at
+        the back of its reason's line, so the next claim brings something else when
+        something else waits."""
+        now = time.time() if now is None else now
         with self._write() as conn:
             self._held(conn, item_id, reviewer)
             conn.execute(review_items.update().where(review_items.c.id == item_id).values(
-                status="waiting", claimed_by=None, claimed_at=None, lease_until=None))
+                status="waiting", claimed_by=None, claimed_at=None, lease_until=None,
+                created_at=now))
         item = self.item(item_id)
         assert item is not None
         return item

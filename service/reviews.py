@@ -185,10 +185,15 @@ class WebhookSender:
             self._wake.clear()
 
     def deliver_due(self, now: float | None = None) -> int:
-        """One pass over the due deliveries; returns how many were delivered."""
+        """Deliver what is due, one row at a time (each taken just before it is sent, so
+        that a slow receiver never lets another sender's lease run out on a row waiting
+        here); returns how many were delivered."""
         delivered = 0
-        for outbox_id, payload, attempts, created_at in self.queue.take_due(
-                lease_s=self.timeout_s + 30, now=now):
+        while not self._stop.is_set():
+            taken = self.queue.take_due(lease_s=self.timeout_s + 30, now=now, limit=1)
+            if not taken:
+                return delivered
+            [(outbox_id, payload, attempts, created_at)] = taken
             try:
                 self._post(outbox_id, payload.encode())
             except Exception as e:

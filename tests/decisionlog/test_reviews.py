@@ -135,6 +135,19 @@ def test_a_lease_holds_the_item_until_it_expires(store: DecisionStore) -> None:
         queue.release(other.item_id, "bob")
 
 
+def test_a_skipped_item_goes_to_the_back_of_its_line(store: DecisionStore) -> None:
+    first, second = put(store, [RIFLE[None]] * 2, action="review", triggered=["weapons"])
+    queue = ReviewQueue(store)
+    skipped = queue.claim("ann")
+    assert skipped is not None and skipped.decision_id == first
+    queue.release(skipped.item_id, "ann")
+    following = queue.claim("ann")
+    assert following is not None and following.decision_id == second
+    queue.decide(following.item_id, "ann", [], ACTIONS)
+    again = queue.claim("ann")  # nothing else waits: the skipped one comes back
+    assert again is not None and again.decision_id == first
+
+
 def test_a_verdict_is_validated_and_recorded_once(store: DecisionStore) -> None:
     [decision] = put(store, [BEER[None]], action="review", triggered=["alcohol"])
     queue = ReviewQueue(store)

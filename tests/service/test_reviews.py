@@ -280,3 +280,24 @@ def test_the_webhook_is_signed_retried_and_delivered_once_the_receiver_is_back(
     finally:
         receiver.close()
         app.extensions["webhook"].stop()
+
+
+def test_a_delivery_past_its_time_is_given_up_and_says_why(review_app: Flask) -> None:
+    from service.reviews import WebhookSender
+
+    client = review_app.test_client()
+    moderate_images(client, review_app, {"between": image_bytes(PURPLE)})
+    queue = review_app.extensions["reviews"]
+    item = queue.claim("ann")
+    queue.decide(item.item_id, "ann", [], {"weapons": "block", "alcohol": "flag"},
+                 webhook=True)
+    sender = WebhookSender(queue, f"http://127.0.0.1:{free_port()}/hook", "s", timeout_s=1,
+                           give_up_s=0)
+    assert sender.deliver_due() == 0
+    delivery = client.get("/v1/reviews", headers=auth(READER)).get_json()["verdicts"][0][
+        "delivery"]
+    assert (delivery["status"], delivery["attempts"], delivery["next_attempt_at"]) == (
+        "failed", 1, None)
+    assert delivery["last_error"]
+    assert client.get("/v1/reviews/queue", headers=auth(ANN)).get_json()["deliveries"][
+        "failed"] == 1
