@@ -94,6 +94,7 @@ def test_dashboard_in_headless_chromium(app: Flask, served: str, tmp_path: Path)
         assert page.locator("table#latest tbody tr").count() == 20
         assert "rifle" in page.locator("table#latest").inner_text()
         assert page.locator("table#thresholds tbody tr").count() == 2
+        assert "not enough verdicts yet" in page.locator("table#quality-table").inner_text()
         assert page.locator("#totals").inner_text().count("\n") >= 4
         shot = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path)) / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
