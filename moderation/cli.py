@@ -173,6 +173,105 @@ def scan(directory: Path, out: Path, **model_options: Any) -> None:
         sys.exit(1)
 
 
+@main.group()
+def model() -> None:
+    """Work with the model: export it to ONNX for the torch-free backend."""
+
+
+def sample_images(n: int = 16, size: int = 320) -> list[Any]:
+    """Photo-like stand-ins for the int8 gate when no --images are given: smooth gradients,
+    shapes and noise at several scales (deterministic)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(20261124)
+    images = []
+    for i in range(n):
+        y, x = np.mgrid[0:size, 0:size] / size
+        base = rng.uniform(0, 255, 3)
+        tilt = rng.uniform(-160, 160, (2, 3))
+        pixels = base + x[..., None] * tilt[0] + y[..., None] * tilt[1]
+        pixels += rng.normal(0, 4 + 6 * (i % 4), (size, size, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(3 + i % 5):
+            box = sorted(rng.integers(0, size, 2)), sorted(rng.integers(0, size, 2))
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([box[0][0], box[1][0], box[0][1] + 4, box[1][1] + 4], fill=fill)
+        images.append(image.filter(ImageFilter.GaussianBlur(i % 3)))
+    return images
+
+
+def _images_in(folder: Path, limit: int = 64) -> list[Any]:
+    from PIL import Image
+
+    found = []
+    for path in _files_under(folder):
+        try:
+            with Image.open(path) as image:
+                found.append(image.convert("RGB"))
+        except (OSError, ValueError):
+            continue  # not an image
+        if len(found) >= limit:
+            break
+    if not found:
+        raise click.ClickException(f"no readable image under {folder}")
+    return found
+
+
+@model.command("export")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The folder to write (must not hold a model already).")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+              show_default=True, help="int8: weights quantised dynamically; refused below the "
+                                      "cosine gate.")
+@click.option("--images", "images_folder", type=click.Path(exists=True, file_okay=False,
+                                                             path_type=Path),
+              help="Images to check the export on (up to 64; default: 16 generated ones).")
+@click.option("--min-cosine", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="int8: the lowest image-embedding cosine against fp32 accepted.")
+@model_options
+def model_export(out: Path, precision: str, images_folder: Path | None, min_cosine: float,
+                 **model_options: Any) -> None:
+    """Export the policy's model (or --model/--pretrained) to ONNX: both towers, the
+    tokenizer, and model.json (source identity and weights checksum, preprocessing,
+    tokenisation, precision). Needs torch; serving the result does not (--backend onnx
+    --pretrained OUT)."""
+    from .errors import ModelError
+
+    if (out / "model.json").exists():
+        raise click.ClickException(f"{out} already holds an exported model; choose another "
+                                   "--out or remove it")
+    if model_options.get("backend") == "onnx":
+        raise click.UsageError("export reads a torch model: leave out --backend onnx")
+    images = _images_in(images_folder) if images_folder else sample_images()
+    moderator = load_moderator(**{**model_options, "device": "cpu", "backend": "torch"})
+    from .backends.torch import export_onnx
+
+    policy = moderator.policy
+    prompts = [template.format(term) for c in policy.categories.values()
+               for term in [*c.terms, *c.exceptions]
+               for template in (c.templates or policy.templates)][:64]
+    try:
+        metadata = export_onnx(moderator.encoder, out, precision=precision, images=images,
+                               prompts=prompts, min_cosine=min_cosine)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from e
+    checked = metadata["checked"]
+    click.echo(f"wrote {out}: {metadata['source']['identity']} as ONNX {precision} "
+               f"(embedding dim {metadata['embedding_dim']})")
+    click.echo(f"checked on {checked['images']} images and {checked['prompts']} prompts: fp32 "
+               f"differs from torch by at most {checked['fp32_max_difference']:.2e}"
+               + ("; accepts thresholds calibrated on the source model"
+                  if metadata["matches_source"] else ""))
+    if precision == "int8":
+        click.echo(f"int8 image-embedding cosine against fp32: min "
+                   f"{checked['int8_image_cosine_min']:.4f}, mean "
+                   f"{checked['int8_image_cosine_mean']:.4f} (gate {min_cosine}); a model of "
+                   "its own: calibrate it before relying on its thresholds")
+
+
 def _add_package_commands() -> None:
     """Commands other packages contribute through the ``moderation.commands`` entry-point
     group (as packages add ``flask`` commands): ``decisions`` (decisionlog), ``calibrate``

@@ -59,6 +59,17 @@ def weights_options(command: F) -> F:
         click.option(
             "--batch-size", type=click.IntRange(1, 512), default=16, show_default=True
         ),
+        click.option(
+            "--backend", type=click.Choice(["torch", "onnx"]),
+            help="torch (open_clip), or onnx: --pretrained is a folder 'moderation model "
+                 "export' wrote; default: the policy's (torch).",
+        ),
+        click.option(
+            "--device", type=click.Choice(["cpu", "cuda", "auto"]),
+            default=lambda: os.environ.get("MODERATION_DEVICE", "cpu"),
+            show_default="cpu, or $MODERATION_DEVICE",
+            help="Where the model runs (auto: CUDA when present).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -73,6 +84,8 @@ def load_moderator(
     cache_dir: Path | None,
     batch_size: int,
     cache: Any = None,
+    backend: str | None = None,
+    device: str = "cpu",
 ) -> Any:
     """The :class:`~moderation.Moderator` of a policy file (or a parsed policy), its errors as
     click's; ``cache``:
@@ -91,6 +104,8 @@ def load_moderator(
                 cache_dir=cache_dir,
                 cache=cache,
                 batch_size=batch_size,
+                backend=backend,
+                device=device,
             )
         except ModerationError as e:
             raise click.ClickException(str(e)) from e

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .decision import Decision
-from .errors import ImageError, ModelMismatchError
+from .errors import ImageError, ModelError, ModelMismatchError, WeightsUnavailableError
 from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
 from .policy import DEFAULT_PROFILE, Policy, load_policy
 from .prompts import EmbeddingCache, PolicyEmbeddings, VectorCache, embed_policy, embed_query
@@ -112,10 +112,11 @@ class Moderator:
         *,
         limits: ImageLimits | None = None,
     ) -> None:
+        accepted = getattr(encoder, "accepts", (encoder.identity,))
         mismatched = {
             cid: model
             for cid, model in policy.calibrated_models().items()
-            if model != encoder.identity
+            if model not in accepted
         }
         if mismatched:
             raise ModelMismatchError(
@@ -143,6 +144,8 @@ class Moderator:
         cache: VectorCache | None = None,
         batch_size: int = 16,
         threads: int | None = None,
+        backend: str | None = None,
+        device: str = "cpu",
         **kwargs: Any,
     ) -> Moderator:
         """Load the policy at ``path`` (or take it, parsed) and the model it names (or
@@ -150,24 +153,50 @@ class Moderator:
 
         ``cache_dir`` holds the text-embedding cache (default: see
         :func:`moderation.prompts.default_cache_path`), unless ``cache`` is given (a cache
-        a layer above provides); ``threads`` sets torch's intra-op
-        threads (default: torch's choice). Other keyword arguments go to the constructor.
+        a layer above provides); ``threads`` sets the intra-op threads of a forward pass
+        (default: the runtime's choice). ``backend``: ``torch`` or ``onnx`` (default: the
+        policy's; onnx: ``pretrained`` is a folder ``moderation model export`` wrote);
+        ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when present). Other keyword arguments
+        go to the constructor.
         """
-        from .backends.torch import Encoder
-
         policy = path if isinstance(path, Policy) else load_policy(path)
         spec = policy.model
         name = model or spec.name
         if pretrained is None and name == spec.name:
             pretrained = spec.pretrained
-        encoder = Encoder.load(
-            name,
-            pretrained,
-            config=spec.config if name == spec.name else None,
-            random_weights=random_weights,
-            batch_size=batch_size,
-            threads=threads,
-        )
+        backend = backend or spec.backend
+        encoder: Any
+        if backend == "onnx":
+            from .backends.onnx import OnnxEncoder
+
+            if random_weights:
+                raise ModelError("--random-weights applies when a model is exported "
+                                 "('moderation model export --random-weights'), not to an "
+                                 "exported folder")
+            if not pretrained:
+                raise WeightsUnavailableError("--backend onnx needs --pretrained DIR, a "
+                                              "folder 'moderation model export' wrote")
+            encoder = OnnxEncoder.load(pretrained, threads=threads, device=device,
+                                       batch_size=batch_size)
+        elif backend == "torch":
+            try:
+                from .backends.torch import Encoder
+            except ImportError as e:
+                raise ModelError(
+                    f"the torch backend needs torch and open_clip ({e}): pip install "
+                    "'moderation[torch]', or serve an exported model with --backend onnx"
+                ) from None
+            encoder = Encoder.load(
+                name,
+                pretrained,
+                config=spec.config if name == spec.name else None,
+                random_weights=random_weights,
+                batch_size=batch_size,
+                threads=threads,
+                device=device,
+            )
+        else:
+            raise ModelError(f"unknown backend {backend!r}: torch or onnx")
         if cache is None:
             cache = EmbeddingCache(
                 Path(cache_dir) / "embeddings" if cache_dir is not None else None

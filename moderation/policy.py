@@ -94,6 +94,11 @@ class ModelSpec(_Strict):
         description="optional open_clip architecture JSON for a custom architecture, "
         "relative to the policy file",
     )
+    backend: Literal["torch", "onnx"] = Field(
+        default="torch",
+        description="torch: open_clip on PyTorch; onnx: a folder 'moderation model export' "
+        "wrote (pretrained is its path, relative to the policy file)",
+    )
 
 
 class DatasetInfo(_Strict):
@@ -451,7 +456,8 @@ def _resolve_paths(policy: Policy, base_dir: Path) -> Policy:
     """Make a checkpoint or config path in ``model`` absolute, relative to the policy file."""
     spec = policy.model
     pretrained = spec.pretrained
-    if (base_dir / pretrained).is_file():
+    if (base_dir / pretrained).is_file() or (
+            spec.backend == "onnx" and (base_dir / pretrained).is_dir()):
         pretrained = str((base_dir / pretrained).resolve())
     config = spec.config
     if config is not None:

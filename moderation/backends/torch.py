@@ -23,9 +23,21 @@ from ..errors import ModelError, WeightsUnavailableError
 from ..weights import resolve_weights
 from . import RandomWeightsWarning
 
-__all__ = ["Encoder"]
+__all__ = ["Encoder", "export_onnx", "resolve_device"]
 
 RANDOM_SEED = 0
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees a GPU) → the device to use; a clear
+    error when CUDA is asked for and absent."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ModelError(f"device {device!r}: cpu, cuda or auto")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise ModelError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() "
+                         "is False: no GPU, or no driver); use --device cpu, or auto")
+    return "cuda" if device == "auto" and available else ("cpu" if device == "auto" else device)
 
 
 class Encoder:
@@ -42,14 +54,20 @@ class Encoder:
         tokenizer: Callable[[list[str]], torch.Tensor],
         identity: str,
         batch_size: int = 16,
+        device: str = "cpu",
     ) -> None:
+        self.device = torch.device(device)
+        #: fp16 on a GPU (twice the throughput, same decisions); fp32 on the CPU
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        model = model.to(self.device, self.dtype) if self.device.type == "cuda" else model
         self.model: Any = cast(Any, model.eval())  # open_clip models are untyped
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.identity = identity
         self.batch_size = batch_size
         with torch.inference_mode():
-            self.dim = int(self.model.encode_text(self.tokenizer(["x"])).shape[-1])
+            self.dim = int(self.model.encode_text(
+                self.tokenizer(["x"]).to(self.device)).shape[-1])
         size = getattr(model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self._visual: Any = self.model.visual
@@ -63,7 +81,8 @@ class Encoder:
         TorchScript is deprecated in recent torch; should tracing fail, the eager tower stays
         (same results, slower under load) and a warning says so.
         """
-        example = torch.zeros(1, 3, self.image_size, self.image_size)
+        example = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device,
+                              dtype=self.dtype)
         try:
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -85,6 +104,7 @@ class Encoder:
         cache_dir: str | None = None,
         batch_size: int = 16,
         threads: int | None = None,
+        device: str = "cpu",
     ) -> Encoder:
         """Build open_clip architecture ``name`` with weights from ``pretrained``.
 
@@ -93,7 +113,9 @@ class Encoder:
         first. ``random_weights=True`` (only ever on explicit request) skips the weights,
         seeding the initialisation so that every run builds the same model. ``threads`` sets
         torch's intra-op thread count for this process (e.g. cores / gunicorn workers).
+        ``device``: ``cpu``, ``cuda`` (refused when torch sees no CUDA GPU) or ``auto``.
         """
+        device = resolve_device(device)
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         if config is not None:
@@ -140,7 +162,7 @@ class Encoder:
                     f"open_clip checkpoint of the {name} architecture?"
                 ) from e
         tokenizer = open_clip.get_tokenizer(name)
-        return cls(model, preprocess, tokenizer, identity, batch_size=batch_size)
+        return cls(model, preprocess, tokenizer, identity, batch_size=batch_size, device=device)
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB images → ndarray of shape (n, 3, image_size, image_size), float32."""
@@ -150,8 +172,11 @@ class Encoder:
         """Preprocessed images, ndarray of shape (n, 3, size, size) → ndarray of shape
         (n, dim), float32, unit rows."""
         with torch.inference_mode():
-            features = self._visual(torch.from_numpy(np.ascontiguousarray(pixels)))
-            return F.normalize(features.float(), dim=-1).numpy()
+            batch = torch.from_numpy(np.ascontiguousarray(pixels))
+            if self.device.type != "cpu":
+                batch = batch.to(self.device, self.dtype, non_blocking=True)
+            features = self._visual(batch)
+            return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     def get_threads(self) -> int:
         """Intra-op threads this process computes with."""
@@ -174,6 +199,146 @@ class Encoder:
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start : start + self.batch_size])
-                features = self.model.encode_text(self.tokenizer(batch))
-                out[start : start + len(batch)] = F.normalize(features.float(), dim=-1).numpy()
+                features = self.model.encode_text(self.tokenizer(batch).to(self.device))
+                out[start : start + len(batch)] = F.normalize(
+                    features.float(), dim=-1).cpu().numpy()
         return out
+
+
+# --- exporting to ONNX (``moderation model export``) -----------------------------------------
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.model.encode_image(pixels))
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.model.encode_text(tokens))
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_onnx(encoder: Encoder, out: Path, *, precision: str = "fp32",
+                images: Sequence[Image.Image], prompts: Sequence[str],
+                min_cosine: float = 0.99, opset: int = 17) -> dict[str, Any]:
+    """Write both towers of ``encoder``'s model to ``out`` as ONNX (``precision`` fp32, or
+    int8: dynamic quantisation of the weights), with the tokenizer's merges file and
+    ``model.json``; check the export on ``images`` and ``prompts`` against the torch model.
+
+    An int8 export whose image embeddings fall below ``min_cosine`` (against fp32) on any of
+    the images is refused (:class:`ModelError`, with the figure) and nothing is left in
+    ``out``. Returns the metadata written."""
+    import json
+    import shutil
+    import tempfile
+
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    from .onnx import FORMAT, METADATA, SCORE_TOLERANCE, OnnxEncoder, quantize
+
+    if precision not in ("fp32", "int8"):
+        raise ModelError(f"precision {precision!r}: fp32 or int8")
+    tokenizer = encoder.tokenizer
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None:
+        raise ModelError(
+            f"{encoder.identity}: only models with CLIP's byte-pair tokenizer can be exported "
+            f"(this one uses {type(tokenizer).__name__})")
+    clean = {"_clean_lower": "lower", "_clean_whitespace": "whitespace",
+             "_clean_canonicalize": "canonicalize"}.get(tokenizer.clean_fn.__name__)
+    cfg = getattr(encoder.model.visual, "preprocess_cfg", None)
+    if clean is None or not cfg or cfg.get("resize_mode", "shortest") not in (
+            "shortest", "squash"):
+        raise ModelError(f"{encoder.identity}: its preprocessing or text cleaning cannot be "
+                         "reproduced without torch; it cannot be exported")
+    size = cfg["size"]
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    metadata: dict[str, Any] = {
+        "format": FORMAT,
+        "architecture": encoder.identity.split("/", 1)[0],
+        "source": {"identity": encoder.identity,
+                   "weights_sha256": _weights_sha256(encoder.model)},
+        "precision": precision,
+        "embedding_dim": encoder.dim,
+        "image": {"size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
+                  "interpolation": cfg.get("interpolation", "bicubic"),
+                  "resize_mode": cfg.get("resize_mode", "shortest")},
+        "text": {"tokenizer": "clip-bpe", "vocabulary": Path(default_bpe()).name,
+                 "context_length": int(tokenizer.context_length), "clean": clean},
+        "opset": opset,
+        "torch": torch.__version__,
+    }
+    model = encoder.model.float().eval()
+    staging = Path(tempfile.mkdtemp(prefix="moderation-export-"))
+    try:
+        pixels = torch.zeros(2, 3, size, size)
+        tokens = tokenizer(["a photo", "of a thing"])
+        # with gradients on: under inference mode, attention takes a fused fast path that the
+        # exporter cannot write as ONNX
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+            for tower, example, name, input_name in (
+                    (_ImageTower(model), pixels, "image.onnx", "pixels"),
+                    (_TextTower(model), tokens, "text.onnx", "tokens")):
+                torch.onnx.export(
+                    tower.eval(), (example,), str(staging / name), input_names=[input_name],
+                    output_names=["embeddings"], opset_version=opset, dynamo=False,
+                    dynamic_axes={input_name: {0: "n"}, "embeddings": {0: "n"}})
+        shutil.copy(default_bpe(), staging / metadata["text"]["vocabulary"])
+        (staging / METADATA).write_text(json.dumps({**metadata, "precision": "fp32"}))
+        fp32 = OnnxEncoder(staging, threads=torch.get_num_threads())
+        ours = fp32.preprocess_images(images)
+        theirs = encoder.preprocess_images(images)
+        if np.abs(ours - theirs).max() > 1e-5:
+            raise ModelError(f"{encoder.identity}: the pixels prepared without torch differ "
+                             "from open_clip's; this model cannot be exported")
+        reference_images = encoder.encode_pixels(theirs)
+        reference_texts = encoder.encode_texts(list(prompts))
+        difference = max(float(np.abs(fp32.encode_pixels(ours) - reference_images).max()),
+                         float(np.abs(fp32.encode_texts(list(prompts)) - reference_texts).max()))
+        metadata["checked"] = {"images": len(images), "prompts": len(prompts),
+                               "fp32_max_difference": difference}
+        metadata["matches_source"] = precision == "fp32" and difference <= SCORE_TOLERANCE
+        if precision == "int8":
+            for name in ("image.onnx", "text.onnx"):
+                quantize(staging / name, staging / f"{name}.int8")
+                (staging / f"{name}.int8").replace(staging / name)
+            (staging / METADATA).write_text(json.dumps(metadata))
+            int8 = OnnxEncoder(staging, threads=torch.get_num_threads())
+            image_cos = np.sum(int8.encode_pixels(ours) * reference_images, axis=1)
+            text_cos = np.sum(int8.encode_texts(list(prompts)) * reference_texts, axis=1)
+            metadata["checked"].update({
+                "int8_image_cosine_min": float(image_cos.min()),
+                "int8_image_cosine_mean": float(image_cos.mean()),
+                "int8_text_cosine_min": float(text_cos.min()),
+            })
+            if float(image_cos.min()) < min_cosine:
+                raise ModelError(
+                    f"int8 refused: on {len(images)} images its embeddings reach a cosine of "
+                    f"only {float(image_cos.min()):.4f} against fp32 (mean "
+                    f"{float(image_cos.mean()):.4f}; the gate is {min_cosine}); serve the fp32 "
+                    "export, or pass other images with --images")
+        (staging / METADATA).write_text(json.dumps(metadata, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        for path in staging.iterdir():
+            shutil.move(str(path), out / path.name)
+        return metadata
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
