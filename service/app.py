@@ -48,9 +48,11 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
         cache=SharedEmbeddingCache.with_folder(database_url, settings.cache_dir),
         threads=settings.torch_threads,
         limits=settings.image_limits,
+        backend=settings.backend,
+        device=settings.device,
     )
-    if settings.trace:
-        moderator.encoder.trace_image_tower()  # type: ignore[attr-defined]
+    if settings.trace and hasattr(moderator.encoder, "trace_image_tower"):  # torch only
+        moderator.encoder.trace_image_tower()
     if settings.batch_max > 1:
         from moderation.batching import BatchingEncoder
 
@@ -59,7 +61,7 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
             moderator.encoder,  # type: ignore[arg-type]
             max_batch=settings.batch_max,
             max_wait=settings.batch_max_wait_ms / 1000,
-            lone_threads=os.cpu_count() or 1,
+            lone_threads=None if settings.device != "cpu" else os.cpu_count() or 1,
             occupancy=ModelOccupancy(state_dir / "model-occupancy") if state_dir else None,
         )
         moderator = moderator.with_encoder(batching)

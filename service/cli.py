@@ -11,7 +11,7 @@ import click
 from moderation import PolicyError, load_policy
 from moderation.command import DEFAULT_POLICY, loud_warning
 
-from .settings import SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings
 
 
 @click.command()
@@ -35,6 +35,12 @@ from .settings import SettingsError, load_settings
 @click.option("--random-weights", is_flag=True,
               help="Random weights: scores are MEANINGLESS. Benchmarks and smoke tests only.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backend", type=click.Choice(["torch", "onnx"]),
+              help="torch, or onnx (--pretrained: a folder 'moderation model export' wrote); "
+                   "default: the policy's.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]),
+              help="Where the model runs (default: $MODERATION_DEVICE, else cpu; auto: CUDA "
+                   "when present).")
 def serve(
     policy_path: Path,
     host: str,
@@ -45,6 +51,8 @@ def serve(
     pretrained: str | None,
     random_weights: bool,
     cache_dir: Path | None,
+    backend: str | None,
+    device: str | None,
 ) -> None:
     """Serve the HTTP API with gunicorn (see service/gunicorn.conf.py).
 
@@ -64,13 +72,15 @@ def serve(
         MODERATION_THREADS=str(threads),
         MODERATION_RANDOM_WEIGHTS="true" if random_weights else "false",
     )
-    for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir)):
+    for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir),
+                       ("BACKEND", backend), ("DEVICE", device)):
         if value is not None:
             os.environ[f"MODERATION_{key}"] = str(value)
     try:  # every MODERATION_* variable, checked here rather than in each worker
         settings = load_settings()
     except SettingsError as e:
         raise click.ClickException(str(e)) from e
+    _check_model(policy_path, settings)
     _open_decision_log(settings.database_url)
     conf = Path(__file__).parent / "gunicorn.conf.py"
     argv = [
@@ -80,6 +90,31 @@ def serve(
         "service.app:create_app()",
     ]
     os.execve(sys.executable, argv, os.environ)
+
+
+def _check_model(policy_path: Path, settings: Settings) -> None:
+    """An exported model that is not there, or a backend that is not installed: said once,
+    here, rather than by every worker."""
+    from moderation import ModerationError
+
+    policy = load_policy(policy_path)
+    backend = settings.backend or policy.model.backend
+    try:
+        if backend == "onnx":
+            from moderation.backends.onnx import providers_for, read_metadata
+
+            folder = settings.pretrained or policy.model.pretrained
+            read_metadata(Path(folder).expanduser())
+            providers_for(settings.device)
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise click.ClickException(
+                    "the torch backend is not installed: pip install 'moderation[torch]', or "
+                    "serve an exported model with --backend onnx --pretrained DIR")
+    except ModerationError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _open_decision_log(database_url: str | None) -> None:

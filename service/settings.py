@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -52,8 +52,14 @@ class Settings(BaseSettings):
     model: str | None = Field(default=None, description="open_clip architecture")
     pretrained: str | None = Field(default=None, description="tag or checkpoint file")
     random_weights: bool = Field(default=False, description="smoke tests only: scores meaningless")
+    backend: Literal["torch", "onnx"] | None = Field(
+        default=None, description="default: the policy's; onnx: pretrained is an exported folder")
+    device: Literal["cpu", "cuda", "auto"] = Field(default="cpu",
+                                                   description="auto: CUDA when present")
     cache_dir: Path | None = Field(default=None, description="text-embedding cache folder")
-    torch_threads: int | None = Field(default=None, ge=1, description="default: cores / workers")
+    torch_threads: int | None = Field(default=None, ge=1,
+                                      description="threads of a forward pass (torch or ONNX "
+                                                  "Runtime); default: cores / workers")
     # --- throughput (BENCHMARKS.md)
     batch_max: int = Field(default=16, ge=1, description="images per shared forward pass; 1: off")
     batch_max_wait_ms: float = Field(default=20, ge=0, le=1000)
