@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/throughput.py
     .venv/bin/python bench/throughput.py --workers 1 --threads 8 --max-batch 16 --max-wait-ms 5
+    .venv/bin/python bench/throughput.py --backend onnx --pretrained DIR   # an exported model
 
 In one run, on one machine, with ViT-B-32 and --random-weights (same compute as real weights):
-  R        the bare model's batched forward (images/s) on preprocessed tensors
+  R        the bare torch model's batched forward (images/s) on preprocessed tensors, fp32,
+           whatever backend the server runs (--backend onnx --pretrained DIR: a folder
+           `moderation model export --random-weights` wrote from the same model)
   T_large  server throughput for distinct 12-MP JPEG uploads (2-4 MB), N concurrent clients
   T_small  the same with 512-px thumbnails
   latency  p50/p95 of one client sending one 12-MP image at a time, next to the bare
@@ -164,8 +167,8 @@ class BareModel:
         )
 
 
-def start_server(workers: int, threads: int, settings: dict[str, object]
-                 ) -> tuple[subprocess.Popen[bytes], int, Any]:
+def start_server(workers: int, threads: int, settings: dict[str, object],
+                 model: list[str] | None = None) -> tuple[subprocess.Popen[bytes], int, Any]:
     """`moderation serve` (default policy, ViT-B-32, random weights) on a free loopback port,
     with MODERATION_<key> settings; returns once it answers /readyz."""
     port = free_port()
@@ -175,7 +178,7 @@ def start_server(workers: int, threads: int, settings: dict[str, object]
     env.update({f"MODERATION_{k}": str(v) for k, v in settings.items() if v is not None})
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
     server = subprocess.Popen(
-        [sys.executable, "-m", "moderation.cli", "serve", "--random-weights",
+        [sys.executable, "-m", "moderation.cli", "serve", *(model or ["--random-weights"]),
          "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
          "--workers", str(workers), "--threads", str(threads)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -222,7 +225,14 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=25, help="sequential 12-MP requests")
     parser.add_argument("--images", type=int, default=32, help="distinct images per size")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="the server's backend (R stays the bare torch model)")
+    parser.add_argument("--pretrained", type=Path,
+                        help="--backend onnx: the exported folder (made with --random-weights)")
     args = parser.parse_args()
+    if args.backend == "onnx" and args.pretrained is None:
+        parser.error("--backend onnx needs --pretrained DIR (moderation model export "
+                     "--random-weights --out DIR)")
 
     large = photo_like_jpegs(args.images, (4000, 3000))
     small = thumbnails(large)
@@ -235,7 +245,9 @@ def main() -> None:
     settings = {"TORCH_THREADS": args.torch_threads, "BATCH_MAX": args.max_batch,
                 "BATCH_MAX_WAIT_MS": args.max_wait_ms, "TRACE": args.trace,
                 "GIL_SWITCH_INTERVAL": args.switch_interval}
-    server, port, log = start_server(args.workers, args.threads, settings)
+    served = (["--backend", "onnx", "--pretrained", str(args.pretrained)]
+              if args.backend == "onnx" else None)
+    server, port, log = start_server(args.workers, args.threads, settings, served)
     try:
         # every worker warm: a few rounds of concurrent requests
         load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients)
@@ -261,6 +273,7 @@ def main() -> None:
     p95 = sorted(lat)[max(0, int(round(0.95 * len(lat))) - 1)]
     reference = batch1 + decode
     figures = {
+        "backend": args.backend if args.backend == "torch" else f"onnx {args.pretrained}",
         "config": {k: getattr(args, k) for k in ("workers", "threads", "torch_threads",
                                                  "max_batch", "max_wait_ms", "trace",
                                                  "switch_interval", "clients")},
@@ -272,6 +285,7 @@ def main() -> None:
         "p50/(batch1+decode)": p50 / reference,
         "failed": bad_l + bad_s + bad_1, "peak_rss_mb": peak,
     }
+    print(f"backend: {figures['backend']}")
     print(f"machine: {os.cpu_count()} cores; server: {args.workers} worker(s) x "
           f"{args.threads} threads, torch threads {args.torch_threads or 'cores/workers'}, "
           f"batcher max {args.max_batch or 'default'} wait {args.max_wait_ms or 'default'} ms, "
