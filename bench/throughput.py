@@ -168,7 +168,8 @@ class BareModel:
 
 
 def start_server(workers: int, threads: int, settings: dict[str, object],
-                 model: list[str] | None = None) -> tuple[subprocess.Popen[bytes], int, Any]:
+                 model: list[str] | None = None, python: str = sys.executable
+                 ) -> tuple[subprocess.Popen[bytes], int, Any]:
     """`moderation serve` (default policy, ViT-B-32, random weights) on a free loopback port,
     with MODERATION_<key> settings; returns once it answers /readyz."""
     port = free_port()
@@ -178,7 +179,7 @@ def start_server(workers: int, threads: int, settings: dict[str, object],
     env.update({f"MODERATION_{k}": str(v) for k, v in settings.items() if v is not None})
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
     server = subprocess.Popen(
-        [sys.executable, "-m", "moderation.cli", "serve", *(model or ["--random-weights"]),
+        [python, "-m", "moderation.cli", "serve", *(model or ["--random-weights"]),
          "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
          "--workers", str(workers), "--threads", str(threads)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -229,6 +230,9 @@ def main() -> None:
                         help="the server's backend (R stays the bare torch model)")
     parser.add_argument("--pretrained", type=Path,
                         help="--backend onnx: the exported folder (made with --random-weights)")
+    parser.add_argument("--server-python", default=sys.executable,
+                        help="the server's interpreter, e.g. a torch-free venv's "
+                             "(.venv-onnx/bin/python); this process keeps torch for R")
     args = parser.parse_args()
     if args.backend == "onnx" and args.pretrained is None:
         parser.error("--backend onnx needs --pretrained DIR (moderation model export "
@@ -247,7 +251,8 @@ def main() -> None:
                 "GIL_SWITCH_INTERVAL": args.switch_interval}
     served = (["--backend", "onnx", "--pretrained", str(args.pretrained)]
               if args.backend == "onnx" else None)
-    server, port, log = start_server(args.workers, args.threads, settings, served)
+    server, port, log = start_server(args.workers, args.threads, settings, served,
+                                     args.server_python)
     try:
         # every worker warm: a few rounds of concurrent requests
         load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients)
@@ -274,6 +279,7 @@ def main() -> None:
     reference = batch1 + decode
     figures = {
         "backend": args.backend if args.backend == "torch" else f"onnx {args.pretrained}",
+        "server_python": args.server_python,
         "config": {k: getattr(args, k) for k in ("workers", "threads", "torch_threads",
                                                  "max_batch", "max_wait_ms", "trace",
                                                  "switch_interval", "clients")},
@@ -285,7 +291,7 @@ def main() -> None:
         "p50/(batch1+decode)": p50 / reference,
         "failed": bad_l + bad_s + bad_1, "peak_rss_mb": peak,
     }
-    print(f"backend: {figures['backend']}")
+    print(f"backend: {figures['backend']}; server interpreter {args.server_python}")
     print(f"machine: {os.cpu_count()} cores; server: {args.workers} worker(s) x "
           f"{args.threads} threads, torch threads {args.torch_threads or 'cores/workers'}, "
           f"batcher max {args.max_batch or 'default'} wait {args.max_wait_ms or 'default'} ms, "
