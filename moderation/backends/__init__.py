@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageEncoder", "RandomWeightsWarning", "TextEncoder"]
+__all__ = ["ImageEncoder", "RandomWeightsWarning", "TextEncoder", "encode_in_batches"]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -54,3 +54,14 @@ class ImageEncoder(Protocol):
         ...
 
     def set_threads(self, threads: int) -> None: ...
+
+
+def encode_in_batches(encoder: ImageEncoder, images: Sequence[Image.Image],
+                      batch_size: int) -> np.ndarray:
+    """``encode_images`` for any backend: preprocess and encode ``batch_size`` images at a
+    time → ndarray of shape (n_images, dim), float32, unit rows."""
+    out = np.empty((len(images), encoder.dim), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        out[start : start + len(batch)] = encoder.encode_pixels(encoder.preprocess_images(batch))
+    return out

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ModelError, WeightsUnavailableError
+from . import encode_in_batches
 from .clip_text import ClipTokenizer
 from .pixels import Preprocess
 
@@ -151,11 +152,8 @@ class OnnxEncoder:
         return _unit(out)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size]
-            out[start : start + len(batch)] = self.encode_pixels(self.preprocess_images(batch))
-        return out
+        """RGB images → ndarray of shape (n_images, dim), float32, unit rows."""
+        return encode_in_batches(self, images, self.batch_size)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)

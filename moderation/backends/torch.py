@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import ModelError, WeightsUnavailableError
 from ..weights import resolve_weights
-from . import RandomWeightsWarning
+from . import RandomWeightsWarning, encode_in_batches
 
 __all__ = ["Encoder", "export_onnx", "resolve_device"]
 
@@ -187,11 +187,7 @@ class Encoder:
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB images → ndarray of shape (n_images, dim), float32, unit rows."""
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size]
-            out[start : start + len(batch)] = self.encode_pixels(self.preprocess_images(batch))
-        return out
+        return encode_in_batches(self, images, self.batch_size)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → ndarray of shape (n_texts, dim), float32, unit rows."""
