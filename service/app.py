@@ -37,6 +37,9 @@ from .views import dashboard, decisions, moderate, ops, policy, reviews, search
 
 __all__ = ["create_app"]
 
+#: MODERATION_BATCH_MAX's default on a GPU (16 on the CPU)
+GPU_BATCH_MAX = 64
+
 
 def _load_moderator(settings: Settings, database_url: str) -> Moderator:
     moderator = Moderator.from_policy(
@@ -53,13 +56,17 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
     )
     if settings.trace and hasattr(moderator.encoder, "trace_image_tower"):  # torch only
         moderator.encoder.trace_image_tower()
-    if settings.batch_max > 1:
+    max_batch = settings.batch_max
+    if "batch_max" not in settings.model_fields_set and getattr(
+            moderator.encoder, "device_type", "cpu") == "cuda":
+        max_batch = GPU_BATCH_MAX  # a GPU wants larger batches; the CPU workers decode
+    if max_batch > 1:
         from moderation.batching import BatchingEncoder
 
         state_dir = settings.state_dir
         batching = BatchingEncoder(
             moderator.encoder,  # type: ignore[arg-type]
-            max_batch=settings.batch_max,
+            max_batch=max_batch,
             max_wait=settings.batch_max_wait_ms / 1000,
             lone_threads=None if settings.device != "cpu" else os.cpu_count() or 1,
             occupancy=ModelOccupancy(state_dir / "model-occupancy") if state_dir else None,

@@ -108,6 +108,7 @@ class OnnxEncoder:
         self.batch_size = batch_size
         self.device = device
         self._providers = providers_for(device)
+        self.device_type = "cuda" if self._providers[0] == "CUDAExecutionProvider" else "cpu"
         self._threads = max(1, int(threads)) if threads else _default_threads()
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()

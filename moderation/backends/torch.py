@@ -57,6 +57,7 @@ class Encoder:
         device: str = "cpu",
     ) -> None:
         self.device = torch.device(device)
+        self.device_type = self.device.type  # cpu or cuda
         #: fp16 on a GPU (twice the throughput, same decisions); fp32 on the CPU
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         model = model.to(self.device, self.dtype) if self.device.type == "cuda" else model

@@ -85,6 +85,7 @@ def test_export_writes_both_towers_and_what_they_need(exported: Path,
 
 def test_onnx_fp32_encodes_as_torch_does(exported: Path, tiny_encoder: Encoder) -> None:
     onnx = OnnxEncoder.load(exported, threads=1)
+    assert onnx.device_type == "cpu"
     batch = photos(7, seed=2)
     np.testing.assert_allclose(onnx.encode_images(batch), tiny_encoder.encode_images(batch),
                                atol=1e-5)
@@ -196,6 +197,7 @@ def test_the_export_command(tiny_arch_file: Path, tmp_path: Path) -> None:
 def test_device_selection_and_the_error_when_cuda_is_absent() -> None:
     assert resolve_device("cpu") == "cpu"
     assert providers_for("cpu") == ["CPUExecutionProvider"]
+    assert resolve_device("cpu") == "cpu"
     with pytest.raises(ModelError, match="cpu, cuda or auto"):
         resolve_device("tpu")
     if torch.cuda.is_available():
