@@ -64,11 +64,14 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
         from moderation.batching import BatchingEncoder
 
         state_dir = settings.state_dir
+        lone = None if settings.device != "cpu" else os.cpu_count() or 1
+        if lone is not None and hasattr(moderator.encoder, "prepare_threads"):  # ONNX Runtime
+            moderator.encoder.prepare_threads(lone)
         batching = BatchingEncoder(
             moderator.encoder,  # type: ignore[arg-type]
             max_batch=max_batch,
             max_wait=settings.batch_max_wait_ms / 1000,
-            lone_threads=None if settings.device != "cpu" else os.cpu_count() or 1,
+            lone_threads=lone,
             occupancy=ModelOccupancy(state_dir / "model-occupancy") if state_dir else None,
         )
         moderator = moderator.with_encoder(batching)

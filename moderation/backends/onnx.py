@@ -170,6 +170,11 @@ class OnnxEncoder:
     def set_threads(self, threads: int) -> None:
         self._image = self._image_session(max(1, int(threads)))
 
+    def prepare_threads(self, threads: int) -> None:
+        """Build the image session for ``threads`` now (a server's lone requests use all
+        cores), so that the first such request does not pay for it."""
+        self._image_session(max(1, int(threads)))
+
     @property
     def _current_threads(self) -> int:
         for threads, session in self._sessions.items():

@@ -91,6 +91,8 @@ def test_onnx_fp32_encodes_as_torch_does(exported: Path, tiny_encoder: Encoder) 
                                atol=1e-5)
     np.testing.assert_allclose(onnx.encode_texts(TEXTS), tiny_encoder.encode_texts(TEXTS),
                                atol=1e-5)
+    onnx.prepare_threads(2)
+    assert onnx.get_threads() == 1  # built, not switched to
     onnx.set_threads(2)  # another session for another thread count: the same vectors
     assert onnx.get_threads() == 2
     np.testing.assert_allclose(onnx.encode_images(batch), tiny_encoder.encode_images(batch),
