@@ -6,15 +6,14 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .command import load_moderator, model_options
-from .errors import ImageError, PolicyError
+from .errors import ModerationError, PolicyError
 from .policy import load_policy
 
 
@@ -66,111 +65,125 @@ def score(images: tuple[Path, ...], **model_options: Any) -> None:
         sys.exit(1)
 
 
-def _files_under(root: Path) -> Iterator[Path]:
-    """Regular files below ``root``, sorted, skipping hidden files and folders."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not name.startswith(".") and path.is_file():
-                yield path
+def run_scan(moderator: Any, files: list[Path], out: Path, batch_size: int,
+             on_batch: Callable[[int], Any] = lambda n: None) -> Counter[str]:
+    """Moderate ``files`` in batches into ``out`` (JSON lines, or a Parquet folder) with
+    ``moderator``: the local driver of :mod:`moderation.scan`. Returns the count of each
+    action (and ``error``)."""
+    from .scan import ScanMapper, ScanSpec, Writer, run_local
 
-
-def _done_ids(out: Path) -> set[str]:
-    """Ids already in a JSONL output; a line cut short by a crash is ignored (redone)."""
-    done: set[str] = set()
-    if not out.exists():
-        return done
-    with out.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                done.add(json.loads(line)["id"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    return done
-
-
-def run_scan(
-    moderator: Any,
-    files: list[Path],
-    out: Path,
-    batch_size: int,
-    on_batch: Callable[[int], Any] = lambda n: None,
-) -> Counter[str]:
-    """Moderate ``files`` in batches, appending one JSON line each to ``out``.
-
-    Decoding the next batch (in threads) overlaps with the model working on this one. Returns
-    how many results had each action (and ``error``).
-    """
-    counts: Counter[str] = Counter()
-    if not files:
-        return counts
-
-    def decode(path: Path) -> Any:
-        try:
-            return moderator.decode(path)
-        except ImageError as e:
-            return e
-
-    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    cut_short = out.exists() and out.stat().st_size > 0 and not out.read_bytes().endswith(b"\n")
-    with ThreadPoolExecutor(max_workers=2) as pool, out.open("a", encoding="utf-8") as sink:
-        if cut_short:
-            sink.write("\n")  # a line left unfinished by a crash stays apart
-        upcoming = pool.map(decode, batches[0])
-        for index, batch in enumerate(batches):
-            decoded = list(upcoming)
-            if index + 1 < len(batches):
-                upcoming = pool.map(decode, batches[index + 1])
-            results = moderator.moderate_decoded(decoded, ids=[str(p) for p in batch])
-            for result in results:
-                sink.write(json.dumps(result.to_dict()) + "\n")
-                counts[result.decision.action.value if result.ok else "error"] += 1
-            sink.flush()
-            on_batch(len(batch))
-    return counts
+    writer = Writer(out)
+    try:
+        return run_local(ScanMapper(ScanSpec(""), moderator),
+                         [(str(p), str(p)) for p in files], writer, batch_size, on_batch)
+    finally:
+        writer.close()
 
 
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source")
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="JSONL file: one line per image. Files already in it are skipped.",
+    type=click.Path(path_type=Path),
+    help="A .jsonl file (one JSON line per input, as 'score' prints them), else a folder of "
+         "Parquet files (one row per input). Inputs already in it are skipped.",
 )
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="ray: a Ray Data pipeline (pip install "
+                                      "'moderation[ray]'), on a cluster with --address.")
+@click.option("--address", help="--engine ray: the cluster (auto, ray://host:10001); "
+                                "default: a local Ray instance.")
+@click.option("--actors", type=click.IntRange(1), help="--engine ray: model replicas (each "
+                                                       "loads the model once); default 1.")
+@click.option("--record", is_flag=True, help="Also write the decisions, with their frame "
+                                             "embeddings, into the decision log.")
+@click.option("--database-url", help="--record: the decision log (default: "
+                                     "MODERATION_DATABASE_URL, else the local SQLite log).")
 @model_options
-def scan(directory: Path, out: Path, **model_options: Any) -> None:
-    """Moderate every file under DIRECTORY, in batches, appending JSON lines to --out.
+def scan(source: str, out: Path, engine: str, address: str | None, actors: int | None,
+         record: bool, database_url: str | None, **model_options: Any) -> None:
+    """Moderate every input of SOURCE, in batches: a folder (recursive), a manifest (.csv or
+    .parquet with a 'path' column and an optional 'id'), or an object-store prefix
+    (s3://bucket/prefix, gs://…).
 
-    A file that cannot be read becomes an error line and the scan goes on; the scan then exits
-    1 and says how many failed. Running the same scan again skips the files already in --out.
+    A file that cannot be read becomes an error row and the scan goes on; the scan then exits
+    1 and says how many failed. Running the same scan again skips the inputs already in --out.
     """
-    from tqdm import tqdm
+    from .scan import ScanSpec, list_inputs, require_writable, written_ids
 
+    if engine == "local" and (address or actors):
+        raise click.UsageError("--address and --actors go with --engine ray")
     try:  # fail before the model is loaded, not after
-        out.open("a", encoding="utf-8").close()
-    except OSError as e:
-        raise click.BadParameter(
-            f"cannot write {out}: {e.strerror or e}", param_hint="--out"
-        ) from e
-    done = _done_ids(out)
-    todo = [p for p in _files_under(directory) if str(p) not in done]
-    click.echo(
-        f"{len(todo)} files to moderate under {directory} ({len(done)} already in {out})",
-        err=True,
-    )
+        require_writable(out)
+        inputs = list_inputs(source)
+    except (ModerationError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="SOURCE or --out") from e
+    done = written_ids(out)
+    todo = [(i, p) for i, p in inputs if i not in done]
+    click.echo(f"{len(todo)} inputs to moderate in {source} ({len(done)} already in {out})",
+               err=True)
     if not todo:
         return
-    moderator = load_moderator(**model_options)
-    with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
-        counts = run_scan(moderator, todo, out, model_options["batch_size"], progress.update)
+    sink = _record_sink(database_url) if record else None
+    moderator = load_moderator(**model_options)  # checked here, loudly, before any worker
+    if engine == "ray":
+        from .scan_ray import ray_scan
+
+        spec = ScanSpec(
+            policy_path=str(Path(model_options["policy_path"]).resolve()),
+            model=model_options["model"], pretrained=model_options["pretrained"],
+            random_weights=model_options["random_weights"],
+            cache_dir=str(model_options["cache_dir"]) if model_options["cache_dir"] else None,
+            batch_size=model_options["batch_size"], backend=model_options["backend"],
+            device=model_options["device"])
+        try:
+            counts = ray_scan(spec, todo, out, address=address, actors=actors or 1,
+                              sink=sink)
+        except ModerationError as e:
+            raise click.ClickException(str(e)) from e
+    else:
+        from tqdm import tqdm
+
+        from .scan import ScanMapper, Writer, run_local
+
+        writer = Writer(out)
+        mapper = ScanMapper(ScanSpec(""), moderator)
+        try:
+            with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
+                counts = run_local(mapper, todo, _recording(writer, sink),
+                                   model_options["batch_size"], progress.update)
+        finally:
+            writer.close()
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    click.echo(f"done: {summary}; results in {out}", err=True)
+    click.echo(f"done: {summary}; results in {out}"
+               + (f"; {sum(counts.values()) - counts['error']} decisions recorded"
+                  if sink is not None else ""), err=True)
     if counts["error"]:
-        click.secho(f"{counts['error']} of {len(todo)} files could not be moderated (their "
-                    f"lines in {out} say why)", fg="red", err=True)
+        click.secho(f"{counts['error']} of {len(todo)} inputs could not be moderated (their "
+                    f"rows in {out} say why)", fg="red", err=True)
         sys.exit(1)
+
+
+def _record_sink(database_url: str | None) -> Any:
+    """The decision log's sink for scan results: the 'log' entry of the
+    ``moderation.sinks`` entry points (the core never imports the decision log)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="moderation.sinks", name="log")
+    if not found:
+        raise click.ClickException("--record needs the decision log package (pip install -e .)")
+    return next(iter(found)).load()(database_url or os.environ.get("MODERATION_DATABASE_URL"))
+
+
+class _recording:  # noqa: N801  # a writer that also records
+    def __init__(self, writer: Any, sink: Any) -> None:
+        self.writer, self.sink = writer, sink
+
+    def write(self, rows: dict[str, list[Any]]) -> None:
+        if self.sink is not None:
+            self.sink.write(rows)
+        self.writer.write(rows)
 
 
 @main.group()
@@ -205,6 +218,8 @@ def sample_images(n: int = 16, size: int = 320) -> list[Any]:
 
 def _images_in(folder: Path, limit: int = 64) -> list[Any]:
     from PIL import Image
+
+    from .scan import _files_under
 
     found = []
     for path in _files_under(folder):
