@@ -157,7 +157,7 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
             writer.close()
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     click.echo(f"done: {summary}; results in {out}"
-               + (f"; {sum(counts.values()) - counts['error']} decisions recorded"
+               + (f"; {sum(counts.values())} recorded in the decision log"
                   if sink is not None else ""), err=True)
     if counts["error"]:
         click.secho(f"{counts['error']} of {len(todo)} inputs could not be moderated (their "

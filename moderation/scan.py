@@ -322,9 +322,10 @@ def require_writable(out: Path) -> None:
         raise ModerationError(f"cannot write {out}: {e.strerror or e}") from e
 
 
-def run_local(mapper: ScanMapper, inputs: Sequence[tuple[str, str]], writer: Writer,
+def run_local(mapper: ScanMapper, inputs: Sequence[tuple[str, str]], writer: Any,
               batch_size: int, on_batch: Any = lambda n: None) -> Counter[str]:
-    """The local driver: batches of ``inputs`` through ``mapper`` into ``writer``, reading and
+    """The local driver: batches of ``inputs`` through ``mapper`` into ``writer`` (anything
+    with ``write(rows)``: a :class:`Writer`, or one that records too), reading and
     decoding the next batch while the model works on this one. Returns the count of each
     action (and ``error``)."""
     counts: Counter[str] = Counter()
