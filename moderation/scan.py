@@ -292,7 +292,10 @@ class Writer:
         import pyarrow as pa
         import pyarrow.parquet
 
-        table = pa.table({k: v for k, v in rows.items() if k != EMBEDDINGS})
+        columns = [k for k in rows if k != EMBEDDINGS]
+        schema = _schema(columns)
+        table = pa.table({k: _coerce(rows[k], schema.field(k).type) for k in columns},
+                         schema=schema)
         name = f"part-{uuid.uuid4().hex}.parquet"
         tmp = self.out / f".{name}.tmp"
         pyarrow.parquet.write_table(table, tmp)
@@ -301,6 +304,45 @@ class Writer:
     def close(self) -> None:
         if self._sink is not None:
             self._sink.close()
+
+
+def _schema(columns: Sequence[str]) -> Any:
+    """One schema for every Parquet file of an output (a batch with no error would otherwise
+    type ``error_code`` as null, and files would disagree)."""
+    import pyarrow as pa
+
+    def kind(name: str) -> Any:
+        if name == "flagged" or name.startswith("flagged_"):
+            return pa.bool_()
+        if name.startswith(("score_", "margin_")) or name == "latency_ms":
+            return pa.float64()
+        if name == "image_size":
+            return pa.int64()
+        return pa.string()
+
+    return pa.schema([(name, kind(name)) for name in columns])
+
+
+def _coerce(values: Sequence[Any], kind: Any) -> list[Any]:
+    """Values as the column's type wants them: rows that crossed Ray may carry NaN for a
+    missing value, or numpy scalars."""
+    import math
+
+    import pyarrow as pa
+
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(None)
+        elif kind == pa.string():
+            out.append(v.decode() if isinstance(v, bytes) else str(v))
+        elif kind == pa.bool_():
+            out.append(bool(v))
+        elif kind == pa.int64():
+            out.append(int(v))
+        else:
+            out.append(float(v))
+    return out
 
 
 def count_actions(rows: dict[str, list[Any]], counts: Counter[str]) -> None:
