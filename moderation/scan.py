@@ -330,7 +330,7 @@ def _coerce(values: Sequence[Any], kind: Any) -> list[Any]:
 
     import pyarrow as pa
 
-    out = []
+    out: list[Any] = []
     for v in values:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             out.append(None)
