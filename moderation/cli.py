@@ -96,13 +96,18 @@ def run_scan(moderator: Any, files: list[Path], out: Path, batch_size: int,
                                 "default: a local Ray instance.")
 @click.option("--actors", type=click.IntRange(1), help="--engine ray: model replicas (each "
                                                        "loads the model once); default 1.")
+@click.option("--actor-cpus", type=click.IntRange(1), default=1, show_default=True,
+              help="--engine ray: CPUs each actor reserves (its forward pass and decoding).")
+@click.option("--actor-gpus", type=click.FloatRange(0), default=0, show_default=True,
+              help="--engine ray: GPUs each actor reserves (with --device cuda).")
 @click.option("--record", is_flag=True, help="Also write the decisions, with their frame "
                                              "embeddings, into the decision log.")
 @click.option("--database-url", help="--record: the decision log (default: "
                                      "MODERATION_DATABASE_URL, else the local SQLite log).")
 @model_options
 def scan(source: str, out: Path, engine: str, address: str | None, actors: int | None,
-         record: bool, database_url: str | None, **model_options: Any) -> None:
+         actor_cpus: int, actor_gpus: float, record: bool, database_url: str | None,
+         **model_options: Any) -> None:
     """Moderate every input of SOURCE, in batches: a folder (recursive), a manifest (.csv or
     .parquet with a 'path' column and an optional 'id'), or an object-store prefix
     (s3://bucket/prefix, gs://…).
@@ -139,7 +144,7 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
             device=model_options["device"])
         try:
             counts = ray_scan(spec, todo, out, address=address, actors=actors or 1,
-                              sink=sink)
+                              sink=sink, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
         except ModerationError as e:
             raise click.ClickException(str(e)) from e
     else:

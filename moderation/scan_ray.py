@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,12 @@ class _Actor(ScanMapper):
 
 def ray_scan(spec: ScanSpec, inputs: Sequence[tuple[str, str]], out: Path, *,
              address: str | None = None, actors: int = 1, sink: Any = None,
-             num_cpus_per_actor: float | None = None) -> Counter[str]:
+             actor_cpus: int = 1, actor_gpus: float = 0) -> Counter[str]:
     """Moderate ``inputs`` ((id, path) pairs) on Ray into ``out``. ``address``: a cluster
     (``auto``, ``ray://host:10001``), default a local instance that is shut down at the end;
-    ``actors``: model replicas. Returns the count of each action (and ``error``)."""
+    ``actors``: model replicas, each reserving ``actor_cpus`` CPUs (its forward pass and
+    decoding threads) and ``actor_gpus`` GPUs. Returns the count of each action (and
+    ``error``)."""
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -53,10 +56,15 @@ def ray_scan(spec: ScanSpec, inputs: Sequence[tuple[str, str]], out: Path, *,
         dataset = ray.data.from_items([{"id": i, "path": p} for i, p in inputs],
                                       override_num_blocks=max(1, min(len(inputs) //
                                                                      spec.batch_size, 200)))
+        spec = replace(spec, threads=spec.threads or actor_cpus,
+                       decode_threads=max(spec.decode_threads, actor_cpus))
         results = dataset.map_batches(
             _Actor, fn_constructor_args=(spec,), batch_size=spec.batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=num_cpus_per_actor or 1, zero_copy_batch=False,
+            num_cpus=actor_cpus, num_gpus=actor_gpus, zero_copy_batch=False,
+            # two batches in flight per actor: one decoding while the other is in the model,
+            # as the local scan decodes ahead
+            max_concurrency=2,
         )
         for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
             rows = {k: [_plain(v) for v in values] for k, values in batch.items()}
