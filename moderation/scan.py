@@ -76,6 +76,9 @@ def list_inputs(source: str) -> list[tuple[str, str]]:
         prefix = f"{scheme}://" if scheme != "file" else "file://"
         return [(prefix + p, prefix + p) for p in found]
     path = Path(source)
+    if not path.exists():
+        raise ValueError(f"{source} does not exist: give a folder, a .csv or .parquet "
+                         "manifest, or a URI (s3://…, gs://…)")
     if path.is_dir():
         return [(str(p), str(p)) for p in _files_under(path)]
     if path.suffix.lower() in (".csv", ".parquet"):

@@ -100,7 +100,7 @@ def test_scan_is_recursive_survives_bad_files_and_resumes(
 
     result = runner.invoke(main, args)
     assert result.exit_code == 1, result.output  # a file failed: said, and not a success
-    assert "1 of 3 files could not be moderated" in result.stderr
+    assert "1 of 3 inputs could not be moderated" in result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     by_id = {line["id"]: line for line in lines}
     assert sorted(by_id) == sorted(
@@ -115,7 +115,7 @@ def test_scan_is_recursive_survives_bad_files_and_resumes(
     (root / "new.png").write_bytes(image_bytes(GREEN))
     again = runner.invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert "1 files to moderate" in again.stderr and "3 already in" in again.stderr
+    assert "1 inputs to moderate" in again.stderr and "3 already in" in again.stderr
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert len(ids) == 4 and ids[-1] == str(root / "new.png")
 
