@@ -119,9 +119,9 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
 
     if engine == "local" and (address or actors):
         raise click.UsageError("--address and --actors go with --engine ray")
-    try:  # fail before the model is loaded, not after
-        require_writable(out)
+    try:  # fail before the model is loaded, not after (and before --out is created)
         inputs = list_inputs(source)
+        require_writable(out)
     except (ModerationError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="SOURCE or --out") from e
     done = written_ids(out)

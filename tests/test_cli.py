@@ -154,7 +154,8 @@ def test_paths_are_checked_before_the_model_is_loaded(
                                   str(tmp_path / "no" / "such" / "dir" / "out.jsonl"),
                                   "--policy", str(tiny_policy), "--random-weights"])
     assert result.exit_code == 2 and "cannot write" in result.output
-    result = runner.invoke(main, ["scan", str(tmp_path / "missing"), "--out", "x.jsonl"])
+    result = runner.invoke(main, ["scan", str(tmp_path / "missing"), "--out",
+                                  str(tmp_path / "x.jsonl")])
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
