@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,6 @@ class ScanSpec:
     device: str = "cpu"
     threads: int | None = None
     decode_threads: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def load(self) -> Any:
         import warnings
