@@ -131,7 +131,10 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
     if not todo:
         return
     sink = _record_sink(database_url) if record else None
-    moderator = load_moderator(**model_options)  # checked here, loudly, before any worker
+    # checked here, loudly, before any worker; with Ray, on the driver's CPU (its actors may
+    # have GPUs the driver lacks)
+    moderator = load_moderator(**(model_options if engine == "local"
+                                  else {**model_options, "device": "cpu"}))
     if engine == "ray":
         from .scan_ray import ray_scan
 
