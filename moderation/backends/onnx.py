@@ -113,6 +113,7 @@ class OnnxEncoder:
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._text = self._session("text.onnx", self._threads)
+        self._image_threads = self._threads
         self._image = self._image_session(self._threads)
 
     @classmethod
@@ -165,22 +166,16 @@ class OnnxEncoder:
         return out
 
     def get_threads(self) -> int:
-        return self._current_threads
+        return self._image_threads
 
     def set_threads(self, threads: int) -> None:
-        self._image = self._image_session(max(1, int(threads)))
+        self._image_threads = max(1, int(threads))
+        self._image = self._image_session(self._image_threads)
 
     def prepare_threads(self, threads: int) -> None:
         """Build the image session for ``threads`` now (a server's lone requests use all
         cores), so that the first such request does not pay for it."""
         self._image_session(max(1, int(threads)))
-
-    @property
-    def _current_threads(self) -> int:
-        for threads, session in self._sessions.items():
-            if session is self._image:
-                return threads
-        return self._threads
 
 
 def _default_threads() -> int:
