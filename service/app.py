@@ -56,15 +56,15 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
     )
     if settings.trace and hasattr(moderator.encoder, "trace_image_tower"):  # torch only
         moderator.encoder.trace_image_tower()
+    on_gpu = getattr(moderator.encoder, "device_type", "cpu") == "cuda"
     max_batch = settings.batch_max
-    if "batch_max" not in settings.model_fields_set and getattr(
-            moderator.encoder, "device_type", "cpu") == "cuda":
+    if "batch_max" not in settings.model_fields_set and on_gpu:
         max_batch = GPU_BATCH_MAX  # a GPU wants larger batches; the CPU workers decode
     if max_batch > 1:
         from moderation.batching import BatchingEncoder
 
         state_dir = settings.state_dir
-        lone = None if settings.device != "cpu" else os.cpu_count() or 1
+        lone = None if on_gpu else os.cpu_count() or 1
         if lone is not None and hasattr(moderator.encoder, "prepare_threads"):  # ONNX Runtime
             moderator.encoder.prepare_threads(lone)
         batching = BatchingEncoder(

@@ -10,6 +10,7 @@ import click
 
 from moderation import PolicyError, load_policy
 from moderation.command import DEFAULT_POLICY, loud_warning
+from moderation.policy import Policy
 
 from .settings import Settings, SettingsError, load_settings
 
@@ -60,7 +61,7 @@ def serve(
     /v1/moderate and /v1/policy require a key.
     """
     try:
-        load_policy(policy_path)  # fail here, once, rather than in every worker
+        policy = load_policy(policy_path)  # fail here, once, rather than in every worker
     except PolicyError as e:
         raise click.ClickException(str(e)) from e
     if random_weights:
@@ -80,7 +81,7 @@ def serve(
         settings = load_settings()
     except SettingsError as e:
         raise click.ClickException(str(e)) from e
-    _check_model(policy_path, settings)
+    _check_model(policy, settings)
     _open_decision_log(settings.database_url)
     conf = Path(__file__).parent / "gunicorn.conf.py"
     argv = [
@@ -92,12 +93,11 @@ def serve(
     os.execve(sys.executable, argv, os.environ)
 
 
-def _check_model(policy_path: Path, settings: Settings) -> None:
+def _check_model(policy: Policy, settings: Settings) -> None:
     """An exported model that is not there, or a backend that is not installed: said once,
     here, rather than by every worker."""
     from moderation import ModerationError
 
-    policy = load_policy(policy_path)
     backend = settings.backend or policy.model.backend
     try:
         if backend == "onnx":
