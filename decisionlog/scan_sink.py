@@ -23,7 +23,6 @@ class LogSink:
         self.store = DecisionStore(database_url or default_database_url())
 
     def write(self, rows: dict[str, list[Any]]) -> None:
-        rows = {k: [_value(v) for v in values] for k, values in rows.items()}
         records = []
         now = time.time()
         for n, raw in enumerate(rows["result"]):
@@ -51,8 +50,3 @@ class LogSink:
                 embeddings=vectors,
             ))
         self.store.add_many(records)
-
-
-def _value(v: Any) -> Any:
-    """A missing value that crossed Ray as NaN is missing again."""
-    return None if isinstance(v, float) and v != v else v

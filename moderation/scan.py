@@ -175,8 +175,7 @@ class ScanMapper:
             return e, digest, len(data)
 
     def decode_many(self, paths: Sequence[str]) -> list[tuple[Any, str | None, int | None]]:
-        moderator = self._moderator()  # built before the threads need it
-        del moderator
+        self._moderator()  # built once, before the decoding threads need it
         return list(self._pool.map(self._decode, paths))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -326,15 +325,12 @@ def _schema(columns: Sequence[str]) -> Any:
 
 
 def _coerce(values: Sequence[Any], kind: Any) -> list[Any]:
-    """Values as the column's type wants them: rows that crossed Ray may carry NaN for a
-    missing value, or numpy scalars."""
-    import math
-
+    """Values as the column's type wants them (rows that crossed Ray carry numpy types)."""
     import pyarrow as pa
 
     out: list[Any] = []
     for v in values:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if v is None:
             out.append(None)
         elif kind == pa.string():
             out.append(v.decode() if isinstance(v, bytes) else str(v))

@@ -30,13 +30,6 @@ def _ray() -> Any:
     return ray
 
 
-class _Actor(ScanMapper):
-    """A Ray actor class: the mapper, built from its spec in the actor."""
-
-    def __init__(self, spec: ScanSpec) -> None:
-        super().__init__(spec)
-
-
 def ray_scan(spec: ScanSpec, inputs: Sequence[tuple[str, str]], out: Path, *,
              address: str | None = None, actors: int = 1, sink: Any = None,
              actor_cpus: int = 1, actor_gpus: float = 0) -> Counter[str]:
@@ -59,7 +52,7 @@ def ray_scan(spec: ScanSpec, inputs: Sequence[tuple[str, str]], out: Path, *,
         spec = replace(spec, threads=spec.threads or actor_cpus,
                        decode_threads=max(spec.decode_threads, actor_cpus))
         results = dataset.map_batches(
-            _Actor, fn_constructor_args=(spec,), batch_size=spec.batch_size,
+            ScanMapper, fn_constructor_args=(spec,), batch_size=spec.batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=actor_cpus, num_gpus=actor_gpus, zero_copy_batch=False,
             # two batches in flight per actor: one decoding while the other is in the model,
@@ -80,7 +73,8 @@ def ray_scan(spec: ScanSpec, inputs: Sequence[tuple[str, str]], out: Path, *,
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars and bytes from Ray's batches → Python values (JSON and Parquet)."""
+    """numpy scalars from Ray's batches → Python values (JSON and Parquet); a missing value,
+    which crosses Ray as NaN, is None again."""
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    return value
+        value = value.item()
+    return None if isinstance(value, float) and value != value else value
