@@ -70,12 +70,20 @@ def run_scan(moderator: Any, files: list[Path], out: Path, batch_size: int,
     """Moderate ``files`` in batches into ``out`` (JSON lines, or a Parquet folder) with
     ``moderator``: the local driver of :mod:`moderation.scan`. Returns the count of each
     action (and ``error``)."""
+    return _scan_locally(moderator, [(str(p), str(p)) for p in files], out, batch_size,
+                         on_batch)
+
+
+def _scan_locally(moderator: Any, inputs: list[tuple[str, str]], out: Path, batch_size: int,
+                  on_batch: Callable[[int], Any], sink: Any = None) -> Counter[str]:
+    """``inputs`` ((id, path) pairs) through the local driver into ``out``, and into ``sink``
+    (the decision log) when given."""
     from .scan import ScanMapper, ScanSpec, Writer, run_local
 
     writer = Writer(out)
     try:
-        return run_local(ScanMapper(ScanSpec(""), moderator),
-                         [(str(p), str(p)) for p in files], writer, batch_size, on_batch)
+        return run_local(ScanMapper(ScanSpec(""), moderator), inputs,
+                         _recording(writer, sink), batch_size, on_batch)
     finally:
         writer.close()
 
@@ -153,16 +161,9 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
     else:
         from tqdm import tqdm
 
-        from .scan import ScanMapper, Writer, run_local
-
-        writer = Writer(out)
-        mapper = ScanMapper(ScanSpec(""), moderator)
-        try:
-            with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
-                counts = run_local(mapper, todo, _recording(writer, sink),
-                                   model_options["batch_size"], progress.update)
-        finally:
-            writer.close()
+        with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
+            counts = _scan_locally(moderator, todo, out, model_options["batch_size"],
+                                   progress.update, sink)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     click.echo(f"done: {summary}; results in {out}"
                + (f"; {sum(counts.values())} recorded in the decision log"
