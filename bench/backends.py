@@ -19,9 +19,7 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+from bench.throughput import best_of  # noqa: E402
 
 
 def main() -> None:
@@ -81,8 +72,8 @@ def main() -> None:
         for name, encoder in encoders.items():
             encoder.encode_pixels(sixteen)  # warm
             results[name]["b1"].append(statistics.median(
-                [_best(lambda e=encoder: e.encode_pixels(one), 1) for _ in range(7)]))
-            results[name]["b16"].append(_best(lambda e=encoder: e.encode_pixels(sixteen), 3) / 16)
+                [best_of(lambda e=encoder: e.encode_pixels(one), 1) for _ in range(7)]))
+            results[name]["b16"].append(best_of(lambda e=encoder: e.encode_pixels(sixteen), 3) / 16)
     base = min(results["torch-eager"]["b16"])
     print(f"model {args.model} (random weights); {len(images)} images for the cosine; best of "
           f"{args.rounds} rounds")

@@ -123,7 +123,7 @@ def peak_rss_mb(pid: int) -> float:
     return total
 
 
-def _best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def best_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -148,21 +148,21 @@ class BareModel:
         size = self.encoder.image_size
         pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size), np.float32)
         self.encoder.encode_pixels(pixels)
-        return batch / _best(lambda: self.encoder.encode_pixels(pixels), 3)
+        return batch / best_of(lambda: self.encoder.encode_pixels(pixels), 3)
 
     def batch1_seconds(self) -> float:
         size = self.encoder.image_size
         one = np.random.default_rng(1).standard_normal((1, 3, size, size), np.float32)
         self.encoder.encode_pixels(one)
         return statistics.median(
-            [_best(lambda: self.encoder.encode_pixels(one), 1) for _ in range(7)]
+            [best_of(lambda: self.encoder.encode_pixels(one), 1) for _ in range(7)]
         )
 
     def decode_seconds(self, data: bytes) -> float:
         from moderation.images import decode_image
 
         return statistics.median(
-            [_best(lambda: decode_image(data, draft_size=self.encoder.image_size), 1)
+            [best_of(lambda: decode_image(data, draft_size=self.encoder.image_size), 1)
              for _ in range(5)]
         )
 

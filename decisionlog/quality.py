@@ -343,12 +343,10 @@ def _decisions_by_action(store: Any, model: str, since: float | None,
                          until: float | None) -> dict[str, int]:
     """Decisions of ``model`` made in the window, errors aside, per action."""
     from .schema import decisions
+    from .store import DecisionFilters
 
-    where = [decisions.c.model == model, decisions.c.error_code.is_(None)]
-    if since is not None:
-        where.append(decisions.c.created_at >= since)
-    if until is not None:
-        where.append(decisions.c.created_at < until)
+    where = [*DecisionFilters(since=since, until=until).clauses(),
+             decisions.c.model == model, decisions.c.error_code.is_(None)]
     with store.engine.connect() as conn:
         rows = conn.execute(sa.select(decisions.c.action, sa.func.count())
                             .where(*where).group_by(decisions.c.action)).all()
