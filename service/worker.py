@@ -10,32 +10,47 @@ answered 408 and closed; one that announces more than ``MODERATION_MAX_CONTENT_L
 is answered 413 without reading the body. Bodies are held in memory up to 8 MiB (while the
 requests being read hold under 256 MiB between them), else spooled to a temporary file.
 
+Framing (where the head ends, ``Content-Length``, chunked transfer coding, trailers, a
+pipelined next request) is h11's, a maintained HTTP/1.1 state machine, not ours: a malformed
+request (a bad chunk size, conflicting lengths, both ``Content-Length`` and
+``Transfer-Encoding``, a bad line ending) is answered with a JSON 4xx as soon as its bytes
+arrive. The thread then gets the request re-framed with one ``Content-Length``, which
+gunicorn's parser reads as usual (and still applies its limits on the request line and
+headers).
+
+Two answers never wait for a thread: ``GET /healthz`` is answered by the event loop itself
+(a health check must not queue behind busy request threads), and a connection that is
+closing is drained by the event loop without blocking it (gunicorn's graceful close waits
+up to 2 s for the client in the loop, which stalls every other connection of the worker
+for as long as a client takes to hang up).
+
 Errors gunicorn answers itself (a header over its limits, a malformed request line) are
 written in the service's JSON shape instead of gunicorn's HTML page.
 
-TLS is not handled here (terminate it at the proxy: see deploy/nginx.conf); with TLS
-configured, the stock behaviour applies.
+TLS is not handled here (terminate it at the proxy: see deploy/nginx-moderation.conf); with
+TLS configured, the stock behaviour applies.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import re
 import selectors
 import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any
 
+import h11
 from gunicorn import http
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .settings import load_settings
 
-__all__ = ["BufferingThreadWorker", "RequestReader", "json_error_response"]
+__all__ = ["BufferingThreadWorker", "RequestReader", "RequestRefused", "json_error_response"]
 
 #: Header blocks past this many bytes are refused (gunicorn's own, finer limits apply below).
 MAX_HEADER_BYTES = 64 * 1024
@@ -44,15 +59,23 @@ MAX_HEADER_BYTES = 64 * 1024
 SPOOL_BYTES = 8 * 1024 * 1024
 MEMORY_BUDGET = 256 * 1024 * 1024
 CHUNK = 256 * 1024
+#: A closing connection's unread bytes are drained for at most this long, then it is closed.
+CLOSE_LINGER_S = 2.0
+#: What the event loop answers to ``GET /healthz`` (the same body as the app's route).
+HEALTH_PATH = b"/healthz"
+HEALTH_BODY = b'{"status":"ok"}\n'
 
 _REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
             411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
             417: "Expectation Failed", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 501: "Not Implemented"}
+            500: "Internal Server Error", 501: "Not Implemented",
+            505: "HTTP Version Not Supported"}
 _CODES = {400: "bad_request", 403: "forbidden", 408: "request_timeout",
           411: "length_required", 413: "request_too_large", 414: "request_line_too_long",
           417: "expectation_failed", 431: "headers_too_large", 500: "internal",
-          501: "not_implemented"}
+          501: "not_implemented", 505: "http_version_not_supported"}
+#: Headers that frame the request as it arrived; the re-framed request gets its own length.
+_FRAMING = (b"content-length", b"transfer-encoding", b"expect")
 
 
 def json_error_response(status: int, message: str, code: str | None = None) -> bytes:
@@ -75,88 +98,138 @@ class RequestRefused(Exception):
         self.message = message
 
 
+def _refusal(error: h11.RemoteProtocolError, head_done: bool) -> RequestRefused:
+    """h11's protocol error as the answer the client gets."""
+    status = error.error_status_hint
+    if status == 501:
+        return RequestRefused(501, "the transfer coding is not supported: send Content-Length "
+                                   "or Transfer-Encoding: chunked (once)")
+    if status == 431 and head_done:  # a chunk-size or trailer line that never ends
+        return RequestRefused(400, "the chunked body has a chunk-size or trailer line over "
+                                   f"{MAX_HEADER_BYTES:,} bytes")
+    if status == 431:
+        return RequestRefused(431, f"the request headers are over {MAX_HEADER_BYTES:,} bytes")
+    part = "body" if head_done else "head"
+    return RequestRefused(400, f"the request {part} is not valid HTTP/1.1 ({error}); send "
+                               "one request line, CRLF-terminated headers, and a body framed "
+                               "by Content-Length or chunked transfer coding")
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    """gunicorn's limits on a request's head (its ``limit_request_*`` settings), applied as
+    the head arrives, so that what the event loop answers itself obeys them too."""
+
+    line: int = 4094
+    fields: int = 100
+    field_size: int = 8190
+
+    @classmethod
+    def of(cls, cfg: Any) -> HeadLimits:
+        return cls(cfg.limit_request_line, cfg.limit_request_fields,
+                   cfg.limit_request_field_size)
+
+    def check(self, request: h11.Request) -> None:
+        line = len(request.method) + len(request.target) + len(request.http_version) + 7
+        if self.line and line > self.line:
+            raise RequestRefused(414, f"the request line is over {self.line:,} bytes")
+        headers = request.headers.raw_items()
+        too_big = self.field_size and any(len(n) + len(v) + 2 > self.field_size
+                                          for n, v in headers)
+        if (self.fields and len(headers) > self.fields) or too_big:
+            raise RequestRefused(431, f"a request header is over {self.field_size:,} bytes, "
+                                      f"or there are more than {self.fields} headers")
+
+
 class RequestReader:
-    """Collects the bytes of one HTTP/1.1 request as they arrive and says when it is whole.
+    """Collects one HTTP/1.1 request as its bytes arrive (framed by h11) and says when it is
+    whole. Bytes past the end of the request (a pipelined next request) are kept in
+    ``rest``; :meth:`chunks` gives the request, re-framed with one ``Content-Length``, to
+    gunicorn's parser."""
 
-    Only framing is parsed here (where the headers end, ``Content-Length`` or chunked
-    transfer coding); gunicorn's parser reads the finished request as usual. Bytes past the
-    end of the request (a pipelined next request) are kept in ``rest``.
-    """
-
-    def __init__(self, max_body: int, prefix: bytes = b"", in_memory: int = SPOOL_BYTES) -> None:
+    def __init__(self, max_body: int, prefix: bytes = b"", in_memory: int = SPOOL_BYTES,
+                 limits: HeadLimits | None = None) -> None:
         self.max_body = max_body
+        self.limits = limits or HeadLimits()
         self.started = time.monotonic()
-        self.head = bytearray()
-        self.head_done = False
         self.in_memory = in_memory  # bytes of body held in memory before spooling to disk
         self.body: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=in_memory)
         self.body_size = 0
-        self.remaining = 0  # Content-Length bytes still to come
-        self.chunked = False
-        self._chunk_state = "size"  # size | data | data_end | trailer
-        self._line = bytearray()
-        self._chunk_left = 0
-        self.decoded = 0  # chunked: payload bytes so far
-        self.expects_continue = False
+        self.request: h11.Request | None = None
         self.complete = False
         self.rest = b""
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         if prefix:
             self.feed(prefix)
+
+    @property
+    def head_done(self) -> bool:
+        return self.request is not None
+
+    @property
+    def expects_continue(self) -> bool:
+        """The client waits for ``100 Continue`` before it sends the body."""
+        return self._h11.they_are_waiting_for_100_continue
+
+    @property
+    def is_health_check(self) -> bool:
+        return (self.request is not None and self.request.method == b"GET"
+                and self.request.target.split(b"?", 1)[0] == HEALTH_PATH
+                and self.body_size == 0)
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the client lets the connection stay open after this request."""
+        if self.request is None:
+            return False
+        tokens = {t.strip().lower() for name, value in self.request.headers
+                  if name == b"connection" for t in value.split(b",")}
+        if self.request.http_version == b"1.0":
+            return b"keep-alive" in tokens
+        return b"close" not in tokens
 
     def feed(self, data: bytes) -> None:
         """Take more bytes; raises :class:`RequestRefused` for a request that cannot be
         accepted. Sets ``complete`` once the whole request is here."""
-        if not self.head_done:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.head) > MAX_HEADER_BYTES:
-                    raise RequestRefused(
-                        431, f"the request headers are over {MAX_HEADER_BYTES:,} bytes"
-                    )
+        if self.complete:  # the next request's bytes
+            self.rest += data
+            return
+        self._h11.receive_data(data)
+        while not self.complete:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as e:
+                raise _refusal(e, self.head_done) from None
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                # a chunk declared past the limit is refused now, not once it has arrived
+                # (h11 keeps what is left of the current chunk in its reader; h11 is pinned)
+                declared = getattr(getattr(self._h11, "_reader", None), "_bytes_in_chunk", 0)
+                self._check_size(self.body_size + declared)
                 return
-            data = bytes(self.head[end + 4 :])
-            del self.head[end + 4 :]
-            self.head_done = True
-            self._frame()
-            if self.complete:
-                self.rest = data
-                return
-        self._feed_body(data)
+            if isinstance(event, h11.Request):
+                self._start(event)
+            elif isinstance(event, h11.Data):
+                self.body_size += len(event.data)
+                self._check_size(self.body_size)
+                self.body.write(event.data)
+            elif isinstance(event, h11.EndOfMessage):  # trailers, if any, are dropped
+                self.complete = True
+                self.rest = self._h11.trailing_data[0]
 
-    def _frame(self) -> None:
-        lines = bytes(self.head).split(b"\r\n")
-        headers: dict[bytes, list[bytes]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        if b"expect" in headers:
-            # gunicorn would answer "100 Continue" once the body is already here: send it
-            # now (see BufferingThreadWorker) and drop the header.
-            self.head = bytearray(
-                re.sub(rb"(?im)^expect:[^\r\n]*\r\n", b"", bytes(self.head))
-            )
-            self.expects_continue = any(v.lower() == b"100-continue" for v in headers[b"expect"])
-        else:
-            self.expects_continue = False
-        coding = b",".join(headers.get(b"transfer-encoding", [])).lower()
-        if coding:
-            if coding.replace(b" ", b"") != b"chunked":
-                raise RequestRefused(
-                    501, f"transfer coding {coding.decode('latin-1')!r} is not supported: send "
-                    "Content-Length or Transfer-Encoding: chunked",
-                )
-            self.chunked = True
-            return
-        lengths = headers.get(b"content-length", [])
-        if not lengths:
-            self.complete = True
-            return
-        if len(set(lengths)) > 1 or not lengths[0].isdigit():
-            raise RequestRefused(400, "the Content-Length header is not one whole number")
-        self.remaining = int(lengths[0])
-        self._check_size(self.remaining)
-        self.complete = self.remaining == 0
+    def _start(self, request: h11.Request) -> None:
+        names = {name for name, _ in request.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # RFC 9112 §6.3: a request smuggling vector; refuse rather than pick one
+            raise RequestRefused(400, "the request has both Content-Length and "
+                                      "Transfer-Encoding: send one of them")
+        if request.http_version not in (b"1.0", b"1.1"):
+            raise RequestRefused(505, f"HTTP/{request.http_version.decode()} is not served "
+                                      "here: send HTTP/1.1 (or 1.0)")
+        self.limits.check(request)
+        self.request = request
+        for name, value in request.headers:
+            if name == b"content-length":
+                self._check_size(int(value))
 
     def _check_size(self, size: int) -> None:
         """A body over the limit, declared or (chunked) so far: refused unread."""
@@ -166,61 +239,21 @@ class RequestReader:
                 "(MODERATION_MAX_CONTENT_LENGTH)",
             )
 
-    def _feed_body(self, data: bytes) -> None:
-        if not self.chunked:
-            take = data[: self.remaining]
-            self.body.write(take)
-            self.remaining -= len(take)
-            self.body_size += len(take)
-            if self.remaining == 0:
-                self.complete = True
-                self.rest = data[len(take) :]
-            return
-        self._feed_chunked(data)
-
-    def _feed_chunked(self, data: bytes) -> None:
-        i = 0
-        while i < len(data) and not self.complete:
-            if self._chunk_state == "data":
-                take = data[i : i + self._chunk_left]
-                self.body.write(take)
-                self.body_size += len(take)
-                self._chunk_left -= len(take)
-                i += len(take)
-                if self._chunk_left == 0:
-                    self._chunk_state = "data_end"
-                continue
-            end = data.find(b"\n", i)
-            piece = data[i:] if end < 0 else data[i : end + 1]
-            self.body.write(piece)
-            self.body_size += len(piece)
-            self._line += piece
-            i += len(piece)
-            if len(self._line) > 4096:
-                raise RequestRefused(400, "a chunk-size or trailer line is over 4,096 bytes")
-            if end < 0:
-                break
-            line = bytes(self._line).strip()
-            self._line.clear()
-            if self._chunk_state == "size":
-                try:
-                    size = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise RequestRefused(400, "the chunked body has a bad chunk size") from None
-                self.decoded += size
-                self._check_size(self.decoded)
-                self._chunk_left = size
-                self._chunk_state = "data" if size else "trailer"
-            elif self._chunk_state == "data_end":
-                self._chunk_state = "size"
-            elif self._chunk_state == "trailer" and not line:
-                self.complete = True
-        if self.complete:
-            self.rest = data[i:]
+    def head(self) -> bytes:
+        """The request line and headers, with one ``Content-Length`` for the whole body."""
+        request = self.request
+        if request is None:
+            raise RuntimeError("the request head has not arrived")
+        lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
+        lines += [name + b": " + value for name, value in request.headers.raw_items()
+                  if name.lower() not in _FRAMING]
+        if self.body_size or any(name in _FRAMING[:2] for name, _ in request.headers):
+            lines.append(b"Content-Length: %d" % self.body_size)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def chunks(self) -> Iterator[bytes]:
         """The whole request, for gunicorn's parser."""
-        yield bytes(self.head)
+        yield self.head()
         self.body.seek(0)
         while True:
             block = self.body.read(4 * CHUNK)
@@ -265,6 +298,21 @@ class _JSONErrorSocket:
     send = sendall
 
 
+class _Conn(TConn):
+    """A client connection whose graceful close is left to the worker's event loop."""
+
+    def __init__(self, worker: BufferingThreadWorker, *args: Any) -> None:
+        super().__init__(*args)
+        self.worker = worker
+        self.pending = b""  # a pipelined next request, read after this one
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful:
+            self.worker.close_later(self)
+        else:
+            super().close()
+
+
 class BufferingThreadWorker(ThreadWorker):
     """See the module docstring."""
 
@@ -272,6 +320,7 @@ class BufferingThreadWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         settings = load_settings()  # MODERATION_READ_TIMEOUT_S, MODERATION_MAX_CONTENT_LENGTH
         self.reading: dict[TConn, RequestReader] = {}
+        self.closing: dict[socket.socket, float] = {}  # half-closed sockets: their deadline
         self.read_timeout = settings.read_timeout_s
         self.max_body = settings.max_content_length
 
@@ -287,7 +336,7 @@ class BufferingThreadWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        conn = TConn(self.cfg, client, address, listener.getsockname())  # non-blocking
+        conn = _Conn(self, self.cfg, client, address, listener.getsockname())  # non-blocking
         self._start_reading(conn, b"")
 
     def on_client_socket_readable(self, conn: TConn, client: socket.socket) -> None:
@@ -301,7 +350,7 @@ class BufferingThreadWorker(ThreadWorker):
         held = sum(r.in_memory for r in self.reading.values())
         in_memory = SPOOL_BYTES if held + SPOOL_BYTES <= MEMORY_BUDGET else 0
         try:
-            reader = RequestReader(self.max_body, prefix, in_memory)
+            reader = RequestReader(self.max_body, prefix, in_memory, HeadLimits.of(self.cfg))
         except RequestRefused as e:
             self._refuse(conn, e.status, e.message)
             return
@@ -337,11 +386,35 @@ class BufferingThreadWorker(ThreadWorker):
             self._dispatch(conn, reader)
 
     def _dispatch(self, conn: TConn, reader: RequestReader) -> None:
-        """Give the complete request to a thread, as gunicorn would a readable socket."""
+        """Give the complete request to a thread, as gunicorn would a readable socket; or
+        answer a health check here."""
+        if reader.is_health_check:
+            self._answer_health(conn, reader)
+            return
         conn.parser = http.get_parser(self.cfg, reader.chunks(), conn.client)
         conn.data_ready = True
-        conn.pending = reader.rest  # a pipelined next request, read after this one
+        conn.pending = reader.rest
         self.enqueue_req(conn)
+
+    def _answer_health(self, conn: TConn, reader: RequestReader) -> None:
+        keep = reader.keep_alive and self.alive
+        reader.body.close()
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                % len(HEALTH_BODY))
+        answer = head + (b"\r\n" if keep else b"Connection: close\r\n\r\n") + HEALTH_BODY
+        try:
+            sent = conn.sock.send(answer)  # small: fits in the socket buffer
+        except OSError:
+            sent = -1
+        if sent != len(answer) or not keep:
+            self._drop(conn)
+        elif reader.rest:
+            self._start_reading(conn, reader.rest)
+        else:  # back to waiting, as gunicorn keeps a connection alive
+            conn.set_timeout()
+            self.keepalived_conns.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self.on_client_socket_readable, conn))
 
     def finish_request(self, conn: TConn, fs: Any) -> None:
         super().finish_request(conn, fs)
@@ -352,7 +425,42 @@ class BufferingThreadWorker(ThreadWorker):
             self.keepalived_conns.remove(conn)
             self._start_reading(conn, pending)
 
-    # --- the ends of a connection that never became a request ---------------------------
+    # --- the ends of a connection ---------------------------------------------------------
+
+    def close_later(self, conn: TConn) -> None:
+        """Close as RFC 9112 §9.6 asks (send FIN, read what the client still sends until it
+        hangs up, then close), without blocking the event loop: the socket is drained when
+        it is readable, and closed after CLOSE_LINGER_S at the latest."""
+        sock = conn.sock
+        try:
+            sock.setblocking(False)
+            sock.shutdown(socket.SHUT_WR)
+            self.poller.register(sock, selectors.EVENT_READ, self._drain)
+        except (OSError, ValueError, KeyError):
+            self._close_socket(sock)
+            return
+        self.closing[sock] = time.monotonic() + CLOSE_LINGER_S
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_socket(sock)
+
+    def _close_socket(self, sock: socket.socket) -> None:
+        self.closing.pop(sock, None)
+        try:
+            self.poller.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def _stop_reading(self, conn: TConn) -> None:
         self.reading.pop(conn, None)
@@ -370,18 +478,24 @@ class BufferingThreadWorker(ThreadWorker):
     def _refuse(self, conn: TConn, status: int, message: str) -> None:
         self.log.warning("refused a request from %s: %d %s", conn.client, status, message)
         self._send(conn, json_error_response(status, message))
-        self._drop(conn)
+        self._stop_reading(conn)
+        self.nr_conns -= 1
+        self.close_later(conn)  # what the client still sends must not reset the answer
 
     def _drop(self, conn: TConn) -> None:
         self._stop_reading(conn)
         self.nr_conns -= 1
-        conn.close()
+        TConn.close(conn)
 
     def murder_keepalived(self, force: bool = False) -> None:
-        """Also cut off the requests that have not arrived in time (gunicorn calls this from
-        its event loop at least once a second)."""
+        """Also cut off the requests that have not arrived in time, and close the closing
+        sockets past their linger (gunicorn calls this from its event loop at least once a
+        second)."""
         super().murder_keepalived(force)
         now = time.monotonic()
+        for sock, deadline in list(self.closing.items()):
+            if force or now > deadline:
+                self._close_socket(sock)
         for conn, reader in list(self.reading.items()):
             if force or (not self.alive and not reader.head_done):
                 # stopping: a connection that has not even sent its headers is not a request
