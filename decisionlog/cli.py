@@ -398,8 +398,11 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
 
     Both policies re-decide the stored frame embeddings (nothing is compared with the logged
     actions); prompts not in the text-embedding cache (the folder, then the log's) are
-    encoded once, with PROPOSED's model. Nothing is recorded.
+    encoded with PROPOSED's model for this run only. Nothing is recorded: a policy's prompts
+    enter the shared cache when it is activated.
     """
+    from moderation.prompts import OverlayCache
+
     from .lab import dry_run
     from .policies import SharedEmbeddingCache
 
@@ -418,7 +421,8 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
             "re-scores stored embeddings, which only works with the model that made them"
         )
     after = load_moderator(
-        policy_path=proposed, cache=SharedEmbeddingCache.with_folder(url, weights["cache_dir"]),
+        policy_path=proposed,
+        cache=OverlayCache(SharedEmbeddingCache.with_folder(url, weights["cache_dir"])),
         **weights,
     )
     try:

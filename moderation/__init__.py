@@ -16,10 +16,11 @@ from .errors import (
     ModelMismatchError,
     ModerationError,
     PolicyError,
+    PolicyLimitError,
     WeightsUnavailableError,
 )
 from .moderator import ModerationResult, Moderator
-from .policy import Action, Policy, load_policy
+from .policy import Action, Policy, PolicyLimits, load_policy
 
 __all__ = [
     "Action",
@@ -33,6 +34,8 @@ __all__ = [
     "Moderator",
     "Policy",
     "PolicyError",
+    "PolicyLimitError",
+    "PolicyLimits",
     "TermMatch",
     "WeightsUnavailableError",
     "load_policy",

@@ -18,6 +18,12 @@ class PolicyError(ModerationError, ValueError):
         self.faults = list(faults) if faults else [message]
 
 
+class PolicyLimitError(PolicyError):
+    """A policy asks for more work than :class:`moderation.policy.PolicyLimits` allows (its
+    size, nesting, aliases, categories, terms, templates, or the prompts a dry-run would have
+    to encode). Refused before the work is done; the message names the limit."""
+
+
 class ImageError(ModerationError, ValueError):
     """One image could not be decoded. ``code`` says why, in a word a client can branch on.
 

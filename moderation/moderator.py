@@ -11,10 +11,24 @@ import numpy as np
 from PIL import Image
 
 from .decision import Decision
-from .errors import ImageError, ModelError, ModelMismatchError, WeightsUnavailableError
+from .errors import (
+    ImageError,
+    ModelError,
+    ModelMismatchError,
+    PolicyLimitError,
+    WeightsUnavailableError,
+)
 from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
-from .policy import DEFAULT_PROFILE, Policy, load_policy
-from .prompts import EmbeddingCache, PolicyEmbeddings, VectorCache, embed_policy, embed_query
+from .policy import DEFAULT_PROFILE, Policy, PolicyLimits, excerpt, load_policy
+from .prompts import (
+    EmbeddingCache,
+    OverlayCache,
+    PolicyEmbeddings,
+    VectorCache,
+    embed_policy,
+    embed_query,
+    missing_prompts,
+)
 from .scorer import Scorer
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
@@ -212,12 +226,32 @@ class Moderator:
             limits=self.limits,
         )
 
-    def with_policy(self, policy: Policy) -> Moderator:
-        """A moderator for another policy that shares this one's encoder and cache."""
+    def with_policy(
+        self, policy: Policy, *, proposed: bool = False, max_new_prompts: int | None = None
+    ) -> Moderator:
+        """A moderator for another policy that shares this one's encoder and cache.
+
+        ``proposed``: the policy is tried, not activated (a dry-run): its prompts are read
+        from the cache, but those the cache lacks are encoded into the new moderator's memory
+        only (an :class:`~moderation.prompts.OverlayCache`), never into the shared cache.
+        ``max_new_prompts``: refuse, with a :class:`PolicyLimitError` and before encoding
+        anything, a policy with more prompts than that the cache lacks.
+        """
+        cache = OverlayCache(self.cache) if proposed else self.cache
+        if max_new_prompts is not None:
+            missing = missing_prompts(policy, self.encoder.identity, cache)
+            if len(missing) > max_new_prompts:
+                raise PolicyLimitError(
+                    f"policy {excerpt(policy.name)} has {len(missing):,} prompts (terms and "
+                    f"exceptions × templates) that were never encoded with "
+                    f"{self.encoder.identity}; the limit is {max_new_prompts:,} "
+                    f"({PolicyLimits.setting('max_new_prompts')}): propose fewer new terms "
+                    "or templates at once, or activate the policy to encode them all"
+                )
         return Moderator(
             policy,
             self.encoder,
-            self.cache,
+            cache,
             limits=self.limits,
         )
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import reprlib
+from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import PolicyError
+from .errors import PolicyError, PolicyLimitError
 
 __all__ = [
     "Action",
@@ -37,6 +40,7 @@ __all__ = [
     "Category",
     "ModelSpec",
     "Policy",
+    "PolicyLimits",
     "Threshold",
     "load_policy",
     "parse_policy",
@@ -44,6 +48,79 @@ __all__ = [
 
 PLACEHOLDER = "{}"
 DEFAULT_PROFILE = "default"
+
+#: the longest excerpt of a value a fault message prints
+EXCERPT_CHARS = 80
+#: the longest key a key path prints
+KEY_CHARS = 40
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = EXCERPT_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
+_REPR.maxlevel = 3
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, without ever building the whole
+    repr: a fault message never prints more than a short excerpt of what a policy holds."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _key(key: Any) -> str:
+    """A key as a key path prints it (cut to :data:`KEY_CHARS`)."""
+    text = str(key) if isinstance(key, str) else excerpt(key, KEY_CHARS)
+    return text if len(text) <= KEY_CHARS else text[: KEY_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class PolicyLimits:
+    """The work one policy may cost; past a limit it is refused with a
+    :class:`~moderation.errors.PolicyLimitError`: its size before it is parsed, its nesting
+    and aliases while its YAML is read (before any value is built), its counts before it is
+    validated, and the new prompts of a dry-run before any is encoded.
+
+    Each field is also a service setting: ``MODERATION_POLICY_`` + its name in capitals.
+    The defaults leave room for a policy many times the size of ``policies/default.yaml``
+    (5 KB, 9 categories, 83 terms and exceptions, 5 templates).
+    """
+
+    #: bytes of the policy text (UTF-8)
+    max_bytes: int = 1_048_576
+    #: nesting of YAML collections and values (the schema needs 8 at most)
+    max_depth: int = 32
+    #: YAML aliases (``*name``) in the text
+    max_aliases: int = 100
+    #: YAML nodes once every alias is expanded: what validation walks (nested anchors can
+    #: make a few KB of text stand for gigabytes)
+    max_nodes: int = 100_000
+    #: categories of the policy
+    max_categories: int = 200
+    #: terms of one category
+    max_terms: int = 500
+    #: exceptions of one category
+    max_exceptions: int = 500
+    #: templates of the policy, and of one category
+    max_templates: int = 50
+    #: prompts of the whole policy (each category's terms and exceptions × its templates),
+    #: each a vector held in memory and encoded once
+    max_prompts: int = 20_000
+    #: prompts a dry-run may encode (those not yet in the text-embedding cache); at ~0.1 s
+    #: each on a CPU, the default keeps a dry-run's encoding under half a minute
+    max_new_prompts: int = 256
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"PolicyLimits.{name} must be a positive integer; got {value!r}"
+                )
+
+    @staticmethod
+    def setting(name: str) -> str:
+        """The limit's name, and its service setting."""
+        return f"PolicyLimits.{name}, setting MODERATION_POLICY_{name.upper()}"
 
 
 class Action(str, Enum):
@@ -168,7 +245,7 @@ def _check_templates(templates: list[str]) -> list[str]:
     for template in templates:
         if template.count(PLACEHOLDER) != 1:
             raise ValueError(
-                f"template {template!r} must contain the placeholder {{}} exactly once "
+                f"template {excerpt(template)} must contain the placeholder {{}} exactly once "
                 "(it is replaced by each term)"
             )
     if len(set(templates)) != len(templates):
@@ -180,7 +257,7 @@ def _check_unique(items: list[str], what: str) -> list[str]:
     seen: set[str] = set()
     repeated = [x for x in items if x in seen or seen.add(x)]  # type: ignore[func-returns-value]
     if repeated:
-        raise ValueError(f"{what} listed more than once: {sorted(set(repeated))}")
+        raise ValueError(f"{what} listed more than once: {excerpt(sorted(set(repeated)))}")
     return items
 
 
@@ -240,7 +317,7 @@ class Category(_Strict):
             )
         overlap = set(self.terms) & set(self.exceptions)
         if overlap:
-            raise ValueError(f"these are both terms and exceptions: {sorted(overlap)}")
+            raise ValueError(f"these are both terms and exceptions: {excerpt(sorted(overlap))}")
         return self
 
 
@@ -276,10 +353,11 @@ class Policy(_Strict):
             for cid, threshold in thresholds.items():
                 category = self.categories.get(cid)
                 if category is None:
-                    faults.append(f"profiles.{name}.{cid}: no such category")
+                    faults.append(f"profiles.{_key(name)}.{_key(cid)}: no such category")
                 elif threshold.review_from is not None and category.action != "block":
                     faults.append(
-                        f"profiles.{name}.{cid}.review_from: only meaningful with action "
+                        f"profiles.{_key(name)}.{_key(cid)}.review_from: only meaningful with "
+                        "action "
                         f"'block' (the category's action is '{category.action}')"
                     )
         if faults:
@@ -295,7 +373,7 @@ class Policy(_Strict):
         the policy's calibration profiles."""
         if profile not in (None, DEFAULT_PROFILE) and profile not in self.profiles:
             raise PolicyError(
-                f"unknown calibration profile {profile!r}; this policy has: "
+                f"unknown calibration profile {excerpt(profile)}; this policy has: "
                 f"{', '.join(self.profile_names())}"
             )
 
@@ -368,24 +446,133 @@ class Policy(_Strict):
 
 # --- loading -------------------------------------------------------------------------------
 
+#: the most faults one error lists (the count says how many more there were)
+MAX_FAULTS = 50
+#: the longest fault line
+FAULT_CHARS = 400
 
-class _DuplicateKeyLoader(yaml.SafeLoader):
-    """SafeLoader that records duplicate mapping keys instead of keeping the last silently."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+class _Refused(Exception):
+    """A limit was reached while reading the YAML (turned into a PolicyLimitError)."""
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys instead of keeping the last silently,
+    and refuses, while it composes the document and before it builds any value, nesting past
+    ``limits.max_depth``, more than ``limits.max_aliases`` aliases, and a document that would
+    be more than ``limits.max_nodes`` nodes once its aliases are expanded."""
+
+    def __init__(self, stream: str, limits: PolicyLimits) -> None:
+        super().__init__(stream)  # the reader refuses characters YAML forbids, here
+        self.limits = limits
         self.duplicates: list[str] = []
+        self.aliases = 0
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > self.limits.max_aliases:
+                line = self.peek_event().start_mark.line + 1
+                raise _Refused(
+                    f"line {line}: more than {self.limits.max_aliases:,} aliases (*name); "
+                    f"the limit is {self.limits.max_aliases:,} "
+                    f"({PolicyLimits.setting('max_aliases')})"
+                )
+            return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > self.limits.max_depth:
+                line = self.peek_event().start_mark.line + 1
+                raise _Refused(
+                    f"line {line}: nested more than {self.limits.max_depth} levels deep; the "
+                    f"limit is {self.limits.max_depth} ({PolicyLimits.setting('max_depth')})"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._measure(node)
+        return self.construct_document(node)
+
+    def _measure(self, root: yaml.Node) -> None:
+        """Refuse a document whose expansion (every alias replaced by what it names) is
+        deeper than ``max_depth`` or larger than ``max_nodes``, or refers to itself: sizes
+        are summed once per node, not once per use, so this costs the text's size."""
+        size: dict[int, int] = {}
+        height: dict[int, int] = {}
+        open_: set[int] = set()
+        stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+        while stack:
+            node, finished = stack.pop()
+            key = id(node)
+            children = _children(node)
+            if finished:
+                open_.discard(key)
+                size[key] = 1 + sum(size[id(c)] for c in children)
+                height[key] = 1 + max((height[id(c)] for c in children), default=0)
+                if size[key] > self.limits.max_nodes:
+                    raise _Refused(
+                        f"line {node.start_mark.line + 1}: more than "
+                        f"{self.limits.max_nodes:,} values once its aliases are expanded; "
+                        f"the limit is {self.limits.max_nodes:,} "
+                        f"({PolicyLimits.setting('max_nodes')})"
+                    )
+                if height[key] > self.limits.max_depth:
+                    raise _Refused(
+                        f"line {node.start_mark.line + 1}: nested more than "
+                        f"{self.limits.max_depth} levels deep once its aliases are expanded; "
+                        f"the limit is {self.limits.max_depth} "
+                        f"({PolicyLimits.setting('max_depth')})"
+                    )
+                continue
+            if key in size:
+                continue
+            if key in open_:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias names a collection that contains it",
+                    node.start_mark,
+                )
+            open_.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as e:  # a date of month 13, an int
+            raise yaml.constructor.ConstructorError(  # of 5,000 digits…
+                None, None, f"cannot read this value: {e}", node.start_mark
+            ) from e
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, not a key
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the SafeLoader says so below
+                continue
+            if repeated:
                 self.duplicates.append(
-                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r}"
+                    f"line {key_node.start_mark.line + 1}: duplicate key {excerpt(key)}"
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 _MESSAGES = {
@@ -405,7 +592,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
         elif item in ("uncalibrated", "calibrated") and parts and parts[-1] == ".provenance":
             continue  # pydantic's name for the union branch, not a key in the file
         else:
-            parts.append(("." if parts else "") + str(item))
+            parts.append(("." if parts else "") + _key(item))
     return "".join(parts) or "(top level)"
 
 
@@ -413,81 +600,221 @@ def _format_error(err: Any) -> str:
     message = _MESSAGES.get(err["type"])
     if err["type"] == "string_pattern_mismatch" and err["loc"][-1] == "[key]":
         message = (
-            f"{err['input']!r} is not snake_case (lowercase letters and digits, words "
+            f"{excerpt(err['input'])} is not snake_case (lowercase letters and digits, words "
             "joined by single underscores, starting with a letter)"
+        )
+    elif err["type"] == "union_tag_invalid":  # pydantic's message holds the tag in full
+        ctx = err.get("ctx", {})
+        message = (
+            f"{ctx.get('discriminator', 'the tag')} is {excerpt(ctx.get('tag'))}; expected "
+            f"one of {ctx.get('expected_tags')}"
         )
     elif message is None:
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] not in ("value_error", "assertion_error") and "input" in err:
-            message += f" (got {err['input']!r})"
+            message += f" (got {excerpt(err['input'])})"
     return f"{_format_loc(err['loc'])}: {message}"
 
 
-def parse_policy(text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
+def _clip(text: str, limit: int = FAULT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _count_faults(data: dict[Any, Any], limits: PolicyLimits) -> list[str]:
+    """What the raw document asks for past ``limits``: categories, terms, exceptions,
+    templates and prompts, counted before validation (and so before any encoding). Values of
+    the wrong type are left to validation."""
+    faults: list[str] = []
+
+    def over(where: str, n: int, what: str, name: str) -> None:
+        limit = getattr(limits, name)
+        if n > limit:
+            faults.append(f"{where}: {n:,} {what}; the limit is {limit:,} "
+                          f"({PolicyLimits.setting(name)})")
+
+    def count(value: Any) -> int:
+        return len(value) if isinstance(value, list) else 0
+
+    templates = count(data.get("templates"))
+    over("templates", templates, "templates", "max_templates")
+    categories = data.get("categories")
+    if not isinstance(categories, dict):
+        return faults
+    over("categories", len(categories), "categories", "max_categories")
+    if faults:
+        return faults
+    prompts = 0
+    for cid, category in categories.items():
+        if not isinstance(category, dict):
+            continue
+        where = f"categories.{_key(cid)}"
+        terms, exceptions = count(category.get("terms")), count(category.get("exceptions"))
+        own = count(category.get("templates"))
+        over(f"{where}.terms", terms, "terms", "max_terms")
+        over(f"{where}.exceptions", exceptions, "exceptions", "max_exceptions")
+        over(f"{where}.templates", own, "templates", "max_templates")
+        prompts += (terms + exceptions) * (own or templates)
+    over("categories", prompts, "prompts (terms and exceptions × their templates)",
+         "max_prompts")
+    return faults
+
+
+def parse_policy(
+    text: str,
+    source: str = "<policy>",
+    base_dir: Path | None = None,
+    *,
+    limits: PolicyLimits | None = None,
+    confine: bool = False,
+) -> Policy:
     """Validate policy YAML ``text``; ``source`` names it in error messages.
 
-    Raises :class:`PolicyError` listing every fault as ``"<source>: <key path>: <message>"``.
+    ``base_dir``: the folder a checkpoint, export or architecture path in ``model`` is
+    relative to. ``confine``: such a path must stay inside ``base_dir`` (a policy proposed
+    over the network, not the operator's own file); one that leaves it is refused without
+    looking at the file system. ``limits`` (default: :class:`PolicyLimits`'s) bound the work.
+
+    Raises :class:`PolicyError` listing every fault as ``"<source>: <key path>: <message>"``
+    (:class:`PolicyLimitError` when it is over a limit). A fault never prints more than a
+    short excerpt of a value, nor a path as the server resolved it.
     """
-    loader = _DuplicateKeyLoader(text)
+    limits = limits or PolicyLimits()
+    size = None
+    if len(text) > limits.max_bytes:  # a character is at least a byte: not even encoded
+        size = f"at least {len(text):,}"
+    elif len(text) * 4 > limits.max_bytes:  # a character is at most four
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        size = f"{n_bytes:,}" if n_bytes > limits.max_bytes else None
+    if size is not None:
+        raise _limit_error(source, f"{source}: the policy is {size} bytes; the limit is "
+                           f"{limits.max_bytes:,} ({PolicyLimits.setting('max_bytes')})")
     try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as e:
-        raise PolicyError(f"{source}: not valid YAML: {e}") from e
-    finally:
-        loader.dispose()
+        loader = _PolicyLoader(text, limits)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _Refused as e:
+        raise _limit_error(source, f"{source}: {e}") from None
+    except yaml.YAMLError as e:  # a forbidden character comes with its position
+        raise PolicyError(f"{source}: not valid YAML: {_clip(str(e))}") from e
+    except RecursionError:
+        raise PolicyError(f"{source}: not valid YAML: nested too deeply") from None
+    except (ValueError, TypeError) as e:
+        raise PolicyError(f"{source}: not valid YAML: {_clip(str(e))}") from e
     faults = [f"{source}: {d}" for d in loader.duplicates]
     if not isinstance(data, dict):
         faults.append(f"{source}: (top level): expected a mapping of policy keys, "
                       f"got {type(data).__name__}")
         raise PolicyError(_summary(source, faults), faults)
+    over = _count_faults(data, limits)
+    if over:
+        over = [f"{source}: {f}" for f in over]
+        raise PolicyLimitError(_summary(source, over), over)
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
         faults += [f"{source}: {_format_error(err)}" for err in e.errors()]
-        raise PolicyError(_summary(source, faults), faults) from e
+        raise PolicyError(_summary(source, faults), _shown(faults)) from e
+    except RecursionError:
+        faults.append(f"{source}: (top level): nested too deeply")
+        raise PolicyError(_summary(source, faults), faults) from None
     if faults:
-        raise PolicyError(_summary(source, faults), faults)
+        raise PolicyError(_summary(source, faults), _shown(faults))
     if base_dir is not None:
-        policy = _resolve_paths(policy, base_dir)
+        policy = _resolve_paths(policy, base_dir, source, confine)
     return policy
 
 
-def _resolve_paths(policy: Policy, base_dir: Path) -> Policy:
-    """Make a checkpoint or config path in ``model`` absolute, relative to the policy file."""
+def _limit_error(source: str, fault: str) -> PolicyLimitError:
+    return PolicyLimitError(_summary(source, [fault]), [fault])
+
+
+def _probe(path: Path, backend: str) -> bool:
+    """Whether ``path`` is a checkpoint file (or, for onnx, an export folder); a name the
+    file system refuses (too long, a NUL byte) is not."""
+    try:
+        return path.is_file() or (backend == "onnx" and path.is_dir())
+    except (OSError, ValueError):
+        return False
+
+
+def _confined(base_dir: Path, value: str, key: str, source: str) -> Path:
+    """``base_dir / value``; a value that would leave ``base_dir`` is refused, naming the
+    value as written (never as resolved) and without looking at the file system."""
+    base = os.path.normpath(os.path.abspath(base_dir))
+    joined = os.path.normpath(os.path.join(base, value))
+    if value.startswith("~") or os.path.commonpath([base, joined]) != base:
+        raise PolicyError(
+            f"{source}: model.{key}: {excerpt(value)} is outside the policy's folder: a "
+            "proposed policy may only name a file (or export folder) by a relative path that "
+            "stays inside it, or a pretrained tag"
+        )
+    return Path(joined)
+
+
+def _resolve_paths(policy: Policy, base_dir: Path, source: str = "<policy>",
+                   confine: bool = False) -> Policy:
+    """Make a checkpoint or config path in ``model`` absolute, relative to the policy file
+    (inside ``base_dir`` only, when ``confine``)."""
     spec = policy.model
     pretrained = spec.pretrained
-    if (base_dir / pretrained).is_file() or (
-            spec.backend == "onnx" and (base_dir / pretrained).is_dir()):
-        pretrained = str((base_dir / pretrained).resolve())
+    candidate = (_confined(base_dir, pretrained, "pretrained", source) if confine
+                 else base_dir / pretrained)
+    if _probe(candidate, spec.backend):
+        pretrained = str(candidate.resolve())
     config = spec.config
     if config is not None:
-        config_path = (base_dir / config).resolve()
-        if not config_path.is_file():
+        config_path = (_confined(base_dir, config, "config", source) if confine
+                       else base_dir / config)
+        try:
+            found = config_path.is_file()
+        except (OSError, ValueError):
+            found = False
+        if not found:
             raise PolicyError(
-                f"model.config: architecture file {config_path} does not exist",
+                f"{source}: model.config: architecture file {excerpt(config)} does not "
+                "exist (a path relative to the policy file's folder)",
             )
-        config = str(config_path)
+        config = str(config_path.resolve())
     model = spec.model_copy(update={"pretrained": pretrained, "config": config})
     return policy.model_copy(update={"model": model})
+
+
+def _shown(faults: list[str]) -> list[str]:
+    """At most :data:`MAX_FAULTS` faults, each cut to :data:`FAULT_CHARS`."""
+    shown = [_clip(f) for f in faults[:MAX_FAULTS]]
+    if len(faults) > MAX_FAULTS:
+        shown.append(f"… and {len(faults) - MAX_FAULTS:,} more faults")
+    return shown
 
 
 def _summary(source: str, faults: list[str]) -> str:
     noun = "fault" if len(faults) == 1 else "faults"
     return f"{source} is not a valid policy ({len(faults)} {noun}):\n" + "\n".join(
-        f"  - {f}" for f in faults
+        f"  - {f}" for f in _shown(faults)
     )
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, limits: PolicyLimits | None = None) -> Policy:
     """Read and validate the policy file at ``path``.
 
-    Raises :class:`PolicyError` (a ``ValueError``) listing every fault with its key path.
+    Raises :class:`PolicyError` (a ``ValueError``) listing every fault with its key path;
+    :class:`PolicyLimitError` for a file over ``limits.max_bytes`` (read no further).
     """
     path = Path(path)
+    limits = limits or PolicyLimits()
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(limits.max_bytes + 1)  # a FIFO or /dev/zero stops here too
     except OSError as e:
         raise PolicyError(f"{path}: cannot read policy file: {e.strerror or e}") from e
+    if len(raw) > limits.max_bytes:
+        raise _limit_error(path.name, f"{path.name}: the policy file is over "
+                           f"{limits.max_bytes:,} bytes; the limit is {limits.max_bytes:,} "
+                           f"({PolicyLimits.setting('max_bytes')})")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PolicyError(f"{path}: policy file is not UTF-8 text: {e}") from e
-    return parse_policy(text, source=path.name, base_dir=path.parent)
+    return parse_policy(text, source=path.name, base_dir=path.parent, limits=limits)

@@ -30,6 +30,7 @@ from .policy import PLACEHOLDER, Policy
 
 __all__ = [
     "EmbeddingCache",
+    "OverlayCache",
     "PolicyEmbeddings",
     "TextEncoder",
     "VectorCache",
@@ -38,6 +39,8 @@ __all__ = [
     "embed_query",
     "encode_cached",
     "expand",
+    "missing_prompts",
+    "policy_prompts",
 ]
 
 
@@ -99,6 +102,37 @@ class EmbeddingCache:
         """Nothing to release (kept for callers that close what they open)."""
 
 
+class OverlayCache:
+    """A view of ``base`` that never writes to it: what it is given to keep stays in this
+    object's memory, as does what it read from ``base`` (read once).
+
+    A dry-run encodes a proposed policy's new prompts through one: they serve the dry-run,
+    and enter the shared cache (the folder, the decision log's) only if the policy is
+    activated, when it is encoded again through the shared cache itself. Holds at most the
+    prompts of the policies encoded through it: make one per dry-run.
+    """
+
+    def __init__(self, base: VectorCache | None) -> None:
+        self.base = base
+        self.vectors: dict[tuple[str, str], np.ndarray] = {}
+        #: how many vectors were put (encoded) rather than read from ``base``
+        self.added = 0
+
+    def get(self, model: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        keys = list(dict.fromkeys(keys))
+        found = {k: self.vectors[model, k] for k in keys if (model, k) in self.vectors}
+        rest = [k for k in keys if k not in found]
+        if rest and self.base is not None:
+            read = self.base.get(model, rest)
+            self.vectors.update(((model, k), v) for k, v in read.items())
+            found.update(read)
+        return found
+
+    def put(self, model: str, vectors: dict[str, np.ndarray]) -> None:
+        self.added += sum((model, k) not in self.vectors for k in vectors)
+        self.vectors.update(((model, k), v) for k, v in vectors.items())
+
+
 def encode_cached(
     encoder: TextEncoder, texts: Sequence[str], cache: VectorCache | None
 ) -> np.ndarray:
@@ -157,17 +191,30 @@ class PolicyEmbeddings:
     exception_texts: list[list[str]]
 
 
+def policy_prompts(policy: Policy) -> list[str]:
+    """Every prompt of ``policy``: per category, its terms then its exceptions, each through
+    the category's templates (with repeats: the rows :func:`embed_policy` encodes)."""
+    prompts: list[str] = []
+    for cid, category in policy.categories.items():
+        templates = policy.templates_for(cid)
+        prompts += expand(category.terms, templates) + expand(category.exceptions, templates)
+    return prompts
+
+
+def missing_prompts(policy: Policy, model: str, cache: VectorCache | None) -> list[str]:
+    """The distinct prompts of ``policy`` that ``cache`` has no vector of, for ``model``:
+    what embedding the policy would encode."""
+    unique = list(dict.fromkeys(policy_prompts(policy)))
+    known = cache.get(model, unique) if cache is not None else {}
+    return [p for p in unique if p not in known]
+
+
 def embed_policy(
     policy: Policy, encoder: TextEncoder, cache: VectorCache | None = None
 ) -> PolicyEmbeddings:
     """Encode every category's terms and exceptions, reusing ``cache`` where it can."""
     ids = list(policy.categories)
-    prompts: list[str] = []
-    for cid in ids:
-        category = policy.categories[cid]
-        templates = policy.templates_for(cid)
-        prompts += expand(category.terms, templates) + expand(category.exceptions, templates)
-    vectors = encode_cached(encoder, prompts, cache)
+    vectors = encode_cached(encoder, policy_prompts(policy), cache)
 
     dim = vectors.shape[1]
     categories, terms, exceptions = [], [], []

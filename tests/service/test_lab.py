@@ -166,3 +166,181 @@ def test_a_stored_version_that_no_longer_validates_is_a_422(app: Flask, client: 
         error["message"] and error["faults"]
     r = client.get("/v1/policy/diff?from=v-broken", headers=READER_H)
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "invalid_policy"
+
+
+# --- hostile proposals: a 4xx with a short answer, never a 500 -----------------------------
+
+
+def nested_anchors(levels: int) -> str:
+    """Each anchor aliases the one below ten times (10**levels strings, in a few KB)."""
+    text = "a0: &a0 [" + ", ".join(["lol"] * 10) + "]\n"
+    for i in range(1, levels):
+        text += f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n"
+    return text
+
+
+HOSTILE = {
+    "control character": ("name: a\x03b\n", "invalid_policy", "unacceptable character #x0003"),
+    "2,000 levels deep": ("name: " + "[" * 2000 + "]" * 2000, "policy_too_large",
+                          "nested more than 32 levels deep"),
+    "nested anchors": (nested_anchors(7), "policy_too_large",
+                       "more than 100,000 values once its aliases are expanded"),
+    "50 MiB": ("#" * (50 << 20), "policy_too_large", "the limit is 1,048,576"),
+    "201 categories": (yaml.safe_dump(dict(HAND_POLICY, categories={
+        f"c{i}": {} for i in range(201)})), "policy_too_large", "201 categories"),
+}
+
+
+@pytest.mark.parametrize(("text", "code", "says"), HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_proposal_is_a_short_422_on_the_dry_run(
+        client: FlaskClient, text: str, code: str, says: str) -> None:
+    r = client.post("/v1/policy/dry-run", data=text.encode(), content_type="application/yaml",
+                    headers=ADMIN_H)
+    if r.status_code == 413:  # the request body is over the service's own limit first
+        return
+    assert r.status_code == 422, r.get_data(as_text=True)[:500]
+    assert len(r.get_data()) < 5_000 and "lol" not in r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["code"] == code and says in "\n".join(error["faults"])
+
+
+@pytest.mark.parametrize(("text", "code", "says"), [
+    pytest.param(*HOSTILE[k], id=k) for k in ("control character", "2,000 levels deep",
+                                              "nested anchors")])
+def test_a_hostile_policy_file_is_a_422_on_reload(
+        client: FlaskClient, policy_path: Path, text: str, code: str, says: str) -> None:
+    before = client.get("/v1/policy").get_json()["version"]
+    policy_path.write_text(text)
+    r = client.post("/v1/policy/reload", headers=ADMIN_H)
+    assert r.status_code == 422, r.get_data(as_text=True)[:500]
+    assert says in "\n".join(r.get_json()["error"]["faults"])
+    assert client.get("/v1/policy").get_json()["version"] == before
+
+
+@pytest.mark.parametrize(("text", "code", "says"), [
+    pytest.param(*HOSTILE[k], id=k) for k in ("control character", "2,000 levels deep",
+                                              "nested anchors")])
+def test_a_hostile_proposal_is_a_422_page_in_the_lab(
+        client: FlaskClient, text: str, code: str, says: str) -> None:
+    assert client.get(f"/dashboard/lab?token={ADMIN}").status_code == 200
+    r = client.post("/dashboard/lab", data={"policy": text, "since": "7d", "limit": "20"},
+                    headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 422, r.get_data(as_text=True)[:500]
+    page = r.get_data(as_text=True)
+    assert code in page and says in page
+    assert page.count("lol") == text.count("lol")  # the form keeps the text; nothing more
+
+
+@pytest.mark.parametrize("path", ["../../../../etc/passwd", "../../../../etc/no-such-file",
+                                  "/etc/passwd"])
+def test_a_proposed_checkpoint_outside_the_policy_folder_is_refused_alike(
+        client: FlaskClient, policy_path: Path, path: str) -> None:
+    text = yaml.safe_dump(dict(HAND_POLICY, model={"name": "fake", "pretrained": path}))
+    r = client.post("/v1/policy/dry-run", data=text, content_type="application/yaml",
+                    headers=ADMIN_H)
+    assert r.status_code == 422, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["code"] == "invalid_policy"
+    assert error["faults"] == [f"proposed policy: model.pretrained: {path!r} is outside the "
+                               "policy's folder: a proposed policy may only name a file (or "
+                               "export folder) by a relative path that stays inside it, or a "
+                               "pretrained tag"]
+    assert str(policy_path.parent) not in r.get_data(as_text=True)
+
+
+def test_a_model_mismatch_names_a_checkpoint_by_its_path_in_the_folder(
+        client: FlaskClient, policy_path: Path) -> None:
+    (policy_path.parent / "models").mkdir()
+    (policy_path.parent / "models" / "w.pt").write_bytes(b"x")
+    text = yaml.safe_dump(dict(HAND_POLICY, model={"name": "fake", "pretrained": "models/w.pt"}))
+    r = client.post("/v1/policy/dry-run", data=text, content_type="application/yaml",
+                    headers=ADMIN_H)
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "model_mismatch"
+    message = r.get_json()["error"]["message"]
+    assert "names model fake/models/w.pt, but" in message
+    assert str(policy_path.parent) not in message
+
+
+# --- a proposal's new prompts: bounded, and kept out of the shared cache -------------------
+
+
+@pytest.fixture
+def shared_app(fake_encoder: FakeEncoder, policy_path: Path, tmp_path: Path) -> Flask:
+    """The app with the text-embedding cache a server has: the log's, over a folder."""
+    from decisionlog import SharedEmbeddingCache, migrate
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+    from service.app import create_app
+
+    url = f"sqlite:///{policy_path.parent / 'decisions.sqlite3'}"
+    migrate(url)
+    cache = SharedEmbeddingCache.with_folder(url, tmp_path / "cache")
+    moderator = Moderator(parse_policy(policy_path.read_text()), fake_encoder, cache)
+    return create_app({"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN, "READER_TOKEN": READER,
+                       "DATABASE_URL": url}, moderator=moderator)
+
+
+def test_a_dry_run_s_new_prompts_enter_the_shared_cache_only_once_activated(
+        shared_app: Flask, fake_encoder: FakeEncoder, policy_path: Path, tmp_path: Path
+        ) -> None:
+    from decisionlog import SharedEmbeddingCache
+
+    client = shared_app.test_client()
+    moderate_all(client, shared_app)
+    fake_encoder.texts.update({"a knife": unit(0, -1, 1), "the knife": unit(-1, 1, 1)})
+    proposed = proposal(terms=["gun", "rifle", "knife"])
+    fake_encoder.encoded_texts.clear()
+    url = shared_app.extensions["decisions"][0].url
+    in_log = SharedEmbeddingCache(url)  # the log's table alone
+
+    def cached() -> set[str]:
+        return set(in_log.get(fake_encoder.identity, ["a knife", "the knife"]))
+
+    files = set((tmp_path / "cache").rglob("*.npy"))
+    for _ in range(2):
+        dry_run(client, proposed)
+    assert fake_encoder.encoded_texts == ["a knife", "the knife"] * 2  # not cached between
+    assert cached() == set() and set((tmp_path / "cache").rglob("*.npy")) == files
+
+    policy_path.write_text(yaml.safe_dump(proposed, sort_keys=False))
+    assert client.post("/v1/policy/reload", headers=ADMIN_H).status_code == 200
+    assert cached() == {"a knife", "the knife"}
+    dry_run(client, proposed)
+    assert fake_encoder.encoded_texts == ["a knife", "the knife"] * 3  # the reload's
+
+
+def test_a_dry_run_with_too_many_new_prompts_is_refused_before_encoding(
+        shared_app: Flask, fake_encoder: FakeEncoder, policy_path: Path) -> None:
+    from moderation import PolicyLimits
+    from service.lab import run_dry_run
+    from service.parsing import DryRunRequest, RequestError
+
+    app, client = shared_app, shared_app.test_client()
+    moderate_all(client, app)
+    fake_encoder.texts.update({"a knife": unit(0, -1, 1), "the knife": unit(-1, 1, 1)})
+    text = yaml.safe_dump(proposal(terms=["gun", "rifle", "knife"]), sort_keys=False)
+    fake_encoder.encoded_texts.clear()
+    holder, store = app.extensions["moderation"], app.extensions["decisions"][0]
+    with app.app_context():
+        with pytest.raises(RequestError) as info:
+            run_dry_run(holder, store, DryRunRequest(policy=text),
+                        limits=PolicyLimits(max_new_prompts=1))
+        assert (info.value.status, info.value.code) == (422, "policy_too_large")
+        assert "has 2 prompts (terms and exceptions × templates) that were never encoded " \
+               "with fake/hand-made; the limit is 1" in info.value.message
+        assert fake_encoder.encoded_texts == []
+        report = run_dry_run(holder, store, DryRunRequest(policy=text),
+                             limits=PolicyLimits(max_new_prompts=2))
+        assert report.decisions == len(IMAGES)
+        # a stored version to compare with spends the same budget
+        sword = yaml.safe_dump(proposal(terms=["gun", "sword"]), sort_keys=False)
+        fake_encoder.texts.update({"a sword": unit(1, 1, 0), "the sword": unit(1, 0, 1)})
+        active = holder.current().policy.version
+        # a version that was active, but never on this server: its prompts were not encoded
+        holder.policies.activate(version="v-sword", name="hand", source="policy.yaml",
+                                 text=sword)
+        holder.policies.activate(version=active, name="hand", source="policy.yaml",
+                                 text=policy_path.read_text())
+        with pytest.raises(RequestError, match="has 2 prompts .* the limit is 0"):
+            run_dry_run(holder, store, DryRunRequest(policy=text, against="v-sword"),
+                        limits=PolicyLimits(max_new_prompts=2))
