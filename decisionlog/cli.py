@@ -160,9 +160,7 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
     """The stored decisions most like TEXT (text → image), a stored decision (--like) or an
     image file (--image), best first, one per decision (its best frame). Nothing is recorded;
     ids are included, for a pipeline of your own to act on (--format jsonl or csv)."""
-    import csv
-
-    from .search import CSV_COLUMNS, SearchFilters, frames_like, index_for, search
+    from .search import SearchFilters, frames_like, index_for, search, write_csv
 
     if sum(x is not None for x in (text, like, image)) != 1:
         raise click.UsageError("give one query: TEXT, --like DECISION_ID or --image FILE")
@@ -208,9 +206,7 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
         for hit in page.hits:
             out.write(hit.model_dump_json() + "\n")
     elif fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(h.csv_row() for h in page.hits)
+        write_csv(page.hits, out)
     else:
         out.write(render_hits(page) + "\n")
 

@@ -26,6 +26,7 @@ __all__ = [
     "ImageRef",
     "PolicyRef",
     "TermScore",
+    "spreadsheet_safe",
 ]
 
 StoredAction = Literal["allow", "flag", "review", "block", "error"]
@@ -167,14 +168,15 @@ class DecisionRecord(BaseModel):
         return self.model_dump(mode="json")
 
     def csv_row(self) -> list[Any]:
-        """The CSV view, in the order of :data:`CSV_COLUMNS`."""
-        return [
+        """The CSV view, in the order of :data:`CSV_COLUMNS`; no text cell starts a formula
+        (:func:`spreadsheet_safe`)."""
+        return [spreadsheet_safe(cell) for cell in (
             self.id, self.created_at, self.client_id, self.image.sha256, self.image.size,
             self.policy.name, self.policy.version, self.model, self.profile, self.action,
             ";".join(self.triggered), self.latency_ms, self.error_code or "",
             "" if self.frame is None else self.frame,
             json.dumps({k: v.model_dump(mode="json") for k, v in self.categories.items()}),
-        ]
+        )]
 
     @staticmethod
     def view_schema(ref_template: str = "#/components/schemas/{model}") -> dict[str, Any]:
@@ -219,6 +221,19 @@ class DecisionRecord(BaseModel):
                 if blob else None
             ),
         )
+
+
+#: What spreadsheets read as the start of a formula in a CSV cell (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """``cell``, or, for a text cell a spreadsheet would run as a formula (a client id of
+    ``=HYPERLINK(…)``), the text with a single quote in front, as OWASP advises. Numbers are
+    left as they are (a negative margin stays a number)."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
+        return "'" + cell
+    return cell
 
 
 CSV_COLUMNS = [

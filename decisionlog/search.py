@@ -18,16 +18,18 @@ Two indexes behind one small interface (:class:`VectorIndex`):
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
+from .records import spreadsheet_safe
 from .schema import FrameVector, decision_frames, decisions
 from .store import DecisionFilters, DecisionStore
 
@@ -49,6 +51,7 @@ __all__ = [
     "hnsw_index_name",
     "index_for",
     "search",
+    "write_csv",
 ]
 
 #: The deepest page a search can reach (offset + limit): an index walks every hit before it.
@@ -361,13 +364,23 @@ class SearchHit(BaseModel):
     policy_version: str
 
     def csv_row(self) -> dict[str, Any]:
+        """The CSV view, by :data:`CSV_COLUMNS`; no text cell starts a formula."""
         row = self.model_dump(mode="json")
         row["triggered"] = ",".join(self.triggered)
         row["top_terms"] = "; ".join(f"{c}: {', '.join(t)}" for c, t in self.top_terms.items())
-        return row
+        return {k: spreadsheet_safe(v) for k, v in row.items()}
 
 
 CSV_COLUMNS = list(SearchHit.model_fields)
+
+
+def write_csv(hits: Sequence[SearchHit], out: TextIO) -> None:
+    """A header, then one row per hit (the CLI's and the dashboard's CSV). Lines end in CRLF
+    (RFC 4180): a cell holding a CR or an LF is then quoted, where with LF alone a CR went
+    out bare and broke the row."""
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(h.csv_row() for h in hits)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 
+from . import security
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .reviews import WebhookSender
@@ -148,6 +149,7 @@ def create_app(
         return response
 
     register_error_handlers(app)
+    security.init_app(app)
     for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, reviews.bp, dashboard.bp,
                       ops.bp):
         app.register_blueprint(blueprint)

@@ -5,6 +5,7 @@ without it)."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ from flask import render_template
 
 from decisionlog import DecisionFilters, DecisionStore
 from decisionlog.lab import DryRun
-from decisionlog.search import SearchHit
+from decisionlog.search import SearchHit, write_csv
 from moderation import ModerationError, Moderator
 from moderation.diff import diff_policies
 from moderation.policy import Policy
@@ -22,7 +23,7 @@ from .search import SearchResult
 from .state import PolicyHolder, read_policy_text
 
 __all__ = ["active_text", "history_entries", "image_url", "render_dashboard", "render_history",
-           "render_lab", "render_review", "render_search"]
+           "render_lab", "render_review", "render_search", "search_csv"]
 
 
 def _when(t: float) -> str:
@@ -216,3 +217,10 @@ def render_search(holder: PolicyHolder, *, form: dict[str, str],
         result=result, error=error, when=_when,
         thumbnail=lambda hit: image_url(image_template, hit),
     )
+
+
+def search_csv(result: SearchResult) -> str:
+    """The search page's export: its hits as /v1/search?format=csv gives them."""
+    out = io.StringIO()
+    write_csv(result.page.hits, out)
+    return out.getvalue()

@@ -37,6 +37,9 @@ preload_app = False
 accesslog = "-"
 # The path without its query string: the dashboard may carry its token there (?token=).
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+# No peer may set the scheme from a header here (gunicorn believes 127.0.0.1 by default):
+# X-Forwarded-Proto is believed only from MODERATION_TRUSTED_PROXIES proxies (ProxyFix).
+forwarded_allow_ips = ""
 # Request line and header limits (gunicorn's defaults, stated): past them, a JSON 414 or 431.
 limit_request_line = 4094
 limit_request_fields = 100

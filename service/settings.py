@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     quality_min_verdicts: int = Field(default=10, ge=1,
                                       description="fewer: 'not enough verdicts yet'")
 
+    # --- browser safety (service/security.py)
+    trusted_proxies: int = Field(
+        default=0, ge=0, le=10,
+        description="proxies in front whose X-Forwarded-For/-Proto are believed (0: none)")
+
     @classmethod
     def settings_customise_sources(
         cls,

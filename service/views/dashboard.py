@@ -12,7 +12,7 @@ from flask import Blueprint, Response, g, redirect, request, url_for
 from decisionlog.reviews import ReviewError, VerdictFilters
 from moderation import ImageError
 
-from ..auth import TOKEN_COOKIE, admin_page_required, reader_required, reviewer_required
+from ..auth import admin_page_required, reader_page_required, reviewer_page_required, sign_in
 from ..dashboard import (
     active_text,
     render_dashboard,
@@ -20,27 +20,25 @@ from ..dashboard import (
     render_lab,
     render_review,
     render_search,
+    search_csv,
 )
 from ..errors import IMAGE_ERROR_STATUS
 from ..lab import run_dry_run
 from ..parsing import IMAGE_FIELD, DryRunRequest, RequestError, free_text, parse_search
 from ..reviews import item_view, quality_report, record_verdict, request_error
 from ..search import run_search
+from ..security import same_origin_required
 from . import holder, int_arg, reviews, settings, store
 
 bp = Blueprint("dashboard", __name__)
 
 
 def _page(html: str, status: int = 200) -> Response:
-    response = Response(html, status=status, mimetype="text/html")
-    token = request.args.get("token")
-    if token:  # keep the pages reloadable without the token in the address bar
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
-    return response
+    return Response(html, status=status, mimetype="text/html")  # headers: service.security
 
 
 @bp.get("/dashboard")
-@reader_required
+@reader_page_required
 def dashboard() -> Any:
     active = holder().current()
     quality = quality_report(holder(), store(), settings().quality_min_verdicts, since=None,
@@ -50,13 +48,13 @@ def dashboard() -> Any:
 
 
 @bp.get("/dashboard/policies")
-@reader_required
+@reader_page_required
 def history() -> Any:
     return _page(render_history(holder(), store()))
 
 
 @bp.route("/dashboard/search", methods=["GET", "POST"])
-@reader_required
+@reader_page_required
 def search() -> Any:
     """GET: the form, and with ``q`` or ``like`` its hits (the query string of /v1/search).
     POST (a plain multipart form): an uploaded image as the query, the filters beside it."""
@@ -79,6 +77,8 @@ def search() -> Any:
                   else IMAGE_ERROR_STATUS.get(e.code, 400))
         error = {"code": e.code, "message": e.message}
         return _page(render_search(holder(), form=form, error=error), status)
+    if parsed.format == "csv":  # the page's export link (/v1/search takes bearer tokens only)
+        return Response(search_csv(result), mimetype="text/csv")
     return _page(render_search(holder(), form=form, result=result,
                                image_template=settings().image_url_template))
 
@@ -112,7 +112,8 @@ def lab() -> Any:
 
 
 @bp.get("/dashboard/review")
-@reviewer_required
+@reviewer_page_required
+@same_origin_required  # it claims an item
 def review() -> Any:
     """Claim the next item (or the one held) and show it; ``?done=`` names the verdict just
     recorded."""
@@ -129,7 +130,7 @@ def review() -> Any:
 
 
 @bp.post("/dashboard/review/<int:item_id>")
-@reviewer_required
+@reviewer_page_required
 def review_decide(item_id: int) -> Any:
     """A plain form post: ``violation`` (repeated), ``note``, ``do=decide|skip``; then the
     next item (303 to the page)."""
@@ -149,3 +150,9 @@ def review_decide(item_id: int) -> Any:
         return _page(render_review(g.reviewer, None, reviews.queue().counts(), error=error),
                      e.status)
     return redirect(url_for("dashboard.review", done=verdict.verdict_id), 303)
+
+
+@bp.post("/dashboard/sign-in")
+def sign_in_page() -> Any:
+    """The answer to "which identity?" (a token link while signed in as someone else)."""
+    return sign_in()

@@ -183,21 +183,41 @@ DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx-moderation
 
 @pytest.fixture
 def nginx_in_front(tmp_path: Path) -> Iterator[Callable[..., int]]:
-    """``nginx_in_front(upstream_port, **directives)``: Debian's nginx running the shipped
-    deploy/nginx-moderation.conf in front of a server, with some directives' values replaced
-    (e.g. ``client_body_timeout="2s"``); returns the port nginx listens on."""
+    """``nginx_in_front(upstream_port, tls=False, http_port=None, **directives)``: Debian's
+    nginx running the shipped deploy/nginx-moderation.conf in front of a server, with some
+    directives' values replaced (e.g. ``client_body_timeout="2s"``); returns the port its
+    main server listens on: plain http, or with ``tls`` https with a fresh self-signed
+    certificate for 127.0.0.1 (``<tmp_path>/nginx/cert.pem``). The redirect to https listens
+    on ``http_port`` (default: a free port)."""
     if not Path(NGINX).exists():
         pytest.skip("nginx is not installed (.ci/services installs it)")
     prefix = tmp_path / "nginx"
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(upstream_port: int, **directives: str) -> int:
+    def start(upstream_port: int, tls: bool = False, http_port: int | None = None,
+              **directives: str) -> int:
         prefix.mkdir(mode=0o777)
         (prefix / "logs").mkdir()
         port = free_port()
         site = DEPLOY_CONF.read_text()
         site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
-        site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port or free_port()};")
+        site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{port}{' ssl' if tls else ''};")
+        if tls:
+            if shutil.which("openssl") is None:
+                pytest.skip("no openssl command to make a test certificate")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                 "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(prefix / "key.pem"),
+                 "-out", str(prefix / "cert.pem")], check=True, capture_output=True)
+            site, n = re.subn(r"ssl_certificate [^;]+;", f"ssl_certificate {prefix}/cert.pem;",
+                              site)
+            site, m = re.subn(r"ssl_certificate_key [^;]+;",
+                              f"ssl_certificate_key {prefix}/key.pem;", site)
+            assert n == m == 1
+        else:
+            site = re.sub(r"\n\s*ssl_\w+ [^;]+;", "\n", site)
         for name, value in directives.items():
             site, n = re.subn(rf"(\n\s*{name}) [^;]+;", rf"\1 {value};", site)
             assert n == 1, f"{name} is not in {DEPLOY_CONF.name}"
