@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -58,17 +59,18 @@ def parse_time(value: str, now: float | None = None) -> float:
     import datetime as dt
     import re
 
-    try:
-        return float(value)
-    except ValueError:
-        pass
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", value.strip()):
+        found = float(value)
+        if math.isfinite(found):
+            return found
     age = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", value.strip())
     if age:
         seconds = float(age.group(1)) * {"m": 60, "h": 3600, "d": 86400}[age.group(2)]
-        return (time.time() if now is None else now) - seconds
+        if math.isfinite(seconds):
+            return (time.time() if now is None else now) - seconds
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(
             f"{value!r} is not a time: give unix seconds, ISO 8601 (2026-11-23T10:00:00Z) "
             "or an age (36h, 7d)"
@@ -527,12 +529,32 @@ def encode_cursor(created_at: float, decision_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([created_at, decision_id]).encode()).decode()
 
 
+#: A cursor this log gives is well under this many characters.
+MAX_CURSOR_LENGTH = 200
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    """``(created_at, decision_id)`` of a cursor :func:`encode_cursor` made; a ``ValueError``
+    for anything else (too long, not base64, not a [finite time, id] pair)."""
+    shown = cursor if len(cursor) <= 40 else cursor[:39] + "…"
+    problem = ValueError(f"invalid cursor {shown!r}: pass next_cursor as it was given")
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise problem
     try:
-        created_at, decision_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(created_at), str(decision_id)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"invalid cursor {cursor!r}: pass next_cursor as it was given") from e
+        found = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError, RecursionError):
+        raise problem from None
+    if not (isinstance(found, list) and len(found) == 2
+            and isinstance(found[0], (int, float)) and not isinstance(found[0], bool)
+            and isinstance(found[1], str)):
+        raise problem
+    try:
+        created_at = float(found[0])
+    except OverflowError:
+        raise problem from None
+    if not math.isfinite(created_at):
+        raise problem
+    return created_at, found[1]
 
 
 class DeadLetters:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
 
 from decisionlog import (
     DeadLetters,
@@ -79,6 +80,17 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
     return moderator
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Answers are JSON as RFC 8259 has it: a NaN or an infinity is an error (logged, a 500),
+    never a bare ``NaN`` a client's parser refuses. Categories keep the policy's order."""
+
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
 def create_app(
     config: Mapping[str, Any] | None = None, moderator: Moderator | None = None
 ) -> Flask:
@@ -86,7 +98,7 @@ def create_app(
     before the app is returned (so a gunicorn worker is ready when it accepts requests)."""
     settings = load_settings(config)
     app = Flask(__name__)
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # categories keep policy order
+    app.json = StrictJSONProvider(app)
     app.config.update(  # the limits werkzeug enforces while parsing
         MAX_CONTENT_LENGTH=settings.max_content_length,
         MAX_FORM_PARTS=settings.max_form_parts,
@@ -104,7 +116,8 @@ def create_app(
         moderator = _load_moderator(settings, database_url)
     # the active policy lives in the log: this worker follows its latest activation
     holder = PolicyHolder(
-        moderator, settings.policy, PolicyLog(database_url, migrate_schema=False)
+        moderator, settings.policy, PolicyLog(database_url, migrate_schema=False),
+        limits=settings.policy_limits,
     )  # the store migrated the schema just above
     holder.start(given=given)
     # pgvector: the search index of this model's vector dimension (built once, if missing)

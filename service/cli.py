@@ -60,10 +60,6 @@ def serve(
     Admin routes need MODERATION_ADMIN_TOKEN; MODERATION_API_KEYS (comma-separated) makes
     /v1/moderate and /v1/policy require a key.
     """
-    try:
-        policy = load_policy(policy_path)  # fail here, once, rather than in every worker
-    except PolicyError as e:
-        raise click.ClickException(str(e)) from e
     if random_weights:
         loud_warning("serving with RANDOM WEIGHTS: every score is meaningless.")
     # the workers' settings: checked here, then gunicorn is exec'ed with this environment
@@ -80,6 +76,10 @@ def serve(
     try:  # every MODERATION_* variable, checked here rather than in each worker
         settings = load_settings()
     except SettingsError as e:
+        raise click.ClickException(str(e)) from e
+    try:  # fail here, once, rather than in every worker (with the limits the workers apply)
+        policy = load_policy(policy_path, limits=settings.policy_limits)
+    except PolicyError as e:
         raise click.ClickException(str(e)) from e
     _check_model(policy, settings)
     _open_decision_log(settings.database_url)

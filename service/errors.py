@@ -60,7 +60,11 @@ def _http_error(e: HTTPException) -> tuple[Response, int]:
             f"most one 'id' field each, of at most {MAX_ID_LENGTH} characters",
         )
     code = (e.name or "error").lower().replace(" ", "_")
-    return error_response(e.code or 500, code, e.description or e.name)
+    response, status = error_response(e.code or 500, code, e.description or e.name)
+    for name, value in e.get_headers():  # 405: Allow (RFC 9110 §15.5.6)
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, status
 
 
 def _internal_error(e: Exception) -> tuple[Response, int]:

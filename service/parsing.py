@@ -1,4 +1,8 @@
-"""Requests → small typed values, in plain functions testable without Flask."""
+"""What the route models (:mod:`service.contract`, :mod:`service.schemas`) do not express,
+in plain functions testable without Flask: the uploads of ``/v1/moderate`` (an image that
+cannot be read, e.g. bad base64, is that image's error while the others are decided, which no
+request schema says; multipart files with ids from fields or file names), the error every
+refusal raises, and the typed values views hand on (a dry-run, a search)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from decisionlog.search import MAX_DEPTH, SearchFilters
+from decisionlog.search import SearchFilters
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -22,12 +26,12 @@ __all__ = [
     "Upload",
     "check_text",
     "decode_base64",
-    "integer_field",
+    "free_text",
     "load_json",
-    "parse_dry_run",
     "parse_json",
     "parse_multipart",
     "parse_search",
+    "search_request",
     "time_field",
 ]
 
@@ -110,10 +114,14 @@ def _profile(value: Any) -> str | None:
     return check_text(value, "'profile'")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def load_json(data: bytes) -> Any:
     """The parsed body, or a 400 that says what is wrong with it."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_not_json)
     except RecursionError:
         raise RequestError(
             400, "invalid_json",
@@ -236,18 +244,13 @@ def parse_json(body: Any, max_images: int) -> ModerateRequest:
     return ModerateRequest(uploads, _profile(body.get("profile")))
 
 
-# --- POST /v1/policy/dry-run ---------------------------------------------------------------
-
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
-              "text/plain")
-MAX_DRY_RUN_LIMIT = 500
-_DRY_RUN_FIELDS = ("policy", "since", "until", "against", "limit")
+# --- what the views hand on -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DryRunRequest:
     """A proposed policy's text and the window to try it on (times as given: unix seconds,
-    ISO 8601 or an age)."""
+    ISO 8601 or an age; checked by the route's contract)."""
 
     policy: str
     since: str | None = "7d"
@@ -256,79 +259,16 @@ class DryRunRequest:
     limit: int = 20
 
 
-def _dry_run_option(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if name == "limit":
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = -1
-        if isinstance(value, bool) or not 0 <= number <= MAX_DRY_RUN_LIMIT:
-            raise RequestError(400, "invalid_field", f"limit must be an integer from 0 to "
-                                                     f"{MAX_DRY_RUN_LIMIT}; got {value!r}")
-        return number
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise RequestError(400, "invalid_field", f"{name} must be a string; got {value!r}")
-    return check_text(str(value), name)
-
-
-def parse_dry_run(mimetype: str, body: bytes, args: Mapping[str, str]) -> DryRunRequest:
-    """The policy as a YAML body (options in the query string), or JSON ``{"policy":
-    "<yaml>", "since": …, "until": …, "against": …, "limit": …}`` (options in either)."""
-    options: dict[str, Any] = {k: args[k] for k in _DRY_RUN_FIELDS[1:] if k in args}
-    if mimetype == "application/json":
-        data = load_json(body)
-        if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
-            raise RequestError(
-                400, "missing_field",
-                "send the proposed policy as JSON {\"policy\": \"<policy YAML>\", \"since\": "
-                "\"7d\"}, or as the YAML body itself (Content-Type: application/yaml)",
-            )
-        unknown = sorted(set(data) - set(_DRY_RUN_FIELDS))
-        if unknown:
-            raise RequestError(400, "invalid_field", f"unknown fields {unknown}; accepted: "
-                                                     f"{', '.join(_DRY_RUN_FIELDS)}")
-        options.update({k: data[k] for k in _DRY_RUN_FIELDS[1:] if k in data})
-        text = data["policy"]
-    elif mimetype in YAML_TYPES:
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(400, "invalid_policy", f"the policy is not UTF-8 text: {e}") from e
-    else:
-        raise RequestError(
-            415, "unsupported_media_type",
-            f"send the proposed policy as application/yaml (or text/plain), or as JSON "
-            f"{{\"policy\": \"<yaml>\"}}; got Content-Type {mimetype or '(none)'!r}",
-        )
-    if not text.strip():
-        raise RequestError(400, "missing_field", "the proposed policy is empty")
-    return DryRunRequest(policy=text, **{k: _dry_run_option(k, v) for k, v in options.items()})
-
-
 def time_field(name: str, value: str | None) -> float | None:
     """A time parameter: unix seconds, ISO 8601, or an age (``24h``, ``7d``); blank: none."""
-    from decisionlog import parse_time
+    from .contract import _time
 
     if value is None or value == "":
         return None
     try:
-        return parse_time(value)
+        return _time(value)
     except ValueError as e:
-        raise RequestError(400, "invalid_field", f"{name}: {e}") from e
-
-
-#: The filters of a search, as the query string names them.
-SEARCH_FILTERS = ("since", "until", "action", "category", "policy_version", "client_id",
-                  "flagged")
-_SEARCH_PARAMETERS = ("q", "like", "raw", "limit", "offset", "min_similarity", "format",
-                      "token", *SEARCH_FILTERS)
-SEARCH_ACTIONS = ("allow", "flag", "review", "block")
-MAX_SEARCH_LIMIT = 500
-MAX_SEARCH_DEPTH = MAX_DEPTH  # offset + limit
-MAX_QUERY_LENGTH = 1000  # characters (CLIP reads 77 tokens of it)
-SEARCH_FORMATS = ("json", "jsonl", "csv")
+        raise RequestError(400, "invalid_field", f"{name} {e}") from e
 
 
 @dataclass(frozen=True)
@@ -346,81 +286,30 @@ class SearchRequest:
     format: str = "json"
 
 
-def _boolean(name: str, value: str | None) -> bool | None:
-    if value is None or value == "":
-        return None
-    found = {"true": True, "1": True, "false": False, "0": False}.get(value.lower())
-    if found is None:
-        raise RequestError(400, "invalid_field", f"{name} must be true or false; got {value!r}")
-    return found
-
-
-def integer_field(name: str, value: str | None, default: int, low: int, high: int) -> int:
-    """An integer query parameter from ``low`` to ``high`` (``default`` when absent)."""
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = low - 1
-    if not low <= number <= high:
-        raise RequestError(400, "invalid_field",
-                           f"{name} must be an integer from {low} to {high}; got {value!r}")
-    return number
+def search_request(query: Any) -> SearchRequest:
+    """A validated search query string (:class:`service.schemas.SearchFiltersQuery`, or
+    :class:`~service.schemas.SearchTextQuery` with ``q`` or ``like``) as a search."""
+    filters = SearchFilters(
+        since=query.since, until=query.until, action=query.action, category=query.category,
+        policy_version=query.policy_version, client_id=query.client_id, flagged=query.flagged,
+    )
+    q = getattr(query, "q", None)
+    return SearchRequest(q=q.strip() if q is not None else None,
+                         like=getattr(query, "like", None), raw=getattr(query, "raw", False),
+                         filters=filters, limit=query.limit, offset=query.offset,
+                         min_similarity=query.min_similarity, format=query.format)
 
 
 def parse_search(args: Mapping[str, str], *, image: bool = False) -> SearchRequest:
-    """The query string of ``/v1/search``: exactly one of ``q`` (text) and ``like`` (a
-    decision id), or neither when the request uploads an ``image``."""
-    unknown = sorted(set(args) - set(_SEARCH_PARAMETERS))
-    if unknown:
-        raise RequestError(400, "invalid_field", f"unknown parameters {unknown}; accepted: "
-                                                 f"{', '.join(_SEARCH_PARAMETERS)}")
-    q, like = args.get("q"), args.get("like")
-    if image and (q is not None or like is not None):
+    """A search from a plain mapping (the dashboard's form), validated by the same models as
+    ``/v1/search``: exactly one of ``q`` and ``like``, or neither with an ``image``."""
+    from .contract import parse_query
+    from .schemas import SearchFiltersQuery, SearchTextQuery
+
+    if image and ("q" in args or "like" in args):
         raise RequestError(400, "invalid_field", "an uploaded image is the query: leave out "
                                                  "q and like")
-    if not image and (q is None) == (like is None):
-        raise RequestError(400, "missing_field" if q is None else "invalid_field",
-                           "give one query: q=<text> (text → image), like=<decision id> "
-                           "(image → image), or POST an image (multipart field 'image')")
-    if q is not None:
-        q = check_text(q, "q", max_length=MAX_QUERY_LENGTH, code="invalid_field").strip()
-        if not q:
-            raise RequestError(400, "invalid_field", "q is blank: give a text to search for")
-    if like is not None:
-        like = check_text(like, "like")
-    action = args.get("action") or None
-    if action is not None and action not in SEARCH_ACTIONS:
-        raise RequestError(400, "invalid_field", f"action must be one of "
-                                                 f"{', '.join(SEARCH_ACTIONS)}; got {action!r}")
-    min_similarity = None
-    if args.get("min_similarity"):
-        try:
-            min_similarity = float(args["min_similarity"])
-        except ValueError:
-            min_similarity = float("nan")
-        if not -1 <= min_similarity <= 1:
-            raise RequestError(400, "invalid_field", "min_similarity must be a number from -1 "
-                                                     f"to 1; got {args['min_similarity']!r}")
-    fmt = args.get("format", "json")
-    if fmt not in SEARCH_FORMATS:
-        raise RequestError(400, "invalid_field", f"format must be one of "
-                                                 f"{', '.join(SEARCH_FORMATS)}; got {fmt!r}")
-    limit = integer_field("limit", args.get("limit"), 20, 1, MAX_SEARCH_LIMIT)
-    offset = integer_field("offset", args.get("offset"), 0, 0, MAX_SEARCH_DEPTH - limit)
-    def text(name: str) -> str | None:
-        return check_text(args[name], name) if args.get(name) else None
-
-    filters = SearchFilters(
-        since=time_field("since", args.get("since")),
-        until=time_field("until", args.get("until")),
-        action=action, category=text("category"), policy_version=text("policy_version"),
-        client_id=text("client_id"), flagged=_boolean("flagged", args.get("flagged")),
-    )
-    return SearchRequest(q=q, like=like, raw=bool(_boolean("raw", args.get("raw"))),
-                         filters=filters, limit=limit, offset=offset,
-                         min_similarity=min_similarity, format=fmt)
+    return search_request(parse_query(SearchFiltersQuery if image else SearchTextQuery, args))
 
 
 # --- reviews -------------------------------------------------------------------------------
@@ -439,46 +328,3 @@ def free_text(value: Any, where: str) -> str | None:
     check_text(value.replace("\n", " ").replace("\r", " ").replace("\t", " "), where,
                max_length=MAX_NOTE_LENGTH, code="invalid_field")
     return value.strip() or None
-
-
-def _json_object(mimetype: str, body: bytes, fields: tuple[str, ...],
-                 example: str) -> dict[str, Any]:
-    if mimetype != "application/json":
-        raise RequestError(415, "unsupported_media_type",
-                           f"send JSON (Content-Type: application/json), e.g. {example}; got "
-                           f"{mimetype or 'no content type'}")
-    data = load_json(body)
-    if not isinstance(data, dict):
-        raise RequestError(400, "invalid_json", f"send a JSON object, e.g. {example}")
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise RequestError(400, "invalid_field",
-                           f"unknown fields {unknown}; accepted: {', '.join(fields)}")
-    return data
-
-
-def parse_verdict(mimetype: str, body: bytes) -> tuple[list[str], str | None]:
-    """``{"violations": ["weapons"], "note": "…"}`` → (violations, note). ``violations`` is
-    required (``[]``: the image violates nothing)."""
-    example = '{"violations": ["weapons"], "note": "a replica, not a toy"}'
-    data = _json_object(mimetype, body, ("violations", "note"), example)
-    violations = data.get("violations")
-    if violations is None:
-        raise RequestError(400, "missing_field",
-                           f"'violations' is required ([] when the image violates nothing), "
-                           f"e.g. {example}")
-    if (not isinstance(violations, list) or len(violations) > MAX_VIOLATIONS
-            or not all(isinstance(v, str) for v in violations)):
-        raise RequestError(400, "invalid_field",
-                           f"'violations' must be a list of category ids, e.g. {example}")
-    for v in violations:
-        check_text(v, "a category id", max_length=100, code="invalid_field")
-    return violations, free_text(data.get("note"), "note")
-
-
-def parse_appeal(mimetype: str, body: bytes) -> str | None:
-    """An empty body, or ``{"reason": "…"}``."""
-    if not body.strip():
-        return None
-    data = _json_object(mimetype, body, ("reason",), '{"reason": "this is a museum piece"}')
-    return free_text(data.get("reason"), "reason")

@@ -7,14 +7,27 @@ the same :class:`decisionlog.records.CategoryOutcome` in a moderation response a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import enum
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from decisionlog.lab import DryRun, PolicyChange
 from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
 from decisionlog.reviews import ReviewItem, Verdict
 from decisionlog.search import SearchHit
+
+from .contract import Flag, Note, Query, Text, Time, TimeText, printable
 
 __all__ = [
     "MODELS",
@@ -153,17 +166,32 @@ class PolicyVersionText(BaseModel):
     recorded_at: float
 
 
+def _seconds_as_text(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.6f}" if math.isfinite(value) else "not finite"
+    return value
+
+
+#: A time as text or as unix seconds (a JSON number): kept as text.
+TimeOrSeconds = Annotated[
+    TimeText, BeforeValidator(_seconds_as_text),
+    WithJsonSchema({"type": ["string", "number"],
+                    "description": "unix seconds (a number or text), an age before now (7d) "
+                                   "or ISO 8601"}),
+]
+
+
 class DryRunJSON(BaseModel):
     """The JSON form of a dry-run request (the YAML body form takes the same options in the
     query string)."""
 
     model_config = ConfigDict(extra="forbid")
     policy: str = Field(description="the proposed policy, as policy YAML")
-    since: str | float | None = Field(
+    since: TimeOrSeconds | None = Field(
         default="7d", description="unix seconds, ISO 8601 or an age (7d); null: no start")
-    until: str | float | None = Field(default=None, description="default: now")
-    against: str | None = Field(default=None, description="a stored policy version to compare "
-                                                          "with (default: the active policy)")
+    until: TimeOrSeconds | None = Field(default=None, description="default: now")
+    against: Text | None = Field(default=None, description="a stored policy version to compare "
+                                                           "with (default: the active policy)")
     limit: int = Field(default=20, ge=0, le=500, description="changed decisions to show")
 
 
@@ -209,8 +237,15 @@ class StatsBucket(BaseModel):
     categories: dict[str, CategoryCount]
 
 
+class BucketSize(str, enum.Enum):
+    """The width of a statistics bucket."""
+
+    hour = "hour"
+    day = "day"
+
+
 class Stats(BaseModel):
-    bucket: Literal["hour", "day"]
+    bucket: BucketSize
     buckets: list[StatsBucket]
 
 
@@ -232,14 +267,15 @@ class ReviewClaim(ReviewItem):
 class VerdictJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    violations: list[str] = Field(description="category ids; [] when nothing is violated")
-    note: str | None = Field(None, max_length=2000)
+    violations: list[Annotated[Text, Field(max_length=100)]] = Field(
+        max_length=100, description="category ids; [] when nothing is violated")
+    note: Note | None = None
 
 
 class AppealJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(None, max_length=2000)
+    reason: Note | None = None
 
 
 class VerdictPage(BaseModel):
@@ -292,6 +328,131 @@ class Ready(BaseModel):
     status: Literal["ready"]
     policy: PolicyRef
     model: str
+
+
+# --- query strings and path parameters (service.contract validates requests with them) -----
+
+ActionName = Literal["allow", "flag", "review", "block"]
+#: The largest id a review item or verdict can have (SQLite's and PostgreSQL's BIGINT).
+MAX_ROW_ID = 2**63 - 1
+MAX_SEARCH_LIMIT = 500
+MAX_SEARCH_DEPTH = 10_000  # offset + limit
+MAX_QUERY_LENGTH = 1000  # characters of a search text (CLIP reads 77 tokens of it)
+
+
+class DecisionFiltersQuery(Query):
+    since: Time | None = Field(None, description="from this time")
+    until: Time | None = Field(None, description="before this time (default: now)")
+    action: ActionName | Literal["error"] | None = Field(
+        None, description="error: the uploads that could not be read")
+    category: Text | None = Field(None, description="decisions where this category fired")
+    policy_version: Text | None = None
+    client_id: Text | None = None
+    flagged: Flag | None = Field(None, description="only flagged (true) or unflagged (false)")
+
+
+class DecisionsQuery(DecisionFiltersQuery):
+    limit: int = Field(50, ge=1, le=500)
+    cursor: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9_=-]+$",
+                               description="next_cursor of the page before")
+
+
+class DecisionPath(BaseModel):
+    decision_id: Text
+
+
+class StatsQuery(Query):
+    since: Time | None = None
+    until: Time | None = None
+    bucket: BucketSize = BucketSize.hour
+    policy_version: Text | None = None
+
+
+class SearchFiltersQuery(DecisionFiltersQuery):
+    action: ActionName | None = None  # errors have no vectors
+    limit: int = Field(20, ge=1, le=MAX_SEARCH_LIMIT)
+    offset: int = Field(0, ge=0, le=MAX_SEARCH_DEPTH - 1,
+                        description=f"next_offset of the page before; offset + limit at most "
+                                    f"{MAX_SEARCH_DEPTH:,}")
+    min_similarity: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
+    format: Literal["json", "jsonl", "csv"] = "json"
+
+    @model_validator(mode="after")
+    def _depth(self) -> SearchFiltersQuery:
+        if self.offset + self.limit > MAX_SEARCH_DEPTH:
+            raise ValueError(f"offset + limit must be at most {MAX_SEARCH_DEPTH:,}; got "
+                             f"{self.offset + self.limit:,}")
+        return self
+
+
+#: A search text: printable, not blank.
+SearchText = Annotated[
+    str, Field(min_length=1, max_length=MAX_QUERY_LENGTH,
+               pattern=r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"),
+    AfterValidator(printable),
+]
+
+
+class SearchTextQuery(SearchFiltersQuery):
+    """Exactly one of ``q`` and ``like``."""
+
+    q: SearchText | None = Field(None, description="a text to search for (not blank)")
+    like: Text | None = Field(None, description="a decision id: decisions like it")
+    raw: Flag = Field(False, description="the text as it is, not through the policy's "
+                                         "templates")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchTextQuery:
+        if (self.q is None) == (self.like is None):
+            raise PydanticCustomError(
+                "missing" if self.q is None else "too_many_queries",
+                "give one query: q=<text> (text → image) or like=<decision id> (image → "
+                "image), not both; or POST an image (multipart field 'image')")
+        return self
+
+
+class PolicyVersionsQuery(Query):
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class VersionPath(BaseModel):
+    version: Text
+
+
+class DiffQuery(Query):
+    from_: Text = Field(alias="from", description="a stored policy version")
+    to: Text | None = Field(None, description="a stored policy version (default: the active "
+                                              "policy)")
+
+
+class DryRunQuery(Query):
+    since: TimeText | None = None
+    until: TimeText | None = None
+    against: Text | None = Field(None, description="a stored policy version (default: the "
+                                                   "active policy)")
+    limit: int | None = Field(None, ge=0, le=500, description="changed decisions to show (20)")
+
+
+class ItemPath(BaseModel):
+    item_id: int = Field(ge=1, le=MAX_ROW_ID)
+
+
+class VerdictsQuery(Query):
+    since: Time | None = None
+    until: Time | None = None
+    reviewer: Text | None = None
+    reason: Literal["appeal", "review", "audit"] | None = None
+    category: Text | None = None
+    policy_version: Text | None = None
+    decision_id: Text | None = None
+    limit: int = Field(100, ge=1, le=500)
+    offset: int = Field(0, ge=0, le=1_000_000)
+
+
+class QualityQuery(Query):
+    since: Time | None = Field(None, description="default: 30 days ago")
+    until: Time | None = None
+    policy_version: Text | None = None
 
 
 #: Every model the document names, and whether it describes a request (validation) or a

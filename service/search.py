@@ -5,8 +5,12 @@ decisions most like it (:func:`decisionlog.search.search`). Nothing is recorded.
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from decisionlog import DecisionStore
 from decisionlog.search import (
@@ -17,11 +21,48 @@ from decisionlog.search import (
     index_for,
     search,
 )
+from moderation import Moderator
+from moderation.prompts import OverlayCache, embed_query
 
 from .parsing import RequestError, SearchRequest
 from .state import PolicyHolder
 
 __all__ = ["SearchResult", "run_search"]
+
+
+class TextQueries:
+    """Search texts' vectors, the ``size`` most recently used kept in this worker's memory.
+
+    A search text is encoded through an overlay of the shared text cache (a prompt a policy
+    already encoded is read from it) that is dropped after the query: readers never write
+    to the log or the cache folder, whatever they search for."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._vectors: OrderedDict[tuple[str, str, bool, tuple[str, ...]], np.ndarray] = (
+            OrderedDict())
+        self._lock = threading.Lock()
+
+    def embed(self, active: Moderator, text: str, *, raw: bool) -> np.ndarray:
+        """The query vector, shape (1, dim)."""
+        templates = () if raw else tuple(active.policy.templates)
+        key = (active.encoder.identity, text, raw, templates)
+        with self._lock:
+            found = self._vectors.get(key)
+            if found is not None:
+                self._vectors.move_to_end(key)
+                return found
+        found = embed_query(text, active.encoder, list(templates) or None,
+                            OverlayCache(active.cache))[None]
+        with self._lock:
+            self._vectors[key] = found
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+        return found
+
+
+#: This worker's search texts (reads of the shared cache, never writes).
+TEXT_QUERIES = TextQueries()
 
 
 @dataclass(frozen=True)
@@ -47,7 +88,7 @@ def run_search(holder: PolicyHolder, store: DecisionStore, request: SearchReques
     model = active.encoder.identity
     exclude: tuple[str, ...] = ()
     if request.q is not None:
-        queries = active.embed_text(request.q, raw=request.raw)
+        queries = TEXT_QUERIES.embed(active, request.q, raw=request.raw)
         query: dict[str, Any] = {"kind": "text", "q": request.q, "raw": request.raw,
                                  "prompts": 1 if request.raw else len(active.policy.templates)}
     elif request.like is not None:

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from moderation import ModerationError
 from moderation.images import ImageLimits
+from moderation.policy import PolicyLimits
 
 __all__ = ["Settings", "SettingsError", "current_settings", "load_settings"]
 
@@ -79,6 +80,18 @@ class Settings(BaseSettings):
     max_animation_frames: int = Field(default=ImageLimits.max_animation_frames, ge=1)
     max_animation_pixels: int = Field(default=ImageLimits.max_animation_pixels, ge=1)
     max_jpeg_scans: int = Field(default=ImageLimits.max_jpeg_scans, ge=1)
+    # --- what a policy may cost (a reload, a dry-run's proposal): moderation.policy.PolicyLimits
+    policy_max_bytes: int = Field(default=PolicyLimits.max_bytes, ge=1)
+    policy_max_depth: int = Field(default=PolicyLimits.max_depth, ge=1)
+    policy_max_aliases: int = Field(default=PolicyLimits.max_aliases, ge=1)
+    policy_max_nodes: int = Field(default=PolicyLimits.max_nodes, ge=1)
+    policy_max_categories: int = Field(default=PolicyLimits.max_categories, ge=1)
+    policy_max_terms: int = Field(default=PolicyLimits.max_terms, ge=1)
+    policy_max_exceptions: int = Field(default=PolicyLimits.max_exceptions, ge=1)
+    policy_max_templates: int = Field(default=PolicyLimits.max_templates, ge=1)
+    policy_max_prompts: int = Field(default=PolicyLimits.max_prompts, ge=1)
+    policy_max_new_prompts: int = Field(default=PolicyLimits.max_new_prompts, ge=1,
+                                        description="prompts a dry-run may encode")
     # --- access
     admin_token: str | None = Field(default=None, description="enables the admin routes")
     reader_token: str | None = Field(default=None, description="decision log API and dashboard")
@@ -195,6 +208,12 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+
+    @property
+    def policy_limits(self) -> PolicyLimits:
+        """Every field of :class:`PolicyLimits` is a setting, ``policy_`` + its name."""
+        return PolicyLimits(**{f.name: getattr(self, f"policy_{f.name}")
+                               for f in fields(PolicyLimits)})
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from decisionlog import Activation, PolicyLog
 from moderation import Moderator
-from moderation.policy import Policy, parse_policy
+from moderation.policy import Policy, PolicyLimits, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ class PolicyHolder:
 
     def __init__(
         self, moderator: Moderator, policy_path: str | Path | None,
-        policies: PolicyLog | None = None,
+        policies: PolicyLog | None = None, limits: PolicyLimits | None = None,
     ) -> None:
         self._moderator = moderator
+        self.limits = limits or PolicyLimits()  # what a policy file or stored text may cost
         self.policy_path = Path(policy_path) if policy_path is not None else None
         self.policies = policies
         self._lock = threading.Lock()
@@ -69,7 +70,7 @@ class PolicyHolder:
             return None
         text = read_policy_text(self.policy_path)
         policy = parse_policy(text, source=self.policy_path.name,
-                              base_dir=self.policy_path.parent)
+                              base_dir=self.policy_path.parent, limits=self.limits)
         if given and policy.version != self._moderator.policy.version:
             log.warning("the moderator's policy %s is not the policy file %s: serving it "
                         "without following the log's activations",
@@ -142,7 +143,8 @@ class PolicyHolder:
         with self._lock:
             text = read_policy_text(self.policy_path)
             policy = parse_policy(
-                text, source=self.policy_path.name, base_dir=self.policy_path.parent
+                text, source=self.policy_path.name, base_dir=self.policy_path.parent,
+                limits=self.limits,
             )
             moderator = self._moderator.with_policy(policy)  # encodes new prompts
             if self.policies is not None:
@@ -186,7 +188,8 @@ class PolicyHolder:
         if recorded is None:
             return None
         base_dir = self.policy_path.parent if self.policy_path is not None else None
-        return parse_policy(recorded.text, source=recorded.source, base_dir=base_dir)
+        return parse_policy(recorded.text, source=recorded.source, base_dir=base_dir,
+                            limits=self.limits)
 
 
 class ModelOccupancy:

@@ -1,5 +1,6 @@
 """The service's blueprints, one per area, and what their views share: the objects
-``create_app`` wires into the app, and query-string parsing."""
+``create_app`` wires into the app. Each route declares its parameters with
+:func:`service.contract.operation`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from flask import current_app, request
 from decisionlog import DecisionStore, Recorder
 
 from ..metrics import Metrics
-from ..parsing import integer_field, time_field
 from ..settings import current_settings as settings
 from ..state import PolicyHolder
 
-__all__ = ["holder", "int_arg", "metrics", "recorder", "settings", "store", "time_arg"]
+__all__ = ["holder", "int_arg", "metrics", "recorder", "settings", "store"]
 
 
 def holder() -> PolicyHolder:
@@ -35,10 +35,18 @@ def metrics() -> Metrics:
     return found
 
 
-def time_arg(name: str) -> float | None:
-    """A time query parameter: unix seconds, ISO 8601, or an age (``24h``, ``7d``)."""
-    return time_field(name, request.args.get(name))
-
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
-    return integer_field(name, request.args.get(name), default, low, high)
+    """An integer query parameter of a page (pages keep their forms' own leniency: the API
+    routes declare theirs with :func:`service.contract.operation`); a 400 outside
+    ``low``..``high`` or for anything but ASCII digits."""
+    from ..parsing import RequestError
+
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20
+            and low <= int(value) <= high):
+        raise RequestError(400, "invalid_field", f"{name} must be an integer from {low} to "
+                                                 f"{high}; got {value[:40]!r}")
+    return int(value)

@@ -26,6 +26,7 @@ from ..errors import IMAGE_ERROR_STATUS
 from ..lab import run_dry_run
 from ..parsing import IMAGE_FIELD, DryRunRequest, RequestError, free_text, parse_search
 from ..reviews import item_view, quality_report, record_verdict, request_error
+from ..schemas import MAX_ROW_ID
 from ..search import run_search
 from ..security import same_origin_required
 from . import holder, int_arg, reviews, settings, store
@@ -104,7 +105,8 @@ def lab() -> Any:
     shown: dict[str, Any] = {"text": text, "since": since, "until": until, "limit": limit}
     try:
         report = run_dry_run(holder(), store(), DryRunRequest(
-            policy=text, since=since or None, until=until or None, limit=limit))
+            policy=text, since=since or None, until=until or None, limit=limit),
+            limits=settings().policy_limits)
     except RequestError as e:
         error = {"code": e.code, "message": e.message, "faults": e.extra.get("faults", [])}
         return _page(render_lab(holder(), error=error, **shown), e.status)
@@ -122,27 +124,37 @@ def review() -> Any:
     shown = (item_view(holder(), store(), item, settings().image_url_template)
              if item is not None else None)
     done = None
-    if request.args.get("done", "").isdigit():
+    verdict_id = _row_id(request.args.get("done", ""))
+    if verdict_id is not None:  # anything else is no verdict of this reviewer's
         found = reviews.queue().verdicts(VerdictFilters(reviewer=g.reviewer),
-                                         verdict_id=int(request.args["done"]))
+                                         verdict_id=verdict_id)
         done = found[0] if found else None
     return _page(render_review(g.reviewer, shown, reviews.queue().counts(), done=done))
 
 
-@bp.post("/dashboard/review/<int:item_id>")
+def _row_id(value: str) -> int | None:
+    """An id a row can have (ASCII digits, 1 to 2**63 - 1), else ``None``."""
+    if value.isascii() and value.isdigit() and len(value) <= 19 and 0 < int(value) <= MAX_ROW_ID:
+        return int(value)
+    return None
+
+
+@bp.post("/dashboard/review/<item_id>")
 @reviewer_page_required
-def review_decide(item_id: int) -> Any:
+def review_decide(item_id: str) -> Any:
     """A plain form post: ``violation`` (repeated), ``note``, ``do=decide|skip``; then the
     next item (303 to the page)."""
     form = request.form
     try:
+        if (found_id := _row_id(item_id)) is None:
+            raise RequestError(404, "not_found", f"no review item {item_id[:40]!r}")
         if form.get("do") == "skip":
             try:
-                reviews.queue().release(item_id, g.reviewer)
+                reviews.queue().release(found_id, g.reviewer)
             except ReviewError as e:
                 raise request_error(e) from e
             return redirect(url_for("dashboard.review"), 303)
-        verdict = record_verdict(reviews.queue(), holder(), reviews.sender(), item_id,
+        verdict = record_verdict(reviews.queue(), holder(), reviews.sender(), found_id,
                                  g.reviewer, form.getlist("violation"),
                                  free_text(form.get("note"), "note"))
     except RequestError as e:

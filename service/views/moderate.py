@@ -13,7 +13,7 @@ from decisionlog import DecisionRecord
 from moderation import ImageError, Moderator, PolicyError
 from moderation.images import DecodedImage
 
-from ..auth import api_key_required
+from ..contract import Access, Answer, Body, operation
 from ..parsing import (
     IMAGE_FIELD,
     ModerateRequest,
@@ -22,7 +22,21 @@ from ..parsing import (
     parse_json,
     parse_multipart,
 )
+from ..schemas import ModerateJSON, ModerateResponse
 from . import holder, metrics, recorder, settings
+
+#: The multipart form of ``POST /v1/moderate`` (files are read by werkzeug, checked by
+#: :func:`service.parsing.parse_multipart`).
+MULTIPART = {
+    "type": "object", "required": [IMAGE_FIELD],
+    "properties": {
+        IMAGE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "the images (repeat the field)"},
+        "id": {"type": "array", "items": {"type": "string", "maxLength": 256},
+               "description": "one per image, in the same order (default: the file names)"},
+        "profile": {"type": "string", "maxLength": 256},
+    },
+}
 
 bp = Blueprint("moderate", __name__)
 
@@ -43,8 +57,14 @@ def parse_moderate() -> ModerateRequest:
     )
 
 
-@bp.post("/v1/moderate")
-@api_key_required
+@operation(bp, "/v1/moderate", "POST", operation_id="moderate", access=Access.API_KEY,
+           summary="Moderate one or more images",
+           description="A request with several images always answers 200, with a per-image "
+           "error for any image that cannot be read. A request with one image that cannot be "
+           "read answers with that error's status.",
+           body=Body({"multipart/form-data": MULTIPART, "application/json": ModerateJSON}),
+           answers=(Answer(200, "Decisions, one per image",
+                           {"application/json": ModerateResponse}),))
 def moderate() -> Any:
     parsed = parse_moderate()
     active = holder().current()  # this request's policy, whatever reloads happen meanwhile

@@ -10,24 +10,36 @@ from flask import Blueprint, Response, jsonify, request
 
 from moderation import ModerationError, PolicyError
 
-from ..auth import admin_required, api_key_required, reader_required
+from ..contract import Access, Answer, Body, operation, parse_body
 from ..lab import run_dry_run, stored_policy
-from ..parsing import RequestError, parse_dry_run
+from ..parsing import DryRunRequest, RequestError, load_json
 from ..schemas import (
+    DiffQuery,
+    DryRun,
+    DryRunJSON,
+    DryRunQuery,
     PolicyActivation,
     PolicyChange,
     PolicyDiff,
+    PolicyResponse,
     PolicyVersions,
+    PolicyVersionsQuery,
     PolicyVersionText,
     ReloadResponse,
+    VersionPath,
 )
-from . import holder, int_arg, store
+from . import holder, settings, store
+
+#: The media types a proposed policy's YAML text may come as.
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
+              "text/plain")
 
 bp = Blueprint("policy", __name__)
 
 
-@bp.get("/v1/policy")
-@api_key_required
+@operation(bp, "/v1/policy", "GET", operation_id="get_policy", access=Access.API_KEY,
+           summary="The active policy, its version and thresholds with provenance",
+           answers=(Answer(200, "The active policy", {"application/json": PolicyResponse}),))
 def policy() -> Any:
     active = holder().current()
     p = active.policy
@@ -52,8 +64,12 @@ def policy() -> Any:
         },
     )
 
-@bp.post("/v1/policy/reload")
-@admin_required
+@operation(bp, "/v1/policy/reload", "POST", operation_id="reload_policy", access=Access.ADMIN,
+           summary="Read the policy file again and activate it in every worker and replica",
+           description="An invalid file answers 422 with every fault; the previous policy "
+           "keeps serving.",
+           answers=(Answer(200, "The new policy is active",
+                           {"application/json": ReloadResponse}),), errors=(404, 422))
 def reload() -> Any:
     before = holder().current().policy.version
     try:
@@ -87,17 +103,24 @@ def _policies() -> Any:
         )
     return found
 
-@bp.get("/v1/policy/versions")
-@reader_required
-def versions() -> Any:
-    """Activations, newest first: the first is the active policy."""
-    history = _policies().history(limit=int_arg("limit", 100, 1, 1000))
+@operation(bp, "/v1/policy/versions", "GET", operation_id="list_policy_versions",
+           access=Access.READER, summary="The policy's activations, newest first (the first "
+           "is active)", query=PolicyVersionsQuery,
+           answers=(Answer(200, "Activations", {"application/json": PolicyVersions}),),
+           errors=(404,))
+def versions(query: PolicyVersionsQuery) -> Any:
+    history = _policies().history(limit=query.limit)
     return jsonify(PolicyVersions(versions=[
         PolicyActivation.model_validate(a, from_attributes=True) for a in history
     ]).model_dump(mode="json"))
 
-@bp.get("/v1/policy/versions/<version>")
-@reader_required
+@operation(bp, "/v1/policy/versions/<version>", "GET", operation_id="get_policy_version",
+           access=Access.READER, summary="The text a policy version was activated with",
+           path=VersionPath,
+           answers=(Answer(200, "The text: in JSON, or the file itself, byte for byte, when "
+                                "asked for (Accept: application/yaml or text/plain)",
+                           {"application/json": PolicyVersionText,
+                            "application/yaml": {}, "text/plain": {}}),))
 def version_text(version: str) -> Any:
     """The text the version was (last) activated with: JSON, or the file itself for a
     client that asks for YAML or plain text (``Accept: application/yaml``)."""
@@ -117,36 +140,68 @@ def version_text(version: str) -> Any:
     ).model_dump(mode="json"))
 
 
-@bp.post("/v1/policy/dry-run")
-@admin_required
-def dry_run() -> Any:
+@operation(bp, "/v1/policy/dry-run", "POST", operation_id="dry_run_policy",
+           access=Access.ADMIN, summary="What a proposed policy would decide for past traffic",
+           description="Re-decides the stored decisions of the window (their stored frame "
+           "embeddings) under the active policy (or `against` a stored version) and under the "
+           "proposed one; nothing is activated or recorded. The policy is the YAML body "
+           "(options in the query string), or JSON (options in either; the body's win).",
+           query=DryRunQuery,
+           body=Body({"application/yaml": {"type": "string"},
+                      "text/plain": {"type": "string"},
+                      "application/json": DryRunJSON}),
+           answers=(Answer(200, "Counts before and after, the changed decisions and the "
+                                "policies' diff", {"application/json": DryRun}),),
+           errors=(404, 422))
+def dry_run(query: DryRunQuery) -> Any:
     """What a proposed policy would decide for the stored decisions of a window, next to the
     active policy (or ``against`` a stored version). Nothing is activated or recorded."""
-    proposal = parse_dry_run(request.mimetype, request.get_data(cache=False), request.args)
-    report = run_dry_run(holder(), store(), proposal)
+    options: dict[str, Any] = query.model_dump(exclude_unset=True)
+    body = request.get_data(cache=False)
+    if request.mimetype == "application/json":
+        given = parse_body(DryRunJSON, load_json(body))
+        options.update(given.model_dump(exclude_unset=True))
+        text = given.policy
+    elif request.mimetype in YAML_TYPES:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(400, "invalid_policy", f"the policy is not UTF-8 text: {e}") from e
+    else:
+        raise RequestError(
+            415, "unsupported_media_type",
+            f"send the proposed policy as application/yaml (or text/plain), or as JSON "
+            f"{{\"policy\": \"<yaml>\"}}; got Content-Type {request.mimetype or '(none)'!r}",
+        )
+    if not text.strip():
+        raise RequestError(400, "missing_field", "the proposed policy is empty")
+    options.pop("policy", None)
+    for name in ("since", "until"):
+        if isinstance(options.get(name), float):
+            options[name] = repr(options[name])
+    if options.get("limit") is None:
+        options.pop("limit", None)
+    report = run_dry_run(holder(), store(), DryRunRequest(policy=text, **options),
+                         limits=settings().policy_limits)
     return jsonify(report.model_dump(mode="json"))
 
 
-@bp.get("/v1/policy/diff")
-@reader_required
-def diff() -> Any:
+@operation(bp, "/v1/policy/diff", "GET", operation_id="diff_policies", access=Access.READER,
+           summary="What differs between two stored policy versions, in plain words",
+           query=DiffQuery,
+           answers=(Answer(200, "The differences, one sentence each",
+                           {"application/json": PolicyDiff}),), errors=(404, 422))
+def diff(query: DiffQuery) -> Any:
     """What differs from stored version ``from`` to stored version ``to`` (default: the
     active policy), in plain words."""
     from moderation.diff import diff_policies
 
     _policies()  # 404 unless this server's policy is kept in the log
-    names = {"from": request.args.get("from"), "to": request.args.get("to")}
-    if not names["from"]:
-        raise RequestError(400, "missing_field", "give the version to compare: ?from=VERSION"
-                                                 "[&to=VERSION] (to: the active policy)")
-    found = {}
-    for key, version in names.items():
-        if key == "to" and not version:
-            found[key] = holder().current().policy
-            continue
-        found[key] = stored_policy(holder(), version or "")
-    changes = diff_policies(found["from"], found["to"])
+    before = stored_policy(holder(), query.from_)
+    after = (stored_policy(holder(), query.to) if query.to is not None
+             else holder().current().policy)
+    changes = diff_policies(before, after)
     return jsonify(PolicyDiff(
-        from_version=found["from"].version, to_version=found["to"].version,
+        from_version=before.version, to_version=after.version,
         changes=[PolicyChange.of(c) for c in changes],
     ).model_dump(mode="json"))

@@ -7,18 +7,23 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from decisionlog.reviews import REASONS, ReviewError, ReviewQueue, VerdictFilters
+from decisionlog.reviews import ReviewError, ReviewItem, ReviewQueue, Verdict, VerdictFilters
 
-from ..auth import (
-    api_key_required,
-    reader_or_reviewer_required,
-    reader_required,
-    reviewer_required,
-)
-from ..parsing import RequestError, parse_appeal, parse_verdict
+from ..contract import Access, Answer, Body, json_body, operation
 from ..reviews import WebhookSender, item_view, quality_report, record_verdict, request_error
-from ..schemas import VerdictPage
-from . import holder, int_arg, settings, store, time_arg
+from ..schemas import (
+    AppealJSON,
+    DecisionPath,
+    ItemPath,
+    QualityQuery,
+    QualityResponse,
+    QueueCounts,
+    ReviewClaim,
+    VerdictJSON,
+    VerdictPage,
+    VerdictsQuery,
+)
+from . import holder, settings, store
 
 bp = Blueprint("reviews", __name__)
 
@@ -33,10 +38,18 @@ def sender() -> WebhookSender | None:
     return found
 
 
-@bp.post("/v1/decisions/<decision_id>/appeal")
-@api_key_required
+@operation(bp, "/v1/decisions/<decision_id>/appeal", "POST", operation_id="appeal_decision",
+           access=Access.API_KEY, summary="Appeal a decision: a reviewer looks again (one "
+           "appeal per decision)", path=DecisionPath,
+           body=Body({"application/json": AppealJSON}, required=False,
+                     description="optional: the reason"),
+           answers=(Answer(201, "The appeal, queued", {"application/json": ReviewItem}),),
+           errors=(409, 422))
 def appeal(decision_id: str) -> Any:
-    reason = parse_appeal(request.mimetype, request.get_data(cache=False))
+    reason = None
+    if request.get_data(cache=True).strip():  # an empty body: no reason
+        reason = json_body(AppealJSON).reason
+    reason = reason.strip() or None if reason else None
     try:
         item = queue().appeal(decision_id, reason)
     except ReviewError as e:
@@ -44,8 +57,14 @@ def appeal(decision_id: str) -> Any:
     return jsonify(item.model_dump(mode="json")), 201
 
 
-@bp.post("/v1/reviews/claim")
-@reviewer_required
+@operation(bp, "/v1/reviews/claim", "POST", operation_id="claim_review",
+           access=Access.REVIEWER, summary="The next item for this reviewer, leased",
+           description="Appeals, then review actions, then audit samples "
+           "(MODERATION_REVIEW_PRIORITY), oldest first; an item you already hold is handed to "
+           "you again. Never handed to two reviewers at once.",
+           answers=(Answer(200, "The item, yours until its lease expires",
+                           {"application/json": ReviewClaim}),
+                    Answer(204, "Nothing waits")))
 def claim() -> Any:
     item = queue().claim(g.reviewer, lease_s=settings().review_lease_s,
                          priority=settings().review_order)
@@ -54,16 +73,23 @@ def claim() -> Any:
     return jsonify(item_view(holder(), store(), item, settings().image_url_template))
 
 
-@bp.post("/v1/reviews/<int:item_id>")
-@reviewer_required
+@operation(bp, "/v1/reviews/<item_id>", "POST", operation_id="record_verdict",
+           access=Access.REVIEWER, summary="Record the verdict on an item you hold",
+           path=ItemPath, body=Body({"application/json": VerdictJSON}),
+           answers=(Answer(201, "The verdict", {"application/json": Verdict}),), errors=(409,))
 def decide(item_id: int) -> Any:
-    violations, note = parse_verdict(request.mimetype, request.get_data(cache=False))
-    verdict = record_verdict(queue(), holder(), sender(), item_id, g.reviewer, violations, note)
+    given = json_body(VerdictJSON)
+    note = given.note.strip() or None if given.note else None
+    verdict = record_verdict(queue(), holder(), sender(), item_id, g.reviewer,
+                             given.violations, note)
     return jsonify(verdict.model_dump(mode="json")), 201
 
 
-@bp.post("/v1/reviews/<int:item_id>/release")
-@reviewer_required
+@operation(bp, "/v1/reviews/<item_id>/release", "POST", operation_id="release_review",
+           access=Access.REVIEWER, summary="Give an item you hold back to the queue",
+           path=ItemPath,
+           answers=(Answer(200, "The item, waiting again", {"application/json": ReviewItem}),),
+           errors=(409,))
 def release(item_id: int) -> Any:
     try:
         item = queue().release(item_id, g.reviewer)
@@ -72,34 +98,37 @@ def release(item_id: int) -> Any:
     return jsonify(item.model_dump(mode="json"))
 
 
-@bp.get("/v1/reviews")
-@reader_or_reviewer_required
-def verdicts() -> Any:
-    args = request.args
-    reason = args.get("reason")
-    if reason is not None and reason not in REASONS:
-        raise RequestError(400, "invalid_field", f"reason must be one of {', '.join(REASONS)}")
-    limit = int_arg("limit", 100, 1, 500)
-    offset = int_arg("offset", 0, 0, 1_000_000)
+@operation(bp, "/v1/reviews", "GET", operation_id="list_verdicts",
+           access=Access.READER_OR_REVIEWER, summary="Verdicts, newest first",
+           query=VerdictsQuery,
+           answers=(Answer(200, "A page of verdicts, each with its webhook delivery",
+                           {"application/json": VerdictPage}),))
+def verdicts(query: VerdictsQuery) -> Any:
     found = queue().verdicts(VerdictFilters(
-        since=time_arg("since"), until=time_arg("until"), reviewer=args.get("reviewer"),
-        reason=reason, category=args.get("category"),
-        policy_version=args.get("policy_version"), decision_id=args.get("decision_id"),
-    ), limit=limit + 1, offset=offset)
-    page = VerdictPage(verdicts=found[:limit],
-                       next_offset=offset + limit if len(found) > limit else None)
+        since=query.since, until=query.until, reviewer=query.reviewer, reason=query.reason,
+        category=query.category, policy_version=query.policy_version,
+        decision_id=query.decision_id,
+    ), limit=query.limit + 1, offset=query.offset)
+    page = VerdictPage(verdicts=found[:query.limit],
+                       next_offset=query.offset + query.limit if len(found) > query.limit
+                       else None)
     return jsonify(page.model_dump(mode="json"))
 
 
-@bp.get("/v1/reviews/queue")
-@reader_or_reviewer_required
+@operation(bp, "/v1/reviews/queue", "GET", operation_id="review_queue",
+           access=Access.READER_OR_REVIEWER,
+           summary="Items by reason and state, and webhook deliveries by state",
+           answers=(Answer(200, "Counts", {"application/json": QueueCounts}),))
 def counts() -> Any:
     return jsonify(queue().counts())
 
 
-@bp.get("/v1/quality")
-@reader_required
-def quality() -> Any:
+@operation(bp, "/v1/quality", "GET", operation_id="get_quality", access=Access.READER,
+           summary="Precision and recall per category on live traffic, from verdicts",
+           description="Weighted by the inverse of each decision's chance to be reviewed "
+           "(README: Quality); 95% intervals; appeals counted apart.", query=QualityQuery,
+           answers=(Answer(200, "Estimates", {"application/json": QualityResponse}),))
+def quality(query: QualityQuery) -> Any:
     return jsonify(quality_report(holder(), store(), settings().quality_min_verdicts,
-                                  since=time_arg("since"), until=time_arg("until"),
-                                  policy_version=request.args.get("policy_version")))
+                                  since=query.since, until=query.until,
+                                  policy_version=query.policy_version))

@@ -106,10 +106,10 @@ def test_query_filters_pagination_and_stats(app: Flask) -> None:
 @pytest.mark.parametrize(
     ("query", "message"),
     [
-        ("/v1/decisions?since=yesterday", "since: 'yesterday' is not a time: give unix seconds"),
-        ("/v1/decisions?limit=0", "limit must be an integer from 1 to 500"),
+        ("/v1/decisions?since=yesterday", "parameter 'since' is not a time: give unix seconds"),
+        ("/v1/decisions?limit=0", "parameter 'limit' must be an integer from 1 to 500; got '0'"),
         ("/v1/decisions?cursor=nope", "invalid cursor"),
-        ("/v1/stats?bucket=week", "bucket must be one of ['hour', 'day']"),
+        ("/v1/stats?bucket=week", "parameter 'bucket' must be 'hour' or 'day'; got 'week'"),
     ],
 )
 def test_bad_query_parameters(client: Any, query: str, message: str) -> None:

@@ -66,7 +66,6 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("get", "/v1/search", {"query_string": {"q": "gun"}}, 401),
     ("post", "/v1/search", {**upload((b"junk", "b")),
                             "headers": {"Authorization": f"Bearer {READER}"}}, 415),
-    ("get", "/dashboard", {"headers": {"Authorization": f"Bearer {READER}"}}, 200),
     ("get", "/healthz", {}, 200),
     ("get", "/readyz", {}, 200),
     ("get", "/metrics", {}, 200),

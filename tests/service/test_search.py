@@ -213,3 +213,43 @@ def test_the_reader_token_is_required(client: FlaskClient, make_app: Any,
     closed = make_app(READER_TOKEN=None, ADMIN_TOKEN=None).test_client()
     r = closed.get("/v1/search", query_string={"q": "a gun"}, headers=READER_H)
     assert r.status_code == 403 and r.get_json()["error"]["code"] == "reader_disabled"
+
+
+def test_search_texts_never_grow_the_shared_cache(fake_encoder: Any, policy_path: Any,
+                                                  tmp_path: Any) -> None:
+    """Before: each new search text wrote its prompts' vectors to the log's table and the
+    cache folder, without bound. Now they stay in a bounded in-memory cache of the worker."""
+    import numpy as np
+
+    from decisionlog import SharedEmbeddingCache, migrate
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+    from service.app import create_app
+    from service.search import TEXT_QUERIES
+
+    url = f"sqlite:///{policy_path.parent / 'decisions.sqlite3'}"
+    migrate(url)
+    cache = SharedEmbeddingCache.with_folder(url, tmp_path / "cache")
+    app = create_app({"POLICY": str(policy_path), "READER_TOKEN": READER, "DATABASE_URL": url},
+                     moderator=Moderator(parse_policy(policy_path.read_text()), fake_encoder,
+                                         cache))
+    client = app.test_client()
+    texts = [f"thing {i}" for i in range(5)]
+    for i, text in enumerate(texts):
+        fake_encoder.texts[text] = np.eye(3, dtype=np.float32)[i % 3]
+    files = set((tmp_path / "cache").rglob("*.npy"))
+    in_log = SharedEmbeddingCache(url)  # the log's table alone
+    TEXT_QUERIES._vectors.clear()
+    fake_encoder.encoded_texts.clear()
+    for text in texts * 2:
+        assert get(client, q=text, raw="true")["query"]["q"] == text
+    assert fake_encoder.encoded_texts == texts  # the second round: from memory
+    assert in_log.get(fake_encoder.identity, texts) == {}
+    assert set((tmp_path / "cache").rglob("*.npy")) == files
+    size, TEXT_QUERIES.size = TEXT_QUERIES.size, 2
+    fake_encoder.texts["one more"] = np.eye(3, dtype=np.float32)[0]
+    try:
+        get(client, q="one more", raw="true")
+        assert len(TEXT_QUERIES._vectors) == 2  # bounded
+    finally:
+        TEXT_QUERIES.size = size
