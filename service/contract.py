@@ -225,12 +225,17 @@ def _bounds(model: type[BaseModel], name: str) -> str | None:
     return f"an integer from {low:,} to {high:,}"
 
 
+def _member(part: int | str) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _field_errors(error: ValidationError, what: str, model: type[BaseModel]) -> RequestError:
     """A pydantic error as the 400 the client gets: each fault with its parameter, what was
     wrong and what is accepted."""
     faults, missing = [], True
     for item in error.errors():
-        name = ".".join(str(p) for p in item["loc"])
+        # (a union's member is named in the location too: left out)
+        name = ".".join(str(p) for p in item["loc"] if not _member(p))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"].startswith("missing"):
             faults.append(f"{what} {name!r} is required" if name else message)

@@ -343,7 +343,7 @@ MAX_QUERY_LENGTH = 1000  # characters of a search text (CLIP reads 77 tokens of 
 class DecisionFiltersQuery(Query):
     since: Time | None = Field(None, description="from this time")
     until: Time | None = Field(None, description="before this time (default: now)")
-    action: ActionName | Literal["error"] | None = Field(
+    action: Literal["allow", "flag", "review", "block", "error"] | None = Field(
         None, description="error: the uploads that could not be read")
     category: Text | None = Field(None, description="decisions where this category fired")
     policy_version: Text | None = None
