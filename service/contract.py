@@ -53,8 +53,15 @@ PRINTABLE_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
 TIME_PATTERN = (
     r"^(?:\d{1,12}(?:\.\d{1,6})?"
     r"|\d{1,9}(?:\.\d{1,6})?[mhd]"
-    r"|\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::\d{2}(?::\d{2}(?:\.\d{1,6})?)?)?)?"
-    r"(?:Z|[+-]\d{2}:?\d{2})?)$"
+    r"|\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-9])"  # (the 30th and 31st: below)
+    r"(?:[T ](?:[01]\d|2[0-3])(?::[0-5]\d(?::[0-5]\d(?:\.\d{1,6})?)?)?)?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?"
+    r"|\d{4}-(?:0[13-9]|1[0-2])-30"
+    r"(?:[T ](?:[01]\d|2[0-3])(?::[0-5]\d(?::[0-5]\d(?:\.\d{1,6})?)?)?)?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?"
+    r"|\d{4}-(?:0[13578]|1[02])-31"
+    r"(?:[T ](?:[01]\d|2[0-3])(?::[0-5]\d(?::[0-5]\d(?:\.\d{1,6})?)?)?)?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)$"
 )
 JSON_BODY_TYPES = ("application/json",)
 
@@ -102,9 +109,11 @@ def _flag(value: Any) -> bool:
     raise ValueError("must be true or false")
 
 
-#: Text that is stored or echoed (an id, a category, a version): printable, bounded.
+#: Text that is stored or echoed (an id, a category, a version): printable, not empty,
+#: bounded.
 Text = Annotated[
-    str, Field(max_length=MAX_ID_LENGTH, pattern=PRINTABLE_PATTERN), AfterValidator(printable)
+    str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=PRINTABLE_PATTERN),
+    AfterValidator(printable),
 ]
 #: Free text (a reviewer's note, an appeal's reason): printable but for line breaks and tabs,
 #: at most 2,000 characters; blank is none.

@@ -297,7 +297,8 @@ def search_request(query: Any) -> SearchRequest:
     return SearchRequest(q=q.strip() if q is not None else None,
                          like=getattr(query, "like", None), raw=getattr(query, "raw", False),
                          filters=filters, limit=query.limit, offset=query.offset,
-                         min_similarity=query.min_similarity, format=query.format)
+                         min_similarity=query.min_similarity,
+                         format=getattr(query, "format", "json"))
 
 
 def parse_search(args: Mapping[str, str], *, image: bool = False) -> SearchRequest:

@@ -368,21 +368,31 @@ class StatsQuery(Query):
     policy_version: Text | None = None
 
 
-class SearchFiltersQuery(DecisionFiltersQuery):
+class SearchPageQuery(DecisionFiltersQuery):
+    """The filters and the page of a search."""
+
     action: ActionName | None = None  # errors have no vectors
     limit: int = Field(20, ge=1, le=MAX_SEARCH_LIMIT)
     offset: int = Field(0, ge=0, le=MAX_SEARCH_DEPTH - 1,
                         description=f"next_offset of the page before; offset + limit at most "
                                     f"{MAX_SEARCH_DEPTH:,}")
     min_similarity: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
-    format: Literal["json", "jsonl", "csv"] = "json"
 
     @model_validator(mode="after")
-    def _depth(self) -> SearchFiltersQuery:
+    def _depth(self) -> SearchPageQuery:
         if self.offset + self.limit > MAX_SEARCH_DEPTH:
             raise ValueError(f"offset + limit must be at most {MAX_SEARCH_DEPTH:,}; got "
                              f"{self.offset + self.limit:,}")
         return self
+
+
+SearchFormat = Literal["json", "jsonl", "csv"]
+
+
+class SearchFiltersQuery(SearchPageQuery):
+    """A search with an uploaded image: the filters, the page, the answer's format."""
+
+    format: SearchFormat = "json"
 
 
 #: A search text: printable, not blank.
@@ -393,8 +403,9 @@ SearchText = Annotated[
 ]
 
 
-class SearchTextQuery(SearchFiltersQuery):
-    """Exactly one of ``q`` and ``like``."""
+class SearchExportQuery(SearchPageQuery):
+    """Exactly one of ``q`` and ``like``, the filters and the page (the answer's format is
+    the path's)."""
 
     q: SearchText | None = Field(None, description="a text to search for (not blank)")
     like: Text | None = Field(None, description="a decision id: decisions like it")
@@ -402,13 +413,19 @@ class SearchTextQuery(SearchFiltersQuery):
                                          "templates")
 
     @model_validator(mode="after")
-    def _one_query(self) -> SearchTextQuery:
+    def _one_query(self) -> SearchExportQuery:
         if (self.q is None) == (self.like is None):
             raise PydanticCustomError(
                 "missing" if self.q is None else "too_many_queries",
                 "give one query: q=<text> (text → image) or like=<decision id> (image → "
                 "image), not both; or POST an image (multipart field 'image')")
         return self
+
+
+class SearchTextQuery(SearchExportQuery):
+    """Exactly one of ``q`` and ``like``, the filters, the page, the answer's format."""
+
+    format: SearchFormat = "json"
 
 
 class PolicyVersionsQuery(Query):

@@ -30,6 +30,8 @@ from ..schemas import (
 )
 from . import holder, settings, store
 
+#: A policy's YAML text as a body: its bytes (UTF-8).
+POLICY_TEXT = {"type": "string", "format": "binary", "description": "policy YAML (UTF-8)"}
 #: The media types a proposed policy's YAML text may come as.
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
               "text/plain")
@@ -140,6 +142,21 @@ def version_text(version: str) -> Any:
     ).model_dump(mode="json"))
 
 
+@operation(bp, "/v1/policy/versions/<version>/file", "GET", operation_id="get_policy_file",
+           access=Access.READER, summary="The policy file a version was activated with, byte "
+           "for byte", path=VersionPath,
+           description="What GET /v1/policy/versions/{version} answers to Accept: "
+           "application/yaml, at a path of its own (for clients that read one media type per "
+           "answer).",
+           answers=(Answer(200, "The policy file", {"application/yaml": {"type": "string"}}),))
+def version_file(version: str) -> Any:
+    found = _policies().text(version)
+    if found is None:
+        raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
+    return Response(found.text.encode("utf-8"), mimetype="application/yaml",
+                    headers={"X-Policy-Version": found.version})
+
+
 @operation(bp, "/v1/policy/dry-run", "POST", operation_id="dry_run_policy",
            access=Access.ADMIN, summary="What a proposed policy would decide for past traffic",
            description="Re-decides the stored decisions of the window (their stored frame "
@@ -147,8 +164,7 @@ def version_text(version: str) -> Any:
            "proposed one; nothing is activated or recorded. The policy is the YAML body "
            "(options in the query string), or JSON (options in either; the body's win).",
            query=DryRunQuery,
-           body=Body({"application/yaml": {"type": "string"},
-                      "text/plain": {"type": "string"},
+           body=Body({"application/yaml": POLICY_TEXT, "text/plain": POLICY_TEXT,
                       "application/json": DryRunJSON}),
            answers=(Answer(200, "Counts before and after, the changed decisions and the "
                                 "policies' diff", {"application/json": DryRun}),),

@@ -73,7 +73,7 @@ def claim() -> Any:
     return jsonify(item_view(holder(), store(), item, settings().image_url_template))
 
 
-@operation(bp, "/v1/reviews/<item_id>", "POST", operation_id="record_verdict",
+@operation(bp, "/v1/reviews/<int:item_id>", "POST", operation_id="record_verdict",
            access=Access.REVIEWER, summary="Record the verdict on an item you hold",
            path=ItemPath, body=Body({"application/json": VerdictJSON}),
            answers=(Answer(201, "The verdict", {"application/json": Verdict}),), errors=(409,))
@@ -85,7 +85,7 @@ def decide(item_id: int) -> Any:
     return jsonify(verdict.model_dump(mode="json")), 201
 
 
-@operation(bp, "/v1/reviews/<item_id>/release", "POST", operation_id="release_review",
+@operation(bp, "/v1/reviews/<int:item_id>/release", "POST", operation_id="release_review",
            access=Access.REVIEWER, summary="Give an item you hold back to the queue",
            path=ItemPath,
            answers=(Answer(200, "The item, waiting again", {"application/json": ReviewItem}),),

@@ -3,6 +3,7 @@ decision (``like=``), or with an uploaded image (POST); nothing is recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from typing import Any
@@ -13,7 +14,7 @@ from decisionlog.search import write_csv
 
 from ..contract import Access, Answer, Body, Content, operation
 from ..parsing import IMAGE_FIELD, RequestError, search_request
-from ..schemas import SearchFiltersQuery, SearchResponse, SearchTextQuery
+from ..schemas import SearchExportQuery, SearchFiltersQuery, SearchResponse, SearchTextQuery
 from ..search import SearchResult, run_search
 from . import holder, settings, store
 
@@ -53,6 +54,33 @@ def search_get(query: SearchTextQuery) -> Any:
     parsed = search_request(query)
     return _answer(run_search(holder(), store(), parsed,
                               ef_search=settings().search_ef_search), parsed.format)
+
+
+def _export(query: SearchExportQuery, fmt: str) -> Any:
+    return _answer(run_search(holder(), store(), dataclasses.replace(
+        search_request(query), format=fmt), ef_search=settings().search_ef_search), fmt)
+
+
+# The same hits as CSV and as JSON lines, each at a path of its own: a client generated from
+# the document (openapi-python-client reads one media type per answer) can reach them.
+@operation(bp, "/v1/search.csv", "GET", operation_id="search_decisions_csv",
+           access=Access.READER, summary="GET /v1/search?format=csv: the hits as CSV",
+           description="A header, then one hit per row (cells that would start a "
+           "spreadsheet formula are quoted).", query=SearchExportQuery,
+           answers=(Answer(200, "A header and one hit per row",
+                           {"text/csv": {"type": "string"}}),), errors=(404, 422))
+def search_csv(query: SearchExportQuery) -> Any:
+    return _export(query, "csv")
+
+
+@operation(bp, "/v1/search.jsonl", "GET", operation_id="search_decisions_jsonl",
+           access=Access.READER, summary="GET /v1/search?format=jsonl: the hits as JSON lines",
+           query=SearchExportQuery,
+           answers=(Answer(200, "One hit (a SearchHit) per line",
+                           {"application/x-ndjson": {"type": "string"}}),),
+           errors=(404, 422))
+def search_jsonl(query: SearchExportQuery) -> Any:
+    return _export(query, "jsonl")
 
 
 @operation(bp, "/v1/search", "POST", operation_id="search_decisions_by_image",
