@@ -59,9 +59,9 @@ SEED = 25  # issue 25
 # binary` cannot say "a decodable PNG"), a policy's YAML text (no schema says "a policy whose
 # terms encode"), the categories a verdict names (those of the decision's policy) and a
 # decisions cursor (opaque: a well-formed string that no page handed out is refused); and
-# for GET /v1/search (and its .csv and .jsonl), its rule "exactly one of q and like", which its description states and
-# no OpenAPI parameter list can (the fuzzing phase keeps to it through filter_query below;
-# the coverage phase applies no hooks).
+# for GET /v1/search (and its .csv and .jsonl), its rule "exactly one of q and like", which
+# its description states and no OpenAPI parameter list can (the fuzzing phase keeps to it
+# through filter_query below; the coverage phase applies no hooks).
 # Everything else stays: not_a_server_error, status_code_conformance,
 # content_type_conformance, response_headers_conformance, response_schema_conformance,
 # negative_data_rejection, missing_required_header, ignored_auth, unsupported_method,
