@@ -174,8 +174,7 @@ class RequestReader:
     @property
     def is_health_check(self) -> bool:
         return (self.request is not None and self.request.method == b"GET"
-                and self.request.target.split(b"?", 1)[0] == HEALTH_PATH
-                and self.body_size == 0)
+                and self.request.target == HEALTH_PATH and self.body_size == 0)
 
     @property
     def keep_alive(self) -> bool:

@@ -25,9 +25,9 @@ from tests.conftest import HAND_POLICY, TINY_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.server, pytest.mark.skipif(
     os.environ.get("MODERATION_TEST_TORCH_FREE") != "1",
-    reason="set MODERATION_TEST_TORCH_FREE=1 (.ci/services does) to build a torch-free venv")
+    reason="set MODERATION_TEST_TORCH_FREE=1 (.ci/services does) to build a torch-free venv")]
 
 
 def test_a_torch_free_install_scans_and_serves_an_exported_model(

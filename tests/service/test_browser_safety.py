@@ -357,6 +357,7 @@ def other_site(tmp_path: Any) -> Any:
     server.shutdown()
 
 
+@pytest.mark.browser
 def test_in_chromium(make_app: Callable[..., Flask], other_site: Any) -> None:
     """Chromium, signed in as ann: an app on another port of the same host (same site, so
     the SameSite=Strict cookie goes along) posts a verdict and loads the claiming page: both

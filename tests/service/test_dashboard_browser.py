@@ -21,6 +21,9 @@ from werkzeug.serving import make_server
 from decisionlog import DecisionRecord
 from tests.service.conftest import ADMIN, READER
 
+# drives a real Chromium: left out of the quick loop
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("MODERATION_TEST_CHROMIUM") or shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

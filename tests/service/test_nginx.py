@@ -8,10 +8,14 @@ import socket
 import time
 from collections.abc import Callable
 
+import pytest
 import requests
 
 from tests.conftest import RED, image_bytes
 from tests.service.conftest import Server
+
+# starts a real server (gunicorn, nginx or Ray): left out of the quick loop
+pytestmark = pytest.mark.server
 
 
 def answer(port: int, data: bytes) -> bytes:

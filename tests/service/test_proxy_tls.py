@@ -8,9 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.service.conftest import READER, TOKEN, Server, free_port
+
+# starts a real server (gunicorn, nginx or Ray): left out of the quick loop
+pytestmark = pytest.mark.server
 
 
 def test_tls_in_front(start_server: Callable[..., Server], nginx_in_front: Callable[..., int],

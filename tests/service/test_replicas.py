@@ -9,12 +9,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 import yaml
 
 from tests.conftest import RED, image_bytes
 
 from .conftest import READER, TOKEN, Server
+
+# starts a real server (gunicorn, nginx or Ray): left out of the quick loop
+pytestmark = pytest.mark.server
 
 
 def _version(base: str) -> str:

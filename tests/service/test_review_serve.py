@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import yaml
 from click.testing import CliRunner
@@ -18,6 +19,9 @@ from click.testing import CliRunner
 from moderation.cli import main
 from tests.conftest import image_bytes
 from tests.service.conftest import READER, Server
+
+# starts a real server (gunicorn, nginx or Ray): left out of the quick loop
+pytestmark = pytest.mark.server
 
 
 def test_two_reviewers_empty_the_queue_and_calibration_reads_their_verdicts(

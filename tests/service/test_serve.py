@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from tests.conftest import GREEN, RED, image_bytes
 from tests.service.conftest import READER, TOKEN, tiny_policy_text
+
+# starts a real server (gunicorn, nginx or Ray): left out of the quick loop
+pytestmark = pytest.mark.server
 
 MAX_REQUESTS = 400  # the load is bounded in count...
 MAX_SECONDS = 60  # ...and in time
