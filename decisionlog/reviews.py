@@ -21,6 +21,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
+from moderation import ModerationError
 from moderation.policy import Action
 
 from .schema import decisions, review_items, review_verdicts, webhook_outbox
@@ -50,38 +51,42 @@ REASONS = ("appeal", "review", "audit")
 Reason = Literal["appeal", "review", "audit"]
 
 
-class ReviewError(Exception):
-    """A review request that cannot be done; ``code`` says which rule it broke."""
+class ReviewError(ModerationError, ValueError):
+    """A review request that cannot be done; ``code`` says which rule it broke, ``status``
+    what the service answers."""
 
     code = "review_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    status = 400
 
 
-class UnknownItem(ReviewError):
+class UnknownItem(ReviewError, LookupError):
     code = "not_found"
+    status = 404
 
 
 class NotClaimed(ReviewError):
     code = "not_claimed"
+    status = 409
 
 
 class AlreadyDecided(ReviewError):
     code = "already_decided"
+    status = 409
 
 
 class AlreadyAppealed(ReviewError):
     code = "already_appealed"
+    status = 409
 
 
 class NotAppealable(ReviewError):
     code = "not_appealable"
+    status = 422
 
 
 class UnknownCategory(ReviewError):
     code = "unknown_category"
+    status = 400
 
 
 # --- audit sampling ------------------------------------------------------------------------

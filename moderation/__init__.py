@@ -12,11 +12,14 @@ The encoder (and so torch) is imported only when a model is loaded.
 from .decision import CategoryDecision, Decision, TermMatch
 from .errors import (
     ImageError,
+    InvalidRequest,
     ModelError,
     ModelMismatchError,
     ModerationError,
+    NotFound,
     PolicyError,
     PolicyLimitError,
+    UnknownProfile,
     WeightsUnavailableError,
 )
 from .moderator import ModerationResult, Moderator
@@ -27,14 +30,17 @@ __all__ = [
     "CategoryDecision",
     "Decision",
     "ImageError",
+    "InvalidRequest",
     "ModelError",
     "ModelMismatchError",
     "ModerationError",
     "ModerationResult",
+    "NotFound",
     "Moderator",
     "Policy",
     "PolicyError",
     "PolicyLimitError",
+    "UnknownProfile",
     "PolicyLimits",
     "TermMatch",
     "WeightsUnavailableError",

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import PolicyError, PolicyLimitError
+from .errors import PolicyError, PolicyLimitError, UnknownProfile
 
 __all__ = [
     "Action",
@@ -372,7 +372,7 @@ class Policy(_Strict):
         """Raise :class:`PolicyError` unless ``profile`` is ``None``, ``default`` or one of
         the policy's calibration profiles."""
         if profile not in (None, DEFAULT_PROFILE) and profile not in self.profiles:
-            raise PolicyError(
+            raise UnknownProfile(
                 f"unknown calibration profile {excerpt(profile)}; this policy has: "
                 f"{', '.join(self.profile_names())}"
             )

@@ -9,36 +9,28 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from moderation import ImageError
+from moderation import ModerationError
 
-from .parsing import IMAGE_FIELD, MAX_ID_LENGTH, RequestError
+from .parsing import IMAGE_FIELD, MAX_ID_LENGTH
 from .settings import current_settings
 
-__all__ = ["IMAGE_ERROR_STATUS", "error_response", "register_error_handlers"]
+__all__ = ["error_response", "register_error_handlers"]
 
 log = logging.getLogger(__name__)
-
-#: The status of a request whose only image failed, by the image's error code (else 400).
-IMAGE_ERROR_STATUS = {
-    "unsupported_format": 415,
-    "too_many_pixels": 413,
-    "too_many_frames": 413,
-    "animation_too_large": 413,
-    "too_many_scans": 413,
-}
-
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
     body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
     return jsonify(body), status
 
 
-def _request_error(e: RequestError) -> tuple[Response, int]:
-    return error_response(e.status, e.code, e.message, **e.extra)
-
-
-def _image_error(e: ImageError) -> tuple[Response, int]:
-    return error_response(IMAGE_ERROR_STATUS.get(e.code, 400), e.code, e.message)
+def _domain_error(e: ModerationError) -> tuple[Response, int]:
+    """Every error raised on purpose carries its status, code and details (one base class:
+    :class:`moderation.ModerationError`); a 5xx among them is logged and not explained."""
+    if e.status >= 500:
+        log.error("%s on %s %s: %s", type(e).__name__, request.method, request.path, e)
+        return error_response(e.status, e.code, "internal error; the server log has the "
+                                                "details")
+    return error_response(e.status, e.code, e.message, **e.details())
 
 
 def _http_error(e: HTTPException) -> tuple[Response, int]:
@@ -74,8 +66,7 @@ def _internal_error(e: Exception) -> tuple[Response, int]:
 
 #: One table from error types to the handler that gives their status and code.
 HANDLERS: dict[type[Exception], Any] = {
-    RequestError: _request_error,  # status and code carried by the error
-    ImageError: _image_error,  # IMAGE_ERROR_STATUS by code
+    ModerationError: _domain_error,  # status, code and details carried by the error
     HTTPException: _http_error,  # werkzeug's: 404, 405, 413 (with the limit named), …
     Exception: _internal_error,  # anything else: 500, logged, no traceback to the client
 }

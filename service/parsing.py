@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decisionlog.search import SearchFilters
+from moderation import InvalidRequest
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -41,15 +42,9 @@ IMAGE_FIELD = "image"
 MAX_ID_LENGTH = 256
 
 
-class RequestError(Exception):
-    """A request the service refuses as a whole: ``status``, ``code`` and ``message``."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
+class RequestError(InvalidRequest):
+    """A request the service refuses as a whole: ``status``, ``code`` and ``message`` (a
+    :class:`moderation.ModerationError`, answered by the one error table)."""
 
 
 @dataclass(frozen=True)

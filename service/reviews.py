@@ -17,39 +17,21 @@ from typing import Any
 from decisionlog import DecisionStore
 from decisionlog.quality import quality
 from decisionlog.reviews import (
-    AlreadyAppealed,
-    AlreadyDecided,
-    NotAppealable,
-    NotClaimed,
-    ReviewError,
     ReviewItem,
     ReviewQueue,
-    UnknownCategory,
     UnknownItem,
     Verdict,
 )
 from moderation import PolicyError
 from moderation.policy import Policy
 
-from .parsing import RequestError
 from .schemas import QualityResponse
 from .state import PolicyHolder
 
 __all__ = ["WebhookSender", "decision_policy", "item_view", "quality_report", "record_verdict",
-           "request_error", "signature"]
+           "signature"]
 
 log = logging.getLogger(__name__)
-
-#: The status each review rule answers with when it is broken.
-STATUS = {
-    UnknownItem: 404, NotClaimed: 409, AlreadyDecided: 409, AlreadyAppealed: 409,
-    NotAppealable: 422, UnknownCategory: 400,
-}
-
-
-def request_error(e: ReviewError) -> RequestError:
-    return RequestError(STATUS.get(type(e), 400), e.code, e.message)
-
 
 def decision_policy(holder: PolicyHolder, version: str) -> Policy:
     """The policy a decision was made with (its categories are what a verdict names); the
@@ -92,17 +74,14 @@ def record_verdict(queue: ReviewQueue, holder: PolicyHolder, sender: WebhookSend
                    item_id: int, reviewer: str, violations: list[str],
                    note: str | None) -> Verdict:
     """Validate against the decision's policy and record (into the outbox too when a webhook
-    is set, and the sender is woken). Raises :class:`RequestError`."""
+    is set, and the sender is woken). Raises :class:`decisionlog.reviews.ReviewError`."""
     item = queue.item(item_id)
     if item is None:
-        raise RequestError(404, "not_found", f"no review item {item_id}")
+        raise UnknownItem(f"no review item {item_id}")
     policy = decision_policy(holder, item.policy_version)
     actions = {cid: c.action for cid, c in policy.categories.items()}
-    try:
-        verdict = queue.decide(item_id, reviewer, violations, actions, note=note,
-                               webhook=sender is not None)
-    except ReviewError as e:
-        raise request_error(e) from e
+    verdict = queue.decide(item_id, reviewer, violations, actions, note=note,
+                           webhook=sender is not None)  # a ReviewError says which rule
     if sender is not None:
         sender.wake()
     return verdict

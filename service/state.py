@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from decisionlog import Activation, PolicyLog
-from moderation import Moderator
+from moderation import ModerationError, Moderator, PolicyError
 from moderation.policy import Policy, PolicyLimits, parse_policy
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,21 @@ class PolicyHolder:
         if self.policy_path is None:
             raise RuntimeError("this service was not started from a policy file")
         with self._lock:
-            text = read_policy_text(self.policy_path)
-            policy = parse_policy(
-                text, source=self.policy_path.name, base_dir=self.policy_path.parent,
-                limits=self.limits,
-            )
-            moderator = self._moderator.with_policy(policy)  # encodes new prompts
+            keeps = "the previous policy keeps serving"
+            try:
+                text = read_policy_text(self.policy_path)
+                policy = parse_policy(
+                    text, source=self.policy_path.name, base_dir=self.policy_path.parent,
+                    limits=self.limits,
+                )
+                moderator = self._moderator.with_policy(policy)  # encodes new prompts
+            except PolicyError as e:
+                raise type(e)(f"the policy file is not valid; {keeps}", faults=e.faults) from e
+            except ModerationError as e:  # e.g. thresholds calibrated with another model
+                raise PolicyError(f"{e}; {keeps}") from e
+            except (OSError, UnicodeDecodeError) as e:
+                raise PolicyError(f"cannot read the policy file ({type(e).__name__}); "
+                                  f"{keeps}") from e
             if self.policies is not None:
                 activation = self.policies.activate(
                     version=policy.version, name=policy.name, source=self.policy_path.name,

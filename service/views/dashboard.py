@@ -9,8 +9,8 @@ from typing import Any
 
 from flask import Blueprint, Response, g, redirect, request, url_for
 
-from decisionlog.reviews import ReviewError, VerdictFilters
-from moderation import ImageError
+from decisionlog.reviews import VerdictFilters
+from moderation import ModerationError
 
 from ..auth import admin_page_required, reader_page_required, reviewer_page_required, sign_in
 from ..dashboard import (
@@ -22,10 +22,9 @@ from ..dashboard import (
     render_search,
     search_csv,
 )
-from ..errors import IMAGE_ERROR_STATUS
 from ..lab import run_dry_run
 from ..parsing import IMAGE_FIELD, DryRunRequest, RequestError, free_text, parse_search
-from ..reviews import item_view, quality_report, record_verdict, request_error
+from ..reviews import item_view, quality_report, record_verdict
 from ..schemas import MAX_ROW_ID
 from ..search import run_search
 from ..security import same_origin_required
@@ -73,11 +72,9 @@ def search() -> Any:
         result = run_search(holder(), store(), parsed,
                             image=image.read() if image is not None else None,
                             ef_search=settings().search_ef_search)
-    except (RequestError, ImageError) as e:
-        status = (e.status if isinstance(e, RequestError)
-                  else IMAGE_ERROR_STATUS.get(e.code, 400))
+    except ModerationError as e:  # a bad parameter, an unreadable image: shown on the page
         error = {"code": e.code, "message": e.message}
-        return _page(render_search(holder(), form=form, error=error), status)
+        return _page(render_search(holder(), form=form, error=error), e.status)
     if parsed.format == "csv":  # the page's export link (/v1/search takes bearer tokens only)
         return Response(search_csv(result), mimetype="text/csv")
     return _page(render_search(holder(), form=form, result=result,
@@ -107,8 +104,9 @@ def lab() -> Any:
         report = run_dry_run(holder(), store(), DryRunRequest(
             policy=text, since=since or None, until=until or None, limit=limit),
             limits=settings().policy_limits)
-    except RequestError as e:
-        error = {"code": e.code, "message": e.message, "faults": e.extra.get("faults", [])}
+    except ModerationError as e:  # shown on the page, with a policy's faults
+        error = {"code": e.code, "message": e.message,
+                 "faults": e.details().get("faults", [])}
         return _page(render_lab(holder(), error=error, **shown), e.status)
     return _page(render_lab(holder(), report=report, **shown))
 
@@ -149,15 +147,12 @@ def review_decide(item_id: str) -> Any:
         if (found_id := _row_id(item_id)) is None:
             raise RequestError(404, "not_found", f"no review item {item_id[:40]!r}")
         if form.get("do") == "skip":
-            try:
-                reviews.queue().release(found_id, g.reviewer)
-            except ReviewError as e:
-                raise request_error(e) from e
+            reviews.queue().release(found_id, g.reviewer)
             return redirect(url_for("dashboard.review"), 303)
         verdict = record_verdict(reviews.queue(), holder(), reviews.sender(), found_id,
                                  g.reviewer, form.getlist("violation"),
                                  free_text(form.get("note"), "note"))
-    except RequestError as e:
+    except ModerationError as e:  # shown on the page
         error = {"code": e.code, "message": e.message}
         return _page(render_review(g.reviewer, None, reviews.queue().counts(), error=error),
                      e.status)

@@ -8,8 +8,6 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from moderation import ModerationError, PolicyError
-
 from ..contract import Access, Answer, Body, operation, parse_body
 from ..lab import run_dry_run, stored_policy
 from ..parsing import DryRunRequest, RequestError, load_json
@@ -74,19 +72,7 @@ def policy() -> Any:
                            {"application/json": ReloadResponse}),), errors=(404, 422))
 def reload() -> Any:
     before = holder().current().policy.version
-    try:
-        active = holder().reload()
-    except PolicyError as e:
-        raise RequestError(
-            422, "invalid_policy",
-            "the policy file is not valid; the previous policy keeps serving", faults=e.faults,
-        ) from e
-    except ModerationError as e:
-        raise RequestError(
-            422, "invalid_policy", f"{e}; the previous policy keeps serving"
-        ) from e
-    except OSError as e:
-        raise RequestError(422, "invalid_policy", f"cannot read the policy file: {e}") from e
+    active = holder().reload()  # a PolicyError (422, with the faults) keeps the old policy
     return jsonify(ReloadResponse(
         name=active.policy.name,
         version=active.policy.version,

@@ -7,10 +7,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from decisionlog.reviews import ReviewError, ReviewItem, ReviewQueue, Verdict, VerdictFilters
+from decisionlog.reviews import ReviewItem, ReviewQueue, Verdict, VerdictFilters
 
 from ..contract import Access, Answer, Body, json_body, operation
-from ..reviews import WebhookSender, item_view, quality_report, record_verdict, request_error
+from ..reviews import WebhookSender, item_view, quality_report, record_verdict
 from ..schemas import (
     AppealJSON,
     DecisionPath,
@@ -50,10 +50,7 @@ def appeal(decision_id: str) -> Any:
     if request.get_data(cache=True).strip():  # an empty body: no reason
         reason = json_body(AppealJSON).reason
     reason = reason.strip() or None if reason else None
-    try:
-        item = queue().appeal(decision_id, reason)
-    except ReviewError as e:
-        raise request_error(e) from e
+    item = queue().appeal(decision_id, reason)  # a ReviewError says which rule
     return jsonify(item.model_dump(mode="json")), 201
 
 
@@ -91,10 +88,7 @@ def decide(item_id: int) -> Any:
            answers=(Answer(200, "The item, waiting again", {"application/json": ReviewItem}),),
            errors=(409,))
 def release(item_id: int) -> Any:
-    try:
-        item = queue().release(item_id, g.reviewer)
-    except ReviewError as e:
-        raise request_error(e) from e
+    item = queue().release(item_id, g.reviewer)  # a ReviewError says which rule
     return jsonify(item.model_dump(mode="json"))
 
 
