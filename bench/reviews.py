@@ -86,7 +86,7 @@ def claim_rate(store, items: int, reviewers: int) -> str:  # type: ignore[no-unt
 
 def quality_time(store, n: int) -> str:  # type: ignore[no-untyped-def]
     from decisionlog.quality import quality
-    from decisionlog.schema import review_items, review_verdicts
+    from decisionlog.tables import review_items, review_verdicts
 
     rng = np.random.default_rng(0)
     now = time.time()

@@ -33,7 +33,7 @@ def fill(url: str, n: int, vectors: Vectors, *, model: str, seed: int = 0,
     """Add decisions to the log at ``url`` until it has ``n``. ``actions``: a mix of actions
     (one in twenty flag, review or block) instead of allow only."""
     from decisionlog import DecisionStore
-    from decisionlog.schema import decision_frames, decisions
+    from decisionlog.tables import decision_frames, decisions
 
     store = DecisionStore(url)
     have = store.count()

@@ -3,19 +3,12 @@ its sampled frames, never the image; the policy texts and their activations. Sha
 service, the CLI and batch jobs. SQLite by default, PostgreSQL for replicas. The only package
 that talks to a database."""
 
-from .database import SchemaError, migrate
+from .database import SchemaError, default_database_url, migrate
 from .policies import Activation, PolicyLog, SharedEmbeddingCache
+from .recorder import DeadLetters, Recorder, default_dead_letter_path, replay_dead_letters
 from .records import CSV_COLUMNS, DecisionRecord
-from .store import (
-    DeadLetters,
-    DecisionFilters,
-    DecisionStore,
-    Recorder,
-    default_database_url,
-    default_dead_letter_path,
-    parse_time,
-    replay_dead_letters,
-)
+from .store import DecisionFilters, DecisionStore
+from .windows import parse_time
 
 __all__ = [
     "CSV_COLUMNS",

@@ -28,7 +28,7 @@ _database_option = click.option(
 
 
 def default_database_url() -> str:
-    from .store import default_database_url as default
+    from .database import default_database_url as default
 
     return default()
 
@@ -51,8 +51,7 @@ def _store(database_url: str | None) -> Any:
 def decisions_migrate(revision: str, database_url: str | None) -> None:
     """Bring the log's schema up to date (the service and the other commands do it on start;
     this does it alone, e.g. before a rolling upgrade of replicas)."""
-    from .database import SchemaError, migrate
-    from .store import default_database_url
+    from .database import SchemaError, default_database_url, migrate
 
     url = database_url or default_database_url()
     try:
@@ -65,7 +64,7 @@ def decisions_migrate(revision: str, database_url: str | None) -> None:
 
 
 def _time_option(value: str | None) -> float | None:
-    from .store import parse_time
+    from .windows import parse_time
 
     if value is None:
         return None
@@ -306,7 +305,7 @@ def decisions_replay(path: Path | None, database_url: str | None) -> None:
 
     Those the log already has are skipped; those it still cannot take stay in the file (exit 1).
     """
-    from .store import DeadLetters, default_dead_letter_path, replay_dead_letters
+    from .recorder import DeadLetters, default_dead_letter_path, replay_dead_letters
 
     store = _store(database_url)
     dead = DeadLetters(path or default_dead_letter_path(store.url))

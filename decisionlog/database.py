@@ -22,8 +22,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 __all__ = [
-    "SchemaError", "connect", "dispose_all", "head_revision", "migrate", "migration_lock",
-    "revision_of",
+    "SchemaError", "connect", "data_dir", "default_database_url", "dispose_all",
+    "head_revision", "migrate", "migration_lock", "revision_of",
 ]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -35,6 +35,16 @@ _engines_lock = threading.Lock()
 class SchemaError(RuntimeError):
     """The database cannot be used as a decision log (an unknown revision, pgvector
     missing, …); the message says what to do."""
+
+
+def data_dir() -> Path:
+    """``$XDG_DATA_HOME/moderation``, else ``~/.local/share/moderation``."""
+    root = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(root) / "moderation"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{data_dir() / 'decisions.sqlite3'}"
 
 
 def _sqlalchemy_url(url: str) -> str:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from moderation.prompts import EmbeddingCache, VectorCache
 
 from .database import connect, migrate
-from .schema import policy_activations, policy_versions, text_embeddings
+from .tables import policy_activations, policy_versions, text_embeddings
 
 __all__ = ["Activation", "PolicyLog", "PolicyText", "SharedEmbeddingCache"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from .schema import review_items, review_verdicts
+from .tables import review_items, review_verdicts
 
 __all__ = ["DesignSample", "Estimate", "QualityReport", "ReviewedImage", "ReviewedSet",
            "design_sample", "estimate_ratio", "labelled_from_log", "quality", "reviewed_set"]
@@ -248,8 +248,8 @@ def reviewed_set(url: str, *, model: str, since: float | None = None,
     import hashlib
     from collections import Counter
 
-    from .schema import decisions
     from .store import DecisionStore
+    from .tables import decisions
 
     store = DecisionStore(url)
     sample = design_sample(store.engine, since=since, until=until)
@@ -342,8 +342,8 @@ def _categories_of_versions(url: str, versions: set[str]) -> dict[str, frozenset
 def _decisions_by_action(store: Any, model: str, since: float | None,
                          until: float | None) -> dict[str, int]:
     """Decisions of ``model`` made in the window, errors aside, per action."""
-    from .schema import decisions
     from .store import DecisionFilters
+    from .tables import decisions
 
     where = [*DecisionFilters(since=since, until=until).clauses(),
              decisions.c.model == model, decisions.c.error_code.is_(None)]
@@ -359,7 +359,8 @@ def labelled_from_log(database_url: str | None, *, model: str, since: str | None
     ``moderation.label_sources`` entry point): :func:`reviewed_set` with the command's
     options as given (times as ``parse_time`` reads them; the default log when no URL).
     Raises ``ValueError`` for a time it cannot read."""
-    from .store import default_database_url, parse_time
+    from .database import default_database_url
+    from .windows import parse_time
 
     return reviewed_set(
         database_url or default_database_url(), model=model,

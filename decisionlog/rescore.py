@@ -23,8 +23,8 @@ from moderation.scorer import Scorer
 
 from .lab import window_of
 from .records import CategoryOutcome, DecisionRecord, ImageRef, PolicyRef
-from .schema import decisions, rescore_runs, rescored_decisions
 from .store import DecisionStore
+from .tables import decisions, rescore_runs, rescored_decisions
 
 __all__ = ["RescoreRun", "export_rescore", "rescore", "rescore_runs_of"]
 

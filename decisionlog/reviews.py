@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from moderation import ModerationError
 from moderation.policy import Action
 
-from .schema import decisions, review_items, review_verdicts, webhook_outbox
+from .tables import decisions, review_items, review_verdicts, webhook_outbox
 
 __all__ = [
     "REASONS",

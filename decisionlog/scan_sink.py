@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from .database import default_database_url
 from .records import DecisionRecord, ImageRef, PolicyRef
-from .store import DecisionStore, default_database_url
+from .store import DecisionStore
 
 __all__ = ["LogSink"]
 

@@ -30,8 +30,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
 from .records import spreadsheet_safe
-from .schema import FrameVector, decision_frames, decisions
 from .store import DecisionFilters, DecisionStore
+from .tables import FrameVector, decision_frames, decisions
 
 log = logging.getLogger(__name__)
 

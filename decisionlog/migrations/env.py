@@ -4,7 +4,7 @@ lock) in ``config.attributes["connection"]``."""
 
 from alembic import context
 
-from decisionlog.schema import metadata
+from decisionlog.tables import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(

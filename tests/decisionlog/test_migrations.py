@@ -126,12 +126,12 @@ def test_down_to_the_first_revision_and_up_again(url: str) -> None:
 
 
 def test_the_migrations_build_exactly_the_schema_the_code_queries(url: str) -> None:
-    """Alembic's autogenerate comparison of the migrated database with decisionlog.schema
+    """Alembic's autogenerate comparison of the migrated database with decisionlog.tables
     finds nothing to change."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from decisionlog.schema import metadata
+    from decisionlog.tables import metadata
 
     migrate(url)
     with connect(url).connect() as conn:

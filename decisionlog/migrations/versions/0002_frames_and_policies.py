@@ -14,7 +14,7 @@ import numpy as np
 import sqlalchemy as sa
 from alembic import op
 
-from decisionlog.schema import FrameVector
+from decisionlog.tables import FrameVector
 
 revision = "0002"
 down_revision = "0001"
