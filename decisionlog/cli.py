@@ -335,25 +335,27 @@ def _when(t: float | None, default: str) -> str:
 def _stored_or_file(spec: str, database_url: str | None, base_dir: Path) -> tuple[Any, str]:
     """A policy file, or a version whose text the log keeps: (policy, where it came from)."""
     from moderation import PolicyError
-    from moderation.policy import load_policy, parse_policy
+    from moderation.policy import load_policy
 
+    from .lab import UnknownPolicyVersion, stored_policy
     from .policies import PolicyLog
 
     try:
         if Path(spec).is_file():
             return load_policy(spec), f"file {spec}"
         log = PolicyLog(database_url or default_database_url())
-        stored = log.text(spec)
-        if stored is None:
+        try:
+            return stored_policy(log, spec, base_dir=base_dir), f"stored version {spec}"
+        except UnknownPolicyVersion:
             recent = ", ".join(a.version for a in log.history(limit=5)) or "(none)"
             raise click.ClickException(
                 f"{spec!r} is neither a policy file nor a policy version the decision log "
                 f"has; its latest versions: {recent}"
-            )
-        return (parse_policy(stored.text, source=f"version {spec}", base_dir=base_dir),
-                f"stored version {spec}")
+            ) from None
     except PolicyError as e:
-        raise click.ClickException(str(e)) from e
+        shown = str(e)  # a stored version's faults are not in its message
+        raise click.ClickException("\n".join(
+            [shown, *(f"  - {f}" for f in e.faults if f not in shown)])) from e
 
 
 def _in_force(database_url: str | None, base_dir: Path,
@@ -398,7 +400,7 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
     """
     from moderation.prompts import OverlayCache
 
-    from .lab import dry_run
+    from .lab import dry_run_policy, refuse_other_models
     from .policies import SharedEmbeddingCache
 
     url = database_url or default_database_url()
@@ -408,24 +410,20 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
         else _in_force(url, proposed.parent)
     )
     proposal, _ = _stored_or_file(str(proposed), url, proposed.parent)
-    if before.model != proposal.model:  # said before any weights are loaded
-        raise click.ClickException(
-            f"{proposed} names model {proposal.model.name}/{proposal.model.pretrained}, but "
-            f"the policy to compare with ({before_source}) and so the stored embeddings "
-            f"belong to model {before.model.name}/{before.model.pretrained}: a dry-run "
-            "re-scores stored embeddings, which only works with the model that made them"
-        )
+    try:  # said before any weights are loaded
+        refuse_other_models(before, [(str(proposed), proposal)], base_dir=proposed.parent)
+    except ModerationError as e:
+        raise click.ClickException(str(e)) from e
     after = load_moderator(
         policy_path=proposed,
         cache=OverlayCache(SharedEmbeddingCache.with_folder(url, weights["cache_dir"])),
         **weights,
     )
     try:
-        current = after.with_policy(before)
-        report = dry_run(
-            store, current.scorer(), after.scorer(), model=after.encoder.identity,
-            since=_time_option(since), until=_time_option(until), limit=limit,
-            before_source=before_source, after_source=f"file {proposed}",
+        report = dry_run_policy(
+            store, after, proposal, against=before, against_source=before_source,
+            proposed_source=f"file {proposed}", since=_time_option(since),
+            until=_time_option(until), limit=limit, base_dir=proposed.parent,
         )
     except ModerationError as e:
         raise click.ClickException(str(e)) from e

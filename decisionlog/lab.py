@@ -1,5 +1,9 @@
 """The policy lab: what a policy edit would do to past traffic, before it goes live.
 
+:func:`dry_run_policy` is the entry point the CLI and the service both call: it parses the
+proposed policy, resolves the one to compare with, refuses another model, builds both scorers
+over one encoder and cache (new prompts into the run's memory only), then :func:`dry_run`.
+
 A dry-run re-decides the stored decisions of a time window twice, under the policy in force
 (or any stored version) and under the proposed one, from the stored frame embeddings and
 through the service's own scorer (:meth:`moderation.scorer.Scorer.assess` for the counts,
@@ -15,21 +19,34 @@ import heapq
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from typing import Literal, TypeVar
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from moderation.diff import Change, diff_policies
-from moderation.errors import ModelMismatchError
-from moderation.policy import Action
+from moderation.errors import ModelMismatchError, NotFound, PolicyError, PolicyLimitError
+from moderation.policy import Action, Policy, PolicyLimits, parse_policy
+from moderation.prompts import OverlayCache
 from moderation.scorer import Assessment, Scorer
 
+from .policies import PolicyLog
 from .records import CategoryOutcome
 from .store import DecisionStore, StoredFrames
 
-__all__ = ["DryRun", "dry_run"]
+if TYPE_CHECKING:
+    from moderation import Moderator
+
+__all__ = [
+    "DryRun",
+    "UnknownPolicyVersion",
+    "dry_run",
+    "dry_run_policy",
+    "refuse_other_models",
+    "stored_policy",
+]
 
 ACTIONS = [a.value for a in Action]
 Kind = Literal["newly_flagged", "newly_cleared", "action_changed", "categories_changed"]
@@ -400,4 +417,145 @@ def dry_run(
         limit=limit,
         diff=[PolicyChange.of(c) for c in diff_policies(before.policy, after.policy)],
         left_out=left_out, seconds=round(time.perf_counter() - started, 3), note=note,
+    )
+
+
+# --- the entry point: from a proposed policy to a dry-run ------------------------------------
+
+
+class UnknownPolicyVersion(NotFound):
+    """A policy version the decision log never had (``version``: as it was asked for)."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__(f"no policy version {_cut(version)!r} was ever active")
+        self.version = version
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _model(policy: Policy, base_dir: Path | None) -> str:
+    """The policy's model as a message may show it: a checkpoint inside ``base_dir`` by its
+    relative path, one elsewhere by its file name, never by the path it was resolved to."""
+    pretrained = policy.model.pretrained
+    if Path(pretrained).is_absolute():
+        path = Path(pretrained)
+        try:
+            pretrained = str(path.relative_to(base_dir.resolve())) if base_dir else path.name
+        except ValueError:
+            pretrained = path.name
+    return _cut(f"{policy.model.name}/{pretrained}")
+
+
+def stored_policy(policies: PolicyLog, version: str, *, base_dir: Path | None = None,
+                  limits: PolicyLimits | None = None) -> Policy:
+    """The policy ``version`` was (last) activated with, parsed from the text the log keeps
+    (a relative checkpoint path resolved in ``base_dir``, under ``limits``).
+
+    Raises :class:`UnknownPolicyVersion` when the log never had it, :class:`PolicyError`
+    (with the faults) when its text no longer validates here (e.g. its checkpoint is gone).
+    """
+    recorded = policies.text(version)
+    if recorded is None:
+        raise UnknownPolicyVersion(version)
+    try:
+        return parse_policy(recorded.text, source=recorded.source, base_dir=base_dir,
+                            limits=limits)
+    except PolicyError as e:
+        raise PolicyError(f"stored policy version {_cut(version)!r} no longer validates on "
+                          "this server", faults=e.faults) from e
+
+
+def refuse_other_models(reference: Policy, policies: Sequence[tuple[str, Policy]], *,
+                        encoder: str | None = None, base_dir: Path | None = None) -> None:
+    """Raise :class:`ModelMismatchError` for the first of ``policies`` (what it is, the
+    policy) that names another model than ``reference``, whose model made the stored
+    embeddings: they are only comparable with text embeddings of that model. ``encoder``: the
+    identity of the encoder the run uses, when one is loaded. Checks only the policies, so
+    it can run before any weights are loaded."""
+    for what, policy in policies:
+        if policy.model != reference.model:
+            held = (f"(and this server's encoder) belong to model {encoder} "
+                    f"({_model(reference, base_dir)})" if encoder is not None
+                    else f"belong to model {_model(reference, base_dir)}")
+            raise ModelMismatchError(
+                f"{what} names model {_model(policy, base_dir)}, but the stored embeddings "
+                f"{held}: a dry-run re-scores stored embeddings, which only works with the "
+                "model that made them"
+            )
+
+
+def _parse_proposed(text: str, base_dir: Path | None, limits: PolicyLimits | None) -> Policy:
+    try:
+        return parse_policy(text, source="proposed policy", base_dir=base_dir, limits=limits,
+                            confine=True)
+    except PolicyLimitError as e:
+        raise PolicyLimitError("the proposed policy asks for more than this server allows",
+                               faults=e.faults) from e
+    except PolicyError as e:
+        raise PolicyError("the proposed policy is not valid", faults=e.faults) from e
+
+
+def dry_run_policy(
+    store: DecisionStore,
+    current: Moderator,
+    proposed: str | Policy,
+    *,
+    against: str | Policy | None = None,
+    policies: PolicyLog | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int = 50,
+    limits: PolicyLimits | None = None,
+    base_dir: Path | None = None,
+    current_source: str = "active policy",
+    against_source: str | None = None,
+    proposed_source: str = "proposed policy",
+) -> DryRun:
+    """What ``proposed`` would decide for the stored decisions of ``[since, until)``, next
+    to ``against`` (default: ``current``'s policy): :func:`dry_run` with the steps before
+    it that the CLI and the service share. Nothing is activated or recorded.
+
+    ``current``: the moderator whose encoder and text-embedding cache the run uses; its
+    model must be the one that made the stored embeddings. ``proposed``: a policy's YAML
+    text, untrusted (parsed under ``limits``, a checkpoint path confined to ``base_dir``),
+    or a parsed policy. ``against``: a version the decision log keeps (read from
+    ``policies``, default the log at ``store.url``; parsed under ``limits``, paths relative to
+    ``base_dir``), or a parsed policy. ``limits`` also bounds the prompts the cache lacks that
+    both sides together may encode (``max_new_prompts``), into the run's memory only, never
+    into ``current``'s cache; ``None``: the default limits for a text, no bound on new prompts.
+    ``*_source``: how the report names each side (a stored version: ``stored version …``).
+
+    Raises :class:`PolicyLimitError` (``policy_too_large``) when ``proposed`` is over
+    ``limits`` or the two policies need more new prompts than they allow;
+    :class:`PolicyError` (``invalid_policy``, with the faults) when ``proposed`` is not valid
+    or the stored ``against`` no longer validates; :class:`UnknownPolicyVersion`
+    (``not_found``) when the log never had ``against``; :class:`ModelMismatchError`
+    (``model_mismatch``) when either policy names another model than ``current``, has
+    thresholds calibrated with another model, or the window holds decisions, none of them of
+    ``current``'s model. No message shows a path as it was resolved.
+    """
+    if isinstance(proposed, str):
+        proposed = _parse_proposed(proposed, base_dir, limits)
+    before, before_source = current.policy, current_source
+    if isinstance(against, str) and against:
+        before = stored_policy(policies or PolicyLog(store.url, migrate_schema=False), against,
+                               base_dir=base_dir, limits=limits)
+        before_source = against_source or f"stored version {_cut(against)}"
+    elif isinstance(against, Policy):
+        before, before_source = against, against_source or "the policy to compare with"
+    refuse_other_models(current.policy, [(f"the {proposed_source}", proposed),
+                                         (before_source, before)],
+                        encoder=current.encoder.identity, base_dir=base_dir)
+    budget = limits.max_new_prompts if limits is not None else None
+    after = current.with_policy(proposed, proposed=True, max_new_prompts=budget)
+    base = current
+    if before is not current.policy:  # through the same overlay, from the same budget
+        spent = after.cache.added if isinstance(after.cache, OverlayCache) else 0
+        base = after.with_policy(before,
+                                 max_new_prompts=None if budget is None else budget - spent)
+    return dry_run(
+        store, base.scorer(), after.scorer(), model=current.encoder.identity, since=since,
+        until=until, limit=limit, before_source=before_source, after_source=proposed_source,
     )

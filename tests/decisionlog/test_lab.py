@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
-from decisionlog import DecisionStore
-from decisionlog.lab import dry_run
-from moderation.errors import ModelMismatchError
-from moderation.policy import parse_policy
-from moderation.prompts import embed_policy
+from decisionlog import DecisionStore, PolicyLog
+from decisionlog.lab import UnknownPolicyVersion, dry_run, dry_run_policy
+from moderation import Moderator
+from moderation.errors import ModelMismatchError, NotFound, PolicyError, PolicyLimitError
+from moderation.policy import PolicyLimits, parse_policy
+from moderation.prompts import EmbeddingCache, embed_policy
 from moderation.scorer import Scorer
 from tests.conftest import (
     BEER,
@@ -198,3 +200,74 @@ def test_rescore_records_each_decision_under_the_policy_and_leaves_the_log_alone
     assert [r.id for r in rescore_runs_of(store)] == [run.id]
     store.purge(time.time())
     assert list(export_rescore(store, run.id)) == []
+
+
+# --- the entry point the CLI and the service call ----------------------------------------
+
+
+def text(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_the_entry_point_is_the_dry_run_of_the_parsed_policies(store: DecisionStore) -> None:
+    put(store, HAND_IMAGES)
+    low = edited("weapons", threshold={"value": -1.0})
+    current = Moderator(parse_policy(text(HAND_POLICY)), FakeEncoder(dict(HAND_TEXTS)))
+    report = dry_run_policy(store, current, text(low), limits=PolicyLimits())
+    expected = dry_run(store, scorer(HAND_POLICY), scorer(low), model=MODEL)
+    skip = {"seconds", "before", "after"}
+    assert report.model_dump(exclude=skip) == expected.model_dump(exclude=skip)
+    assert (report.before.source, report.after.source) == ("active policy", "proposed policy")
+
+    # against a version the log keeps, or a parsed policy: the other way round
+    PolicyLog(store.url).activate(version="v-low", name="hand", source="policy.yaml",
+                                  text=text(low))
+    back = dry_run_policy(store, current, text(HAND_POLICY), against="v-low")
+    assert back.before.source == "stored version v-low"
+    assert back.before.version == parse_policy(text(low)).version
+    assert back.changed_by_kind["newly_cleared"] == expected.changed_by_kind["newly_flagged"]
+    given = dry_run_policy(store, current, parse_policy(text(HAND_POLICY)),
+                           against=parse_policy(text(low)), against_source="file low.yaml",
+                           proposed_source="file hand.yaml")
+    assert (given.before.source, given.after.source) == ("file low.yaml", "file hand.yaml")
+    assert given.model_dump(exclude={"seconds"}) == back.model_dump(
+        exclude={"seconds"}) | {"before": given.before.model_dump(),
+                                "after": given.after.model_dump()}
+
+
+@pytest.mark.parametrize(("proposed", "against", "error", "code", "says"), [
+    ("name: x\n", None, PolicyError, "invalid_policy", "the proposed policy is not valid"),
+    (text(HAND_POLICY), "nope", UnknownPolicyVersion, "not_found",
+     "no policy version 'nope' was ever active"),
+    (text(dict(HAND_POLICY, model={"name": "RN50", "pretrained": "openai"})), None,
+     ModelMismatchError, "model_mismatch",
+     "the proposed policy names model RN50/openai, but the stored embeddings (and this "
+     "server's encoder) belong to model fake/hand-made (fake/hand-made)"),
+    (text(HAND_POLICY), "v-broken", PolicyError, "invalid_policy",
+     "stored policy version 'v-broken' no longer validates"),
+    (text(HAND_POLICY), "v-other", ModelMismatchError, "model_mismatch",
+     "stored version v-other names model RN50/openai"),
+    ("x" * 5000, None, PolicyLimitError, "policy_too_large",
+     "the proposed policy asks for more than this server allows"),
+    (text(edited("weapons", terms=["knife"])), None, PolicyLimitError, "policy_too_large",
+     "has 2 prompts (terms and exceptions × templates) that were never encoded"),
+])
+def test_the_entry_point_says_what_is_wrong(
+        store: DecisionStore, tmp_path: Path, proposed: str, against: str | None,
+        error: type[Exception], code: str, says: str) -> None:
+    log = PolicyLog(store.url)
+    log.activate(version="v-broken", name="hand", source="policy.yaml", text="name: x\n")
+    log.activate(version="v-other", name="hand", source="policy.yaml",
+                 text=text(dict(HAND_POLICY, model={"name": "RN50", "pretrained": "openai"})))
+    encoder = FakeEncoder(dict(HAND_TEXTS))
+    current = Moderator(parse_policy(text(HAND_POLICY)), encoder, EmbeddingCache(tmp_path))
+    encoder.encoded_texts.clear()
+    with pytest.raises(error) as info:
+        dry_run_policy(store, current, proposed, against=against, policies=log,
+                       limits=PolicyLimits(max_bytes=4000, max_new_prompts=1))
+    assert says in str(info.value) and info.value.code == code  # type: ignore[attr-defined]
+    if code == "invalid_policy":  # the faults apart from the message
+        assert isinstance(info.value, PolicyError)
+        assert info.value.faults and info.value.faults != [str(info.value)]
+    assert isinstance(info.value, NotFound) == (code == "not_found")
+    assert encoder.encoded_texts == []  # refused before anything was encoded
