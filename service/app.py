@@ -29,13 +29,12 @@ from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 
-from . import security
+from . import decisions, moderate, ops, pages, policy, reviews, search, security
 from .errors import register_error_handlers
 from .metrics import Metrics
-from .reviews import WebhookSender
 from .settings import Settings, load_settings
 from .state import ModelOccupancy, PolicyHolder
-from .views import dashboard, decisions, moderate, ops, policy, reviews, search
+from .webhooks import WebhookSender
 
 __all__ = ["create_app"]
 
@@ -163,7 +162,7 @@ def create_app(
 
     register_error_handlers(app)
     security.init_app(app)
-    for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, reviews.bp, dashboard.bp,
+    for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, reviews.bp, pages.bp,
                       ops.bp):
         app.register_blueprint(blueprint)
     return app

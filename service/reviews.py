@@ -1,37 +1,55 @@
-"""The human side of ``review``: what a claimed item shows, the verdict's categories, and
-the webhook sender that delivers verdicts from the log's durable outbox."""
+"""Review: appeals (API key), claims and verdicts (reviewers), the verdicts and the queue's
+counts (readers and reviewers), ``/v1/quality`` (readers), and the review page
+(``/dashboard/review``: claim, see, decide, next); what a claimed item shows and how a
+verdict is checked. The webhook that delivers verdicts is :mod:`service.webhooks`."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import logging
-import random
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
+from flask import Blueprint, Response, g, jsonify, redirect, render_template, request, url_for
+
 from decisionlog import DecisionStore
-from decisionlog.quality import quality
+from decisionlog.quality import quality as estimate_quality
 from decisionlog.reviews import (
     ReviewItem,
     ReviewQueue,
     UnknownItem,
     Verdict,
+    VerdictFilters,
 )
-from moderation import PolicyError
+from moderation import ModerationError, PolicyError
 from moderation.policy import Policy
 
-from .schemas import QualityResponse
+from . import pages
+from .auth import reviewer_page_required
+from .contract import Access, Answer, Body, json_body, operation
+from .pages import page
+from .parsing import RequestError, free_text
+from .resources import holder, queue, sender, settings, store
+from .schemas import (
+    MAX_ROW_ID,
+    AppealJSON,
+    DecisionPath,
+    ItemPath,
+    QualityQuery,
+    QualityResponse,
+    QueueCounts,
+    ReviewClaim,
+    VerdictJSON,
+    VerdictPage,
+    VerdictsQuery,
+)
+from .security import same_origin_required
 from .state import PolicyHolder
+from .webhooks import WebhookSender
 
-__all__ = ["WebhookSender", "decision_policy", "item_view", "quality_report", "record_verdict",
-           "signature"]
+__all__ = ["bp", "decision_policy", "image_url", "item_view", "quality_report",
+           "record_verdict"]
 
-log = logging.getLogger(__name__)
+bp = Blueprint("reviews", __name__)
+
 
 def decision_policy(holder: PolicyHolder, version: str) -> Policy:
     """The policy a decision was made with (its categories are what a verdict names); the
@@ -94,7 +112,7 @@ def quality_report(holder: PolicyHolder, store: DecisionStore, min_verdicts: int
     since = time.time() - 30 * 86400 if since is None else since
     policy = (decision_policy(holder, policy_version) if policy_version is not None
               else holder.current().policy)
-    report = quality(store.engine, list(policy.categories), since=since, until=until,
+    report = estimate_quality(store.engine, list(policy.categories), since=since, until=until,
                      policy_version=policy_version, min_verdicts=min_verdicts)
     return QualityResponse.model_validate({
         "since": since, "until": until, "policy_version": policy_version,
@@ -103,108 +121,151 @@ def quality_report(holder: PolicyHolder, store: DecisionStore, min_verdicts: int
     }).model_dump(mode="json")
 
 
-# --- the webhook ---------------------------------------------------------------------------
+# --- the API ----------------------------------------------------------------------------
 
 
-def signature(secret: str, timestamp: str, body: bytes) -> str:
-    """``sha256=`` and the hex HMAC-SHA256 of ``timestamp.body`` under ``secret``: what the
-    receiver recomputes to trust a delivery (and, with the timestamp, refuse a replay)."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
+@operation(bp, "/v1/decisions/<decision_id>/appeal", "POST", operation_id="appeal_decision",
+           access=Access.API_KEY, summary="Appeal a decision: a reviewer looks again (one "
+           "appeal per decision)", path=DecisionPath,
+           body=Body({"application/json": AppealJSON}, required=False,
+                     description="optional: the reason"),
+           answers=(Answer(201, "The appeal, queued", {"application/json": ReviewItem}),),
+           errors=(409, 422))
+def appeal(decision_id: str) -> Any:
+    reason = None
+    if request.get_data(cache=True).strip():  # an empty body: no reason
+        reason = json_body(AppealJSON).reason
+    reason = reason.strip() or None if reason else None
+    item = queue().appeal(decision_id, reason)  # a ReviewError says which rule
+    return jsonify(item.model_dump(mode="json")), 201
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a redirect is not a delivery: the attempt fails and is retried
+@operation(bp, "/v1/reviews/claim", "POST", operation_id="claim_review",
+           access=Access.REVIEWER, summary="The next item for this reviewer, leased",
+           description="Appeals, then review actions, then audit samples "
+           "(MODERATION_REVIEW_PRIORITY), oldest first; an item you already hold is handed to "
+           "you again. Never handed to two reviewers at once.",
+           answers=(Answer(200, "The item, yours until its lease expires",
+                           {"application/json": ReviewClaim}),
+                    Answer(204, "Nothing waits")))
+def claim() -> Any:
+    item = queue().claim(g.reviewer, lease_s=settings().review_lease_s,
+                         priority=settings().review_order)
+    if item is None:
+        return Response(status=204)
+    return jsonify(item_view(holder(), store(), item, settings().image_url_template))
 
 
-@dataclass
-class WebhookSender:
-    """Delivers the outbox: each pending verdict POSTed as JSON, signed, retried with
-    exponential backoff (``backoff_s``, doubling, at most ``max_backoff_s``, with jitter)
-    until delivered or ``give_up_s`` after it was decided. Every worker runs one; a row is
-    taken by one sender at a time (:meth:`ReviewQueue.take_due`)."""
+@operation(bp, "/v1/reviews/<int:item_id>", "POST", operation_id="record_verdict",
+           access=Access.REVIEWER, summary="Record the verdict on an item you hold",
+           path=ItemPath, body=Body({"application/json": VerdictJSON}),
+           answers=(Answer(201, "The verdict", {"application/json": Verdict}),), errors=(409,))
+def decide(item_id: int) -> Any:
+    given = json_body(VerdictJSON)
+    note = given.note.strip() or None if given.note else None
+    verdict = record_verdict(queue(), holder(), sender(), item_id, g.reviewer,
+                             given.violations, note)
+    return jsonify(verdict.model_dump(mode="json")), 201
 
-    queue: ReviewQueue
-    url: str
-    secret: str
-    timeout_s: float = 10
-    backoff_s: float = 5
-    max_backoff_s: float = 600
-    give_up_s: float = 72 * 3600
-    poll_s: float = 1.0
 
-    def __post_init__(self) -> None:
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._opener = urllib.request.build_opener(_NoRedirect)
-        self._thread: threading.Thread | None = None
+@operation(bp, "/v1/reviews/<int:item_id>/release", "POST", operation_id="release_review",
+           access=Access.REVIEWER, summary="Give an item you hold back to the queue",
+           path=ItemPath,
+           answers=(Answer(200, "The item, waiting again", {"application/json": ReviewItem}),),
+           errors=(409,))
+def release(item_id: int) -> Any:
+    item = queue().release(item_id, g.reviewer)  # a ReviewError says which rule
+    return jsonify(item.model_dump(mode="json"))
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(self.timeout_s + 5)
+@operation(bp, "/v1/reviews", "GET", operation_id="list_verdicts",
+           access=Access.READER_OR_REVIEWER, summary="Verdicts, newest first",
+           query=VerdictsQuery,
+           answers=(Answer(200, "A page of verdicts, each with its webhook delivery",
+                           {"application/json": VerdictPage}),))
+def verdicts(query: VerdictsQuery) -> Any:
+    found = queue().verdicts(VerdictFilters(
+        since=query.since, until=query.until, reviewer=query.reviewer, reason=query.reason,
+        category=query.category, policy_version=query.policy_version,
+        decision_id=query.decision_id,
+    ), limit=query.limit + 1, offset=query.offset)
+    page = VerdictPage(verdicts=found[:query.limit],
+                       next_offset=query.offset + query.limit if len(found) > query.limit
+                       else None)
+    return jsonify(page.model_dump(mode="json"))
 
-    def wake(self) -> None:
-        """A verdict was just recorded: deliver it now rather than at the next poll."""
-        self._wake.set()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.deliver_due()
-            except Exception:  # the log is down, say: try again at the next poll
-                log.exception("the webhook sender failed; retrying")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+@operation(bp, "/v1/reviews/queue", "GET", operation_id="review_queue",
+           access=Access.READER_OR_REVIEWER,
+           summary="Items by reason and state, and webhook deliveries by state",
+           answers=(Answer(200, "Counts", {"application/json": QueueCounts}),))
+def counts() -> Any:
+    return jsonify(queue().counts())
 
-    def deliver_due(self, now: float | None = None) -> int:
-        """Deliver what is due, one row at a time (each taken just before it is sent, so
-        that a slow receiver never lets another sender's lease run out on a row waiting
-        here); returns how many were delivered."""
-        delivered = 0
-        while not self._stop.is_set():
-            taken = self.queue.take_due(lease_s=self.timeout_s + 30, now=now, limit=1)
-            if not taken:
-                return delivered
-            [(outbox_id, payload, attempts, created_at)] = taken
-            try:
-                self._post(outbox_id, payload.encode())
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-                now_ = time.time()
-                delay = min(self.backoff_s * 2 ** attempts, self.max_backoff_s)
-                retry_at: float | None = now_ + delay * random.uniform(0.8, 1.2)
-                if now_ - created_at > self.give_up_s:
-                    retry_at = None
-                    log.error("webhook delivery %d failed %d times; giving up: %s",
-                              outbox_id, attempts + 1, error)
-                else:
-                    log.warning("webhook delivery %d failed (attempt %d): %s", outbox_id,
-                                attempts + 1, error)
-                self.queue.attempt_failed(outbox_id, error, retry_at=retry_at)
-                continue
-            self.queue.delivered(outbox_id)
-            delivered += 1
-        return delivered
 
-    def _post(self, outbox_id: int, body: bytes) -> None:
-        timestamp = str(int(time.time()))
-        request = urllib.request.Request(self.url, data=body, method="POST", headers={
-            "Content-Type": "application/json",
-            "User-Agent": "moderation-webhook",
-            "X-Moderation-Delivery": str(outbox_id),
-            "X-Moderation-Timestamp": timestamp,
-            "X-Moderation-Signature": signature(self.secret, timestamp, body),
-        })
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                if not 200 <= response.status < 300:
-                    raise OSError(f"the receiver answered {response.status}")
-        except urllib.error.HTTPError as e:
-            raise OSError(f"the receiver answered {e.code}") from None
+@operation(bp, "/v1/quality", "GET", operation_id="get_quality", access=Access.READER,
+           summary="Precision and recall per category on live traffic, from verdicts",
+           description="Weighted by the inverse of each decision's chance to be reviewed "
+           "(README: Quality); 95% intervals; appeals counted apart.", query=QualityQuery,
+           answers=(Answer(200, "Estimates", {"application/json": QualityResponse}),))
+def quality(query: QualityQuery) -> Any:
+    return jsonify(quality_report(holder(), store(), settings().quality_min_verdicts,
+                                  since=query.since, until=query.until,
+                                  policy_version=query.policy_version))
+
+
+# --- the review page --------------------------------------------------------------------
+
+
+@pages.bp.get("/dashboard/review")
+@reviewer_page_required
+@same_origin_required  # it claims an item
+def review() -> Any:
+    """Claim the next item (or the one held) and show it; ``?done=`` names the verdict just
+    recorded."""
+    item = queue().claim(g.reviewer, lease_s=settings().review_lease_s,
+                                 priority=settings().review_order)
+    shown = (item_view(holder(), store(), item, settings().image_url_template)
+             if item is not None else None)
+    done = None
+    verdict_id = _row_id(request.args.get("done", ""))
+    if verdict_id is not None:  # anything else is no verdict of this reviewer's
+        found = queue().verdicts(VerdictFilters(reviewer=g.reviewer),
+                                         verdict_id=verdict_id)
+        done = found[0] if found else None
+    return page(render_review(g.reviewer, shown, queue().counts(), done=done))
+
+
+def _row_id(value: str) -> int | None:
+    """An id a row can have (ASCII digits, 1 to 2**63 - 1), else ``None``."""
+    if value.isascii() and value.isdigit() and len(value) <= 19 and 0 < int(value) <= MAX_ROW_ID:
+        return int(value)
+    return None
+
+
+@pages.bp.post("/dashboard/review/<item_id>")
+@reviewer_page_required
+def review_decide(item_id: str) -> Any:
+    """A plain form post: ``violation`` (repeated), ``note``, ``do=decide|skip``; then the
+    next item (303 to the page)."""
+    form = request.form
+    try:
+        if (found_id := _row_id(item_id)) is None:
+            raise RequestError(404, "not_found", f"no review item {item_id[:40]!r}")
+        if form.get("do") == "skip":
+            queue().release(found_id, g.reviewer)
+            return redirect(url_for("dashboard.review"), 303)
+        verdict = record_verdict(queue(), holder(), sender(), found_id,
+                                 g.reviewer, form.getlist("violation"),
+                                 free_text(form.get("note"), "note"))
+    except ModerationError as e:  # shown on the page
+        error = {"code": e.code, "message": e.message}
+        return page(render_review(g.reviewer, None, queue().counts(), error=error),
+                     e.status)
+    return redirect(url_for("dashboard.review", done=verdict.verdict_id), 303)
+
+
+def render_review(reviewer: str, item: dict[str, Any] | None, counts: dict[str, Any], *,
+                  done: Any = None, error: dict[str, Any] | None = None) -> str:
+    return render_template("review.html", reviewer=reviewer, item=item, counts=counts,
+                           done=done, error=error, when=pages.when)

@@ -283,7 +283,7 @@ def test_the_webhook_is_signed_retried_and_delivered_once_the_receiver_is_back(
 
 
 def test_a_delivery_past_its_time_is_given_up_and_says_why(review_app: Flask) -> None:
-    from service.reviews import WebhookSender
+    from service.webhooks import WebhookSender
 
     client = review_app.test_client()
     moderate_images(client, review_app, {"between": image_bytes(PURPLE)})

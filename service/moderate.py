@@ -13,8 +13,8 @@ from decisionlog import DecisionRecord
 from moderation import ImageError, Moderator
 from moderation.images import DecodedImage
 
-from ..contract import Access, Answer, Body, operation
-from ..parsing import (
+from .contract import Access, Answer, Body, operation
+from .parsing import (
     IMAGE_FIELD,
     ModerateRequest,
     RequestError,
@@ -22,8 +22,8 @@ from ..parsing import (
     parse_json,
     parse_multipart,
 )
-from ..schemas import ModerateJSON, ModerateResponse
-from . import holder, metrics, recorder, settings
+from .resources import holder, metrics, recorder, settings
+from .schemas import ModerateJSON, ModerateResponse
 
 #: The multipart form of ``POST /v1/moderate`` (files are read by werkzeug, checked by
 #: :func:`service.parsing.parse_multipart`).

@@ -6,11 +6,11 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ..contract import Access, Answer, operation
-from ..metrics import CONTENT_TYPE_LATEST
-from ..openapi import openapi_document
-from ..schemas import Health, Ready
-from . import holder, metrics
+from .contract import Access, Answer, operation
+from .metrics import CONTENT_TYPE_LATEST
+from .openapi import openapi_document
+from .resources import holder, metrics
+from .schemas import Health, Ready
 
 bp = Blueprint("ops", __name__)
 

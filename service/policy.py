@@ -1,0 +1,447 @@
+"""The policy: the active one (``GET /v1/policy``, ``POST /v1/policy/reload`` (admin)), the
+history of activations with each version's text (``GET /v1/policy/versions[/<version>]``,
+reader), and the policy lab: ``POST /v1/policy/dry-run`` (admin), ``GET /v1/policy/diff``
+(reader), and their pages (``/dashboard/policies``: the history with each activation's
+effect; ``/dashboard/lab``: try an edit). A dry-run decides the decision log's stored
+embeddings with this server's encoder; nothing is activated or recorded: prompts the
+text-embedding cache lacks are encoded (at most ``PolicyLimits.max_new_prompts`` per dry-run)
+into the dry-run's memory, never into the cache the replicas share."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, render_template, request
+
+from decisionlog import DecisionStore
+from decisionlog.lab import DryRun
+from decisionlog.lab import dry_run as decide_again
+from moderation import ModerationError, PolicyError, PolicyLimitError
+from moderation.diff import diff_policies
+from moderation.policy import Policy, PolicyLimits, parse_policy
+from moderation.prompts import OverlayCache
+
+from . import pages
+from .auth import admin_page_required, reader_page_required
+from .contract import Access, Answer, Body, operation, parse_body
+from .pages import page
+from .parsing import DryRunRequest, RequestError, load_json, time_field
+from .resources import holder, settings, store
+from .schemas import (
+    DiffQuery,
+    DryRunJSON,
+    DryRunQuery,
+    PolicyActivation,
+    PolicyChange,
+    PolicyDiff,
+    PolicyResponse,
+    PolicyVersions,
+    PolicyVersionsQuery,
+    PolicyVersionText,
+    ReloadResponse,
+    VersionPath,
+)
+from .state import PolicyHolder, read_policy_text
+
+__all__ = ["bp", "history_entries", "run_dry_run", "stored_policy"]
+
+bp = Blueprint("policy", __name__)
+
+
+#: A policy's YAML text as a body: its bytes (UTF-8).
+POLICY_TEXT = {"type": "string", "format": "binary", "description": "policy YAML (UTF-8)"}
+#: The media types a proposed policy's YAML text may come as.
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
+              "text/plain")
+
+bp = Blueprint("policy", __name__)
+
+
+@operation(bp, "/v1/policy", "GET", operation_id="get_policy", access=Access.API_KEY,
+           summary="The active policy, its version and thresholds with provenance",
+           answers=(Answer(200, "The active policy", {"application/json": PolicyResponse}),))
+def policy() -> Any:
+    active = holder().current()
+    p = active.policy
+    return jsonify(
+        name=p.name,
+        version=p.version,
+        description=p.description,
+        model={"spec": p.model.model_dump(mode="json"), "identity": active.encoder.identity},
+        profiles=p.profile_names(),
+        categories={
+            cid: {
+                "description": c.description,
+                "action": c.action,
+                "terms": c.terms,
+                "exceptions": c.exceptions,
+                "thresholds": {
+                    name: p.threshold_for(cid, name).model_dump(mode="json")
+                    for name in p.profile_names()
+                },
+            }
+            for cid, c in p.categories.items()
+        },
+    )
+
+@operation(bp, "/v1/policy/reload", "POST", operation_id="reload_policy", access=Access.ADMIN,
+           summary="Read the policy file again and activate it in every worker and replica",
+           description="An invalid file answers 422 with every fault; the previous policy "
+           "keeps serving.",
+           answers=(Answer(200, "The new policy is active",
+                           {"application/json": ReloadResponse}),), errors=(404, 422))
+def reload() -> Any:
+    before = holder().current().policy.version
+    active = holder().reload()  # a PolicyError (422, with the faults) keeps the old policy
+    return jsonify(ReloadResponse(
+        name=active.policy.name,
+        version=active.policy.version,
+        previous_version=before,
+        changed=before != active.policy.version,
+    ).model_dump(mode="json"))
+
+
+def _policies() -> Any:
+    found = holder().policies
+    if found is None:
+        raise RequestError(
+            404, "not_found",
+            "this server's policy is not kept in the decision log (it was not started from a "
+            "policy file)",
+        )
+    return found
+
+@operation(bp, "/v1/policy/versions", "GET", operation_id="list_policy_versions",
+           access=Access.READER, summary="The policy's activations, newest first (the first "
+           "is active)", query=PolicyVersionsQuery,
+           answers=(Answer(200, "Activations", {"application/json": PolicyVersions}),),
+           errors=(404,))
+def versions(query: PolicyVersionsQuery) -> Any:
+    history = _policies().history(limit=query.limit)
+    return jsonify(PolicyVersions(versions=[
+        PolicyActivation.model_validate(a, from_attributes=True) for a in history
+    ]).model_dump(mode="json"))
+
+@operation(bp, "/v1/policy/versions/<version>", "GET", operation_id="get_policy_version",
+           access=Access.READER, summary="The text a policy version was activated with",
+           path=VersionPath,
+           answers=(Answer(200, "The text: in JSON, or the file itself, byte for byte, when "
+                                "asked for (Accept: application/yaml or text/plain)",
+                           {"application/json": PolicyVersionText,
+                            "application/yaml": {}, "text/plain": {}}),))
+def version_text(version: str) -> Any:
+    """The text the version was (last) activated with: JSON, or the file itself for a
+    client that asks for YAML or plain text (``Accept: application/yaml``)."""
+    found = _policies().text(version)
+    if found is None:
+        raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
+    wanted = request.accept_mimetypes.best_match(
+        ["application/json", "application/yaml", "text/yaml", "text/plain"],
+        default="application/json",
+    )
+    if wanted != "application/json":
+        return Response(found.text.encode("utf-8"), mimetype=wanted,
+                        headers={"X-Policy-Version": found.version})
+    return jsonify(PolicyVersionText(
+        version=found.version, name=found.name, source=found.source, text=found.text,
+        recorded_at=found.created_at,
+    ).model_dump(mode="json"))
+
+
+@operation(bp, "/v1/policy/versions/<version>/file", "GET", operation_id="get_policy_file",
+           access=Access.READER, summary="The policy file a version was activated with, byte "
+           "for byte", path=VersionPath,
+           description="What GET /v1/policy/versions/{version} answers to Accept: "
+           "application/yaml, at a path of its own (for clients that read one media type per "
+           "answer).",
+           answers=(Answer(200, "The policy file", {"application/yaml": {"type": "string"}}),))
+def version_file(version: str) -> Any:
+    found = _policies().text(version)
+    if found is None:
+        raise RequestError(404, "not_found", f"no policy version {version!r} was ever active")
+    return Response(found.text.encode("utf-8"), mimetype="application/yaml",
+                    headers={"X-Policy-Version": found.version})
+
+
+@operation(bp, "/v1/policy/dry-run", "POST", operation_id="dry_run_policy",
+           access=Access.ADMIN, summary="What a proposed policy would decide for past traffic",
+           description="Re-decides the stored decisions of the window (their stored frame "
+           "embeddings) under the active policy (or `against` a stored version) and under the "
+           "proposed one; nothing is activated or recorded. The policy is the YAML body "
+           "(options in the query string), or JSON (options in either; the body's win).",
+           query=DryRunQuery,
+           body=Body({"application/yaml": POLICY_TEXT, "text/plain": POLICY_TEXT,
+                      "application/json": DryRunJSON}),
+           answers=(Answer(200, "Counts before and after, the changed decisions and the "
+                                "policies' diff", {"application/json": DryRun}),),
+           errors=(404, 422))
+def dry_run(query: DryRunQuery) -> Any:
+    """What a proposed policy would decide for the stored decisions of a window, next to the
+    active policy (or ``against`` a stored version). Nothing is activated or recorded."""
+    options: dict[str, Any] = query.model_dump(exclude_unset=True)
+    body = request.get_data(cache=False)
+    if request.mimetype == "application/json":
+        given = parse_body(DryRunJSON, load_json(body))
+        options.update(given.model_dump(exclude_unset=True))
+        text = given.policy
+    elif request.mimetype in YAML_TYPES:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(400, "invalid_policy", f"the policy is not UTF-8 text: {e}") from e
+    else:
+        raise RequestError(
+            415, "unsupported_media_type",
+            f"send the proposed policy as application/yaml (or text/plain), or as JSON "
+            f"{{\"policy\": \"<yaml>\"}}; got Content-Type {request.mimetype or '(none)'!r}",
+        )
+    if not text.strip():
+        raise RequestError(400, "missing_field", "the proposed policy is empty")
+    options.pop("policy", None)
+    for name in ("since", "until"):
+        if isinstance(options.get(name), float):
+            options[name] = repr(options[name])
+    if options.get("limit") is None:
+        options.pop("limit", None)
+    report = run_dry_run(holder(), store(), DryRunRequest(policy=text, **options),
+                         limits=settings().policy_limits)
+    return jsonify(report.model_dump(mode="json"))
+
+
+@operation(bp, "/v1/policy/diff", "GET", operation_id="diff_policies", access=Access.READER,
+           summary="What differs between two stored policy versions, in plain words",
+           query=DiffQuery,
+           answers=(Answer(200, "The differences, one sentence each",
+                           {"application/json": PolicyDiff}),), errors=(404, 422))
+def diff(query: DiffQuery) -> Any:
+    """What differs from stored version ``from`` to stored version ``to`` (default: the
+    active policy), in plain words."""
+    _policies()  # 404 unless this server's policy is kept in the log
+    before = stored_policy(holder(), query.from_)
+    after = (stored_policy(holder(), query.to) if query.to is not None
+             else holder().current().policy)
+    changes = diff_policies(before, after)
+    return jsonify(PolicyDiff(
+        from_version=before.version, to_version=after.version,
+        changes=[PolicyChange.of(c) for c in changes],
+    ).model_dump(mode="json"))
+
+
+# --- the dry-run ------------------------------------------------------------------------
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _model(policy: Policy, base_dir: Path | None) -> str:
+    """The policy's model as a message may show it: a checkpoint inside the policy folder
+    by its relative path, one elsewhere by its file name, never by the path the server
+    resolved."""
+    pretrained = policy.model.pretrained
+    if Path(pretrained).is_absolute():
+        path = Path(pretrained)
+        try:
+            pretrained = str(path.relative_to(base_dir.resolve())) if base_dir else path.name
+        except ValueError:
+            pretrained = path.name
+    return _cut(f"{policy.model.name}/{pretrained}")
+
+
+def stored_policy(holder: PolicyHolder, version: str) -> Policy:
+    """A version the log keeps, parsed; a 404 when the log never had it, a 422 (with the
+    faults) when its text no longer validates here (e.g. its checkpoint file is gone)."""
+    try:
+        stored = holder.stored_policy(version)
+    except PolicyError as e:
+        raise RequestError(422, "invalid_policy", f"stored policy version {_cut(version)!r} "
+                           "no longer validates on this server", faults=e.faults) from e
+    if stored is None:
+        raise RequestError(404, "not_found",
+                           f"no policy version {_cut(version)!r} was ever active")
+    return stored
+
+
+def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunRequest, *,
+                limits: PolicyLimits | None = None) -> DryRun:
+    """Raises :class:`RequestError`: 422 for a policy that is not valid (``invalid_policy``),
+    over ``limits`` (``policy_too_large``: its size, nesting, aliases, counts, or more new
+    prompts than ``limits.max_new_prompts``) or for another model (``model_mismatch``), 404
+    for an unknown ``against`` version, 400 for a bad time.
+
+    A checkpoint path in the proposed policy must stay inside the folder of the server's
+    policy file; no message shows a path as the server resolved it."""
+    limits = limits or PolicyLimits()
+    active = holder.current()
+    since, until = time_field("since", request.since), time_field("until", request.until)
+    base_dir = holder.policy_path.parent if holder.policy_path is not None else None
+    try:
+        proposed = parse_policy(request.policy, source="proposed policy", base_dir=base_dir,
+                                limits=limits, confine=True)
+    except PolicyLimitError as e:
+        raise RequestError(422, "policy_too_large", "the proposed policy asks for more than "
+                           "this server allows", faults=e.faults) from e
+    except PolicyError as e:
+        raise RequestError(422, "invalid_policy", "the proposed policy is not valid",
+                           faults=e.faults) from e
+    before, before_source = active.policy, "active policy"
+    if request.against:
+        before = stored_policy(holder, request.against)
+        before_source = f"stored version {_cut(request.against)}"
+    for what, policy in (("the proposed policy", proposed), (before_source, before)):
+        if policy.model != active.policy.model:
+            raise RequestError(
+                422, "model_mismatch",
+                f"{what} names model {_model(policy, base_dir)}, but the stored embeddings "
+                f"(and this server's encoder) belong to model {active.encoder.identity} "
+                f"({_model(active.policy, base_dir)}): a dry-run re-scores stored "
+                "embeddings, which only works with the model that made them",
+            )
+    try:
+        after = active.with_policy(proposed, proposed=True,
+                                   max_new_prompts=limits.max_new_prompts)
+        current = active
+        if before is not active.policy:  # a stored version: through the same overlay
+            spent = after.cache.added if isinstance(after.cache, OverlayCache) else 0
+            current = after.with_policy(before,
+                                        max_new_prompts=limits.max_new_prompts - spent)
+        return decide_again(
+            store, current.scorer(), after.scorer(), model=active.encoder.identity,
+            since=since, until=until, limit=request.limit, before_source=before_source,
+            after_source="proposed policy",
+        )
+    except PolicyLimitError as e:
+        raise RequestError(422, "policy_too_large", str(e), faults=e.faults) from e
+    except ModerationError as e:  # thresholds calibrated with another model
+        raise RequestError(422, "model_mismatch", str(e)) from e
+
+
+# --- the pages --------------------------------------------------------------------------
+
+
+@pages.bp.get("/dashboard/policies")
+@reader_page_required
+def history() -> Any:
+    return page(render_history(holder(), store()))
+
+
+@pages.bp.route("/dashboard/lab", methods=["GET", "POST"])
+@admin_page_required
+def lab() -> Any:
+    """GET: the form, with the active policy's text. POST (a plain form; the policy pasted,
+    or uploaded as ``policy_file``): the same form with the dry-run's result below it."""
+    if request.method == "GET":
+        return page(render_lab(holder(), text=active_text(holder()), since="7d", until="",
+                                limit=20))
+    form = request.form
+    upload = request.files.get("policy_file")
+    text = form.get("policy", "")
+    if upload is not None and upload.filename:
+        text = upload.read().decode("utf-8", errors="replace")
+    since, until = form.get("since", "7d").strip(), form.get("until", "").strip()
+    try:
+        limit = min(max(int(form.get("limit", "20")), 0), 500)
+    except ValueError:
+        limit = 20
+    shown: dict[str, Any] = {"text": text, "since": since, "until": until, "limit": limit}
+    try:
+        report = run_dry_run(holder(), store(), DryRunRequest(
+            policy=text, since=since or None, until=until or None, limit=limit),
+            limits=settings().policy_limits)
+    except ModerationError as e:  # shown on the page, with a policy's faults
+        error = {"code": e.code, "message": e.message,
+                 "faults": e.details().get("faults", [])}
+        return page(render_lab(holder(), error=error, **shown), e.status)
+    return page(render_lab(holder(), report=report, **shown))
+
+
+# --- policy history: what each activation changed, and what that did ----------------------
+
+EFFECT_WINDOW_S = 24 * 3600
+
+
+def _policy_at(holder: PolicyHolder, version: str, parsed: dict[str, Policy | None]
+               ) -> Policy | None:
+    if version not in parsed:
+        try:
+            parsed[version] = holder.stored_policy(version)
+        except ModerationError:
+            parsed[version] = None
+    return parsed[version]
+
+
+def history_entries(holder: PolicyHolder, store: DecisionStore, limit: int = 20
+                    ) -> list[dict[str, Any]]:
+    """The latest activations, newest first, each with what changed from the one before it
+    and the flag rate of each category in the day before and the day after it (bounded by the
+    neighbouring activations)."""
+    if holder.policies is None:
+        return []
+    activations = holder.policies.history(limit=limit + 1)
+    parsed: dict[str, Policy | None] = {}
+    entries = []
+    now = time.time()
+    for i, a in enumerate(activations[:limit]):
+        older = activations[i + 1] if i + 1 < len(activations) else None
+        newer_at = activations[i - 1].activated_at if i > 0 else now
+        policy = _policy_at(holder, a.version, parsed)
+        changes = None
+        if older is not None and policy is not None:
+            previous = _policy_at(holder, older.version, parsed)
+            changes = diff_policies(previous, policy) if previous is not None else None
+        start = max(a.activated_at - EFFECT_WINDOW_S, older.activated_at if older else 0.0)
+        end = min(a.activated_at + EFFECT_WINDOW_S, newer_at)
+        n_before, flags_before = store.flag_counts(start, a.activated_at)
+        n_after, flags_after = store.flag_counts(a.activated_at, end)
+        categories = list(policy.categories) if policy is not None else []
+        categories += [c for c in {**flags_before, **flags_after} if c not in categories]
+        effect = [
+            {"category": cid,
+             "before": flags_before.get(cid, 0) / n_before if n_before else None,
+             "after": flags_after.get(cid, 0) / n_after if n_after else None}
+            for cid in categories
+        ]
+        entries.append({
+            "activation": a, "previous": older, "changes": changes, "effect": effect,
+            "n_before": n_before, "n_after": n_after,
+            "hours_before": (a.activated_at - start) / 3600,
+            "hours_after": (end - a.activated_at) / 3600,
+        })
+    return entries
+
+
+def render_history(holder: PolicyHolder, store: DecisionStore) -> str:
+    entries = history_entries(holder, store)
+    scale = max([e for entry in entries for x in entry["effect"]
+                 for e in (x["before"] or 0, x["after"] or 0)] + [0.01])
+    return render_template("history.html", entries=entries, scale=scale, when=pages.when,
+                           span=_span, policy=holder.current().policy)
+
+
+def _span(hours: float) -> str:
+    return f"{hours:.0f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+
+
+# --- the policy lab page -------------------------------------------------------------------
+
+
+def render_lab(holder: PolicyHolder, *, text: str, since: str, until: str, limit: int,
+               report: DryRun | None = None, error: dict[str, Any] | None = None) -> str:
+    active = holder.current()
+    return render_template(
+        "lab.html", policy=active.policy, model=active.encoder.identity, text=text, since=since,
+        until=until, limit=limit, report=report, error=error, when=pages.when,
+    )
+
+
+def active_text(holder: PolicyHolder) -> str:
+    """The active policy's text, as the log keeps it (else the file's)."""
+    version = holder.current().policy.version
+    stored = holder.policies.text(version) if holder.policies is not None else None
+    if stored is not None:
+        return stored.text
+    if holder.policy_path is not None and holder.policy_path.is_file():
+        return read_policy_text(holder.policy_path)
+    return ""
