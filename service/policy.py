@@ -16,12 +16,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, render_template, request
 
 from decisionlog import DecisionStore
-from decisionlog.lab import DryRun
-from decisionlog.lab import dry_run as decide_again
-from moderation import ModerationError, PolicyError, PolicyLimitError
+from decisionlog.lab import DryRun, dry_run_policy
+from decisionlog.lab import stored_policy as read_stored_policy
+from moderation import ModerationError, NotFound
 from moderation.diff import diff_policies
-from moderation.policy import Policy, PolicyLimits, parse_policy
-from moderation.prompts import OverlayCache
+from moderation.policy import Policy, PolicyLimits
 
 from . import pages
 from .auth import admin_page_required, reader_page_required
@@ -232,90 +231,37 @@ def diff(query: DiffQuery) -> Any:
 # --- the dry-run ------------------------------------------------------------------------
 
 
-def _cut(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _model(policy: Policy, base_dir: Path | None) -> str:
-    """The policy's model as a message may show it: a checkpoint inside the policy folder
-    by its relative path, one elsewhere by its file name, never by the path the server
-    resolved."""
-    pretrained = policy.model.pretrained
-    if Path(pretrained).is_absolute():
-        path = Path(pretrained)
-        try:
-            pretrained = str(path.relative_to(base_dir.resolve())) if base_dir else path.name
-        except ValueError:
-            pretrained = path.name
-    return _cut(f"{policy.model.name}/{pretrained}")
+def _base_dir(holder: PolicyHolder) -> Path | None:
+    """Where the server's policy file is: relative checkpoint paths resolve there, and a
+    proposed policy's must stay there."""
+    return holder.policy_path.parent if holder.policy_path is not None else None
 
 
 def stored_policy(holder: PolicyHolder, version: str) -> Policy:
-    """A version the log keeps, parsed; a 404 when the log never had it, a 422 (with the
-    faults) when its text no longer validates here (e.g. its checkpoint file is gone)."""
-    try:
-        stored = holder.stored_policy(version)
-    except PolicyError as e:
-        raise RequestError(422, "invalid_policy", f"stored policy version {_cut(version)!r} "
-                           "no longer validates on this server", faults=e.faults) from e
-    if stored is None:
-        raise RequestError(404, "not_found",
-                           f"no policy version {_cut(version)!r} was ever active")
-    return stored
+    """A version the log keeps, parsed. Raises :class:`~decisionlog.lab.UnknownPolicyVersion`
+    (404) when the log never had it, :class:`PolicyError` (422, with the faults) when its
+    text no longer validates here (e.g. its checkpoint file is gone)."""
+    if holder.policies is None:
+        raise NotFound("this server's policy is not kept in the decision log (it was not "
+                       "started from a policy file)")
+    return read_stored_policy(holder.policies, version, base_dir=_base_dir(holder),
+                              limits=holder.limits)
 
 
 def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunRequest, *,
                 limits: PolicyLimits | None = None) -> DryRun:
-    """Raises :class:`RequestError`: 422 for a policy that is not valid (``invalid_policy``),
-    over ``limits`` (``policy_too_large``: its size, nesting, aliases, counts, or more new
-    prompts than ``limits.max_new_prompts``) or for another model (``model_mismatch``), 404
-    for an unknown ``against`` version, 400 for a bad time.
-
-    A checkpoint path in the proposed policy must stay inside the folder of the server's
-    policy file; no message shows a path as the server resolved it."""
-    limits = limits or PolicyLimits()
-    active = holder.current()
-    since, until = time_field("since", request.since), time_field("until", request.until)
-    base_dir = holder.policy_path.parent if holder.policy_path is not None else None
-    try:
-        proposed = parse_policy(request.policy, source="proposed policy", base_dir=base_dir,
-                                limits=limits, confine=True)
-    except PolicyLimitError as e:
-        raise RequestError(422, "policy_too_large", "the proposed policy asks for more than "
-                           "this server allows", faults=e.faults) from e
-    except PolicyError as e:
-        raise RequestError(422, "invalid_policy", "the proposed policy is not valid",
-                           faults=e.faults) from e
-    before, before_source = active.policy, "active policy"
-    if request.against:
-        before = stored_policy(holder, request.against)
-        before_source = f"stored version {_cut(request.against)}"
-    for what, policy in (("the proposed policy", proposed), (before_source, before)):
-        if policy.model != active.policy.model:
-            raise RequestError(
-                422, "model_mismatch",
-                f"{what} names model {_model(policy, base_dir)}, but the stored embeddings "
-                f"(and this server's encoder) belong to model {active.encoder.identity} "
-                f"({_model(active.policy, base_dir)}): a dry-run re-scores stored "
-                "embeddings, which only works with the model that made them",
-            )
-    try:
-        after = active.with_policy(proposed, proposed=True,
-                                   max_new_prompts=limits.max_new_prompts)
-        current = active
-        if before is not active.policy:  # a stored version: through the same overlay
-            spent = after.cache.added if isinstance(after.cache, OverlayCache) else 0
-            current = after.with_policy(before,
-                                        max_new_prompts=limits.max_new_prompts - spent)
-        return decide_again(
-            store, current.scorer(), after.scorer(), model=active.encoder.identity,
-            since=since, until=until, limit=request.limit, before_source=before_source,
-            after_source="proposed policy",
-        )
-    except PolicyLimitError as e:
-        raise RequestError(422, "policy_too_large", str(e), faults=e.faults) from e
-    except ModerationError as e:  # thresholds calibrated with another model
-        raise RequestError(422, "model_mismatch", str(e)) from e
+    """The dry-run of ``request`` with this server's encoder against the active policy (or
+    the stored version ``request.against``): :func:`decisionlog.lab.dry_run_policy`, whose
+    domain errors are the answers (422 ``invalid_policy``, ``policy_too_large``,
+    ``model_mismatch``; 404 for an unknown ``against``). A checkpoint path in the proposed
+    policy must stay inside the folder of the server's policy file; no message shows a path
+    as the server resolved it."""
+    return dry_run_policy(
+        store, holder.current(), request.policy, against=request.against,
+        policies=holder.policies, since=time_field("since", request.since),
+        until=time_field("until", request.until), limit=request.limit,
+        limits=limits or PolicyLimits(), base_dir=_base_dir(holder),
+    )
 
 
 # --- the pages --------------------------------------------------------------------------

@@ -315,7 +315,8 @@ def test_a_dry_run_with_too_many_new_prompts_is_refused_before_encoding(
         shared_app: Flask, fake_encoder: FakeEncoder, policy_path: Path) -> None:
     from moderation import PolicyLimits
     from service.policy import run_dry_run
-    from service.parsing import DryRunRequest, RequestError
+    from moderation import ModerationError
+    from service.parsing import DryRunRequest
 
     app, client = shared_app, shared_app.test_client()
     moderate_all(client, app)
@@ -324,7 +325,7 @@ def test_a_dry_run_with_too_many_new_prompts_is_refused_before_encoding(
     fake_encoder.encoded_texts.clear()
     holder, store = app.extensions["moderation"], app.extensions["decisions"][0]
     with app.app_context():
-        with pytest.raises(RequestError) as info:
+        with pytest.raises(ModerationError) as info:
             run_dry_run(holder, store, DryRunRequest(policy=text),
                         limits=PolicyLimits(max_new_prompts=1))
         assert (info.value.status, info.value.code) == (422, "policy_too_large")
@@ -343,6 +344,6 @@ def test_a_dry_run_with_too_many_new_prompts_is_refused_before_encoding(
                                  text=sword)
         holder.policies.activate(version=active, name="hand", source="policy.yaml",
                                  text=policy_path.read_text())
-        with pytest.raises(RequestError, match="has 2 prompts .* the limit is 0"):
+        with pytest.raises(ModerationError, match="has 2 prompts .* the limit is 0"):
             run_dry_run(holder, store, DryRunRequest(policy=text, against="v-sword"),
                         limits=PolicyLimits(max_new_prompts=2))
