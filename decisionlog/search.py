@@ -29,6 +29,8 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
+from moderation import ModerationError, NotFound
+
 from .records import spreadsheet_safe
 from .store import DecisionFilters, DecisionStore
 from .tables import FrameVector, decision_frames, decisions
@@ -317,12 +319,15 @@ class HnswIndex:
             fetch *= 4
 
 
-class UnknownDecision(LookupError):
+class UnknownDecision(NotFound):
     """``like=`` a decision the log does not have."""
 
 
-class NoEmbedding(LookupError):
+class NoEmbedding(ModerationError, LookupError):
     """``like=`` a decision with no stored embedding (an error result)."""
+
+    code = "no_embedding"
+    status = 422
 
 
 def frames_like(store: DecisionStore, decision_id: str) -> tuple[str, np.ndarray]:

@@ -10,7 +10,9 @@ import json
 import math
 import time
 
-__all__ = ["MAX_CURSOR_LENGTH", "decode_cursor", "encode_cursor", "parse_time"]
+from moderation import ModerationError
+
+__all__ = ["MAX_CURSOR_LENGTH", "InvalidCursor", "decode_cursor", "encode_cursor", "parse_time"]
 
 
 def parse_time(value: str, now: float | None = None) -> float:
@@ -48,11 +50,19 @@ def encode_cursor(created_at: float, decision_id: str) -> str:
 MAX_CURSOR_LENGTH = 200
 
 
+class InvalidCursor(ModerationError, ValueError):
+    """A page cursor this log did not give."""
+
+    code = "invalid_field"
+    status = 400
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    """``(created_at, decision_id)`` of a cursor :func:`encode_cursor` made; a ``ValueError``
-    for anything else (too long, not base64, not a [finite time, id] pair)."""
+    """``(created_at, decision_id)`` of a cursor :func:`encode_cursor` made;
+    :class:`InvalidCursor` (a ``ValueError``) for anything else (too long, not base64, not
+    a [finite time, id] pair)."""
     shown = cursor if len(cursor) <= 40 else cursor[:39] + "…"
-    problem = ValueError(f"invalid cursor {shown!r}: pass next_cursor as it was given")
+    problem = InvalidCursor(f"invalid cursor {shown!r}: pass next_cursor as it was given")
     if len(cursor) > MAX_CURSOR_LENGTH:
         raise problem
     try:

@@ -39,10 +39,8 @@ def filters(query: DecisionsQuery) -> DecisionFilters:
            summary="Recorded decisions, newest first, a page at a time", query=DecisionsQuery,
            answers=(Answer(200, "A page of decisions", {"application/json": DecisionPage}),))
 def decisions(query: DecisionsQuery) -> Any:
-    try:
-        page, cursor = store().query(filters(query), limit=query.limit, cursor=query.cursor)
-    except ValueError as e:  # a cursor this log did not give
-        raise RequestError(400, "invalid_field", str(e)) from e
+    # a cursor this log did not give: InvalidCursor, a 400
+    page, cursor = store().query(filters(query), limit=query.limit, cursor=query.cursor)
     return jsonify(DecisionPage(decisions=page, next_cursor=cursor).model_dump(mode="json"))
 
 

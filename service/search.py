@@ -19,10 +19,8 @@ from flask import Blueprint, Response, jsonify, render_template, request
 
 from decisionlog import DecisionStore
 from decisionlog.search import (
-    NoEmbedding,
     SearchHit,
     SearchPage,
-    UnknownDecision,
     frames_like,
     index_for,
     write_csv,
@@ -107,12 +105,8 @@ def run_search(holder: PolicyHolder, store: DecisionStore, request: SearchReques
         query: dict[str, Any] = {"kind": "text", "q": request.q, "raw": request.raw,
                                  "prompts": 1 if request.raw else len(active.policy.templates)}
     elif request.like is not None:
-        try:
-            model, queries = frames_like(store, request.like)
-        except UnknownDecision as e:
-            raise RequestError(404, "not_found", str(e)) from e
-        except NoEmbedding as e:
-            raise RequestError(422, "no_embedding", str(e)) from e
+        # UnknownDecision: 404; NoEmbedding (an error result): 422 no_embedding
+        model, queries = frames_like(store, request.like)
         exclude = (request.like,)  # its model's vectors, not itself
         query = {"kind": "like", "like": request.like, "frames": len(queries)}
     elif image:
