@@ -1,8 +1,8 @@
-"""Where a model's weights come from: a pretrained tag (open_clip's cache, or the hub when it
-can be reached), or a checkpoint file. Backend-neutral: it returns a path and an identity,
-and fails within seconds, saying how to provide the weights, when there are none.
-
-open_clip (and so torch) is imported only when a tag has to be looked up.
+"""Where a model's weights come from: a pretrained tag (the backend's registry of tags, its
+cache, or the hub when it can be reached), or a checkpoint file. Backend-neutral: it returns
+a path and an identity, and fails within seconds, saying how to provide the weights, when
+there are none. The registry is the caller's (the torch backend passes open_clip's): this
+module imports no runtime.
 """
 
 from __future__ import annotations
@@ -12,12 +12,28 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from .errors import WeightsUnavailableError
 
-__all__ = ["how_to_provide", "resolve_weights"]
+__all__ = ["PretrainedRegistry", "how_to_provide", "resolve_weights"]
+
+
+class PretrainedRegistry(Protocol):
+    """What the pretrained tags of an architecture are, and how to download one: open_clip's
+    module-level functions of these names, for the torch backend."""
+
+    def get_pretrained_cfg(self, model: str, tag: str) -> dict[str, Any]:
+        """The tag's description (``hf_hub`` or ``url``, preprocessing); empty if unknown."""
+        ...
+
+    def list_pretrained_tags_by_model(self, model: str) -> list[str]: ...
+
+    def download_pretrained(self, cfg: dict[str, Any], cache_dir: str | None = None) -> str:
+        """Download the weights ``cfg`` describes; their local path."""
+        ...
+
 
 #: How long we wait to learn whether the model hub can be reached at all.
 NETWORK_PROBE_SECONDS = 3.0
@@ -105,9 +121,10 @@ def how_to_provide(name: str, tag: str) -> str:
 
 
 def resolve_weights(
-    name: str, pretrained: str, cache_dir: str | None = None
+    name: str, pretrained: str, registry: PretrainedRegistry, cache_dir: str | None = None
 ) -> tuple[str, dict[str, Any], str]:
-    """Find the checkpoint for ``pretrained`` (a tag or a file path) without hanging.
+    """Find the checkpoint for ``pretrained`` (a file path, or a tag of ``registry``) without
+    hanging.
 
     Returns ``(checkpoint_path, preprocess_overrides, identity)``. Raises
     :class:`WeightsUnavailableError` within seconds when the weights are neither a file, nor
@@ -116,11 +133,9 @@ def resolve_weights(
     path = Path(pretrained).expanduser()
     if path.is_file():
         return str(path), {}, f"{name}/sha256:{_sha256_file(path)[:16]}"
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    cfg = registry.get_pretrained_cfg(name, pretrained)
     if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
+        tags = registry.list_pretrained_tags_by_model(name)
         looks_like_path = os.sep in pretrained or pretrained.endswith(
             (".pt", ".pth", ".bin", ".safetensors")
         )
@@ -150,7 +165,7 @@ def resolve_weights(
             f"{reason}.\n{how_to_provide(name, pretrained)}"
         )
     try:
-        downloaded = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+        downloaded = registry.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as e:  # network failures come in many types
         raise WeightsUnavailableError(
             f"Downloading weights for {name} '{pretrained}' failed: {e}\n"

@@ -146,7 +146,8 @@ class Encoder:
                     f"file, or --random-weights for a smoke test. Known tags for {name}: "
                     f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or '(none)'}"
                 )
-            checkpoint, overrides, identity = resolve_weights(name, pretrained, cache_dir)
+            checkpoint, overrides, identity = resolve_weights(name, pretrained, open_clip,
+                                                            cache_dir)
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name,
