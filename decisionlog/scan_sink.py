@@ -1,19 +1,19 @@
 """Scan results into the decision log (``moderation scan --record``): the ``log`` entry of the
 ``moderation.sinks`` entry points, so that the core's scan never imports the log. Each batch
 of rows (see :mod:`moderation.scan`) is one transaction, with every sampled frame's embedding:
-dry-runs, re-scores and search cover the backlog as they cover live traffic."""
+dry-runs, re-scores and search cover the backlog as they cover live traffic. A record is built
+from the row's typed result, as the service builds one (:meth:`DecisionRecord.from_result`),
+never from the JSON the scan writes."""
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Any
 
-import numpy as np
+from moderation.scan import TYPED_RESULT
 
 from .database import default_database_url
-from .records import DecisionRecord, ImageRef, PolicyRef
+from .records import DecisionRecord
 from .store import DecisionStore
 
 __all__ = ["LogSink"]
@@ -24,30 +24,15 @@ class LogSink:
         self.store = DecisionStore(database_url or default_database_url())
 
     def write(self, rows: dict[str, list[Any]]) -> None:
-        records = []
+        """Record a batch of scan rows: their typed results, with each file's SHA-256 and
+        size (none for a file that could not be read) and the batch's latency per image."""
         now = time.time()
-        for n, raw in enumerate(rows["result"]):
-            result = json.loads(raw)
-            ok = "error" not in result
-            frames = [int(f) for f in str(rows["frames"][n] or "").split(",") if f]
-            blob = rows["embeddings"][n]
-            vectors = (np.frombuffer(blob, np.float16).reshape(len(frames), -1)
-                       if ok and blob is not None and frames else None)
-            records.append(DecisionRecord(
-                id=uuid.uuid4().hex, created_at=now, client_id=result["id"],
-                image=ImageRef(sha256=rows["image_sha256"][n] or "0" * 64,
-                               size=int(rows["image_size"][n] or 0)),
-                policy=PolicyRef(name=result["policy"]["name"],
-                                 version=result["policy"]["version"]),
-                model=result["model"], profile=result.get("profile", "default"),
-                action=result["action"] if ok else "error",
-                triggered=result.get("triggered", []) if ok else [],
-                categories=result.get("categories", {}) if ok else {},
-                latency_ms=float(rows["latency_ms"][n] or 0.0),
-                error_code=None if ok else result["error"]["code"],
-                frame=result.get("frame") if ok else None,
-                frames_scored=result.get("frames_scored") if ok else None,
-                frames=frames if vectors is not None else [],
-                embeddings=vectors,
-            ))
-        self.store.add_many(records)
+        self.store.add_many([
+            DecisionRecord.from_result(
+                result, image_sha256=sha256 or "0" * 64, image_size=int(size or 0),
+                latency_ms=float(latency or 0.0), created_at=now,
+            )
+            for result, sha256, size, latency in zip(
+                rows[TYPED_RESULT], rows["image_sha256"], rows["image_size"],
+                rows["latency_ms"], strict=True)
+        ])

@@ -7,7 +7,9 @@ cluster (``--engine ray``, :mod:`moderation.scan_ray`), as clip-retrieval splits
 mapper and writer. Rows are columns of plain values: ``id``, ``path``, ``result`` (the JSON
 object a local scan writes), ``action``, ``flagged``, ``triggered``, ``policy_name``,
 ``policy_version``, ``model``, ``error_code``, ``error_message`` and, per category of the
-policy, ``score_<id>``, ``flagged_<id>`` and ``margin_<id>`` (null for an error row).
+policy, ``score_<id>``, ``flagged_<id>`` and ``margin_<id>`` (null for an error row); and,
+never written to an output, each row's typed :class:`~moderation.ModerationResult`
+(:data:`TYPED_RESULT`), which a sink (``--record``) builds its records from.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,9 @@ __all__ = ["ScanMapper", "ScanSpec", "list_inputs", "read_bytes", "written_ids"]
 COLUMNS = ["id", "path", "result", "action", "flagged", "triggered", "policy_name",
            "policy_version", "model", "error_code", "error_message", "image_sha256",
            "image_size", "frames", "latency_ms"]
-#: carried for --record (the frame embeddings, float16 bytes), never written to an output
-EMBEDDINGS = "embeddings"
+#: carried for a sink (--record), never written to an output: the typed ModerationResult
+#: (its decision, and every sampled frame's embedding)
+TYPED_RESULT = "typed_result"
 
 
 def _is_uri(path: str) -> bool:
@@ -187,14 +190,12 @@ class ScanMapper:
              decoded: Sequence[tuple[Any, str | None, int | None]]) -> dict[str, list[Any]]:
         import time
 
-        import numpy as np
-
         moderator = self._moderator()
         started = time.perf_counter()
         results = moderator.moderate_decoded([d for d, _, _ in decoded], ids=list(ids))
         latency = 1000 * (time.perf_counter() - started) / max(1, len(results))
         categories = list(moderator.policy.categories)
-        out: dict[str, list[Any]] = {c: [] for c in [*COLUMNS, EMBEDDINGS]}
+        out: dict[str, list[Any]] = {c: [] for c in [*COLUMNS, TYPED_RESULT]}
         for name in categories:
             for kind in ("score", "flagged", "margin"):
                 out[f"{kind}_{name}"] = []
@@ -204,9 +205,7 @@ class ScanMapper:
             out["image_size"].append(size)
             out["latency_ms"].append(latency)
             out["frames"].append(",".join(map(str, result.frames)) if result.ok else "")
-            out[EMBEDDINGS].append(
-                np.asarray(result.embeddings, np.float16).tobytes()
-                if result.ok and result.embeddings is not None else None)
+            out[TYPED_RESULT].append(_portable(result))
             out["id"].append(result.id)
             out["path"].append(path)
             out["result"].append(json.dumps(as_dict))
@@ -235,6 +234,22 @@ class ScanMapper:
                     for kind in ("score", "flagged", "margin"):
                         out[f"{kind}_{name}"].append(None)
         return out
+
+
+class _PortableImageError(ImageError):
+    """Unpickled as the ImageError it stands for. Ray pickles the rows' typed results between
+    processes, and an exception pickles as its class called with ``args`` (the message
+    alone), which ImageError's ``(code, message)`` cannot take."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ImageError, (self.code, self.message)
+
+
+def _portable(result: Any) -> Any:
+    """``result`` (a ModerationResult) in a form that survives pickling."""
+    if type(result.error) is not ImageError:
+        return result
+    return replace(result, error=_PortableImageError(result.error.code, result.error.message))
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -293,7 +308,7 @@ class Writer:
         import pyarrow as pa
         import pyarrow.parquet
 
-        columns = [k for k in rows if k != EMBEDDINGS]
+        columns = [k for k in rows if k != TYPED_RESULT]
         schema = _schema(columns)
         table = pa.table({k: _coerce(rows[k], schema.field(k).type) for k in columns},
                          schema=schema)
