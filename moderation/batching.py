@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from .backends import ImageEncoder
+from .backends import EncoderBase, ImageTextEncoder
 
 __all__ = ["BatchingEncoder", "Occupancy"]
 
@@ -31,7 +31,7 @@ class Occupancy(Protocol):
     def leave(self) -> None: ...
 
 
-class BatchingEncoder:
+class BatchingEncoder(EncoderBase):
     """Shares forward passes between threads: images that callers submit at about the same
     time go through the model together.
 
@@ -46,7 +46,7 @@ class BatchingEncoder:
 
     def __init__(
         self,
-        encoder: ImageEncoder,
+        encoder: ImageTextEncoder,
         max_batch: int = 16,
         max_wait: float = 0.02,
         lone_threads: int | None = None,
@@ -61,6 +61,7 @@ class BatchingEncoder:
         self.identity = encoder.identity
         self.image_size = encoder.image_size
         self.dim = encoder.dim
+        self.device_type = encoder.device_type
         self.max_batch = max_batch
         self.max_wait = max_wait
         self._queue: queue.Queue[tuple[np.ndarray, Future[np.ndarray]]] = queue.Queue()
@@ -88,14 +89,40 @@ class BatchingEncoder:
             with self._lock:
                 self._expected -= 1
 
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        return self.encoder.accepts
+
+    def trace_image_tower(self) -> None:
+        self.encoder.trace_image_tower()
+
+    def prepare_threads(self, threads: int) -> None:
+        self.encoder.prepare_threads(threads)
+
+    def get_threads(self) -> int:
+        return self.encoder.get_threads()
+
+    def set_threads(self, threads: int) -> None:
+        self.encoder.set_threads(threads)
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode_texts(texts)  # type: ignore[attr-defined]
+        return self.encoder.encode_texts(texts)
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encoder.preprocess_images(images)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB images → ndarray of shape (n_images, dim), float32, unit rows."""
-        pixels = self.encoder.preprocess_images(images) if images else None
+        if not images:
+            self._arrived()
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self.encode_pixels(self.encoder.preprocess_images(images))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed images, ndarray of shape (n, 3, size, size) → ndarray of shape
+        (n, dim), float32, unit rows: in forward passes shared with other callers."""
         futures: list[Future[np.ndarray]] = []
-        for row in pixels if pixels is not None else []:
+        for row in pixels:
             future: Future[np.ndarray] = Future()
             self._queue.put((row, future))
             futures.append(future)

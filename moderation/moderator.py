@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .backends import ImageTextEncoder
 from .decision import Decision
 from .errors import (
     ImageError,
@@ -35,15 +36,6 @@ __all__ = ["ImageInput", "ModerationResult", "Moderator"]
 
 #: An image to moderate: encoded bytes, a file path, or an already decoded Pillow image.
 ImageInput = bytes | str | Path | Image.Image
-
-
-class ImageTextEncoder(Protocol):
-    identity: str
-    image_size: int
-
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -126,7 +118,7 @@ class Moderator:
         *,
         limits: ImageLimits | None = None,
     ) -> None:
-        accepted = getattr(encoder, "accepts", (encoder.identity,))
+        accepted = encoder.accepts
         mismatched = {
             cid: model
             for cid, model in policy.calibrated_models().items()

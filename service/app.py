@@ -55,9 +55,9 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
         backend=settings.backend,
         device=settings.device,
     )
-    if settings.trace and hasattr(moderator.encoder, "trace_image_tower"):  # torch only
-        moderator.encoder.trace_image_tower()
-    on_gpu = getattr(moderator.encoder, "device_type", "cpu") == "cuda"
+    if settings.trace:
+        moderator.encoder.trace_image_tower()  # torch: a TorchScript trace
+    on_gpu = moderator.encoder.device_type == "cuda"
     max_batch = settings.batch_max
     if "batch_max" not in settings.model_fields_set and on_gpu:
         max_batch = GPU_BATCH_MAX  # a GPU wants larger batches; the CPU workers decode
@@ -66,10 +66,10 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
 
         state_dir = settings.state_dir
         lone = None if on_gpu else os.cpu_count() or 1
-        if lone is not None and hasattr(moderator.encoder, "prepare_threads"):  # ONNX Runtime
-            moderator.encoder.prepare_threads(lone)
+        if lone is not None:
+            moderator.encoder.prepare_threads(lone)  # ONNX Runtime: a session for all cores
         batching = BatchingEncoder(
-            moderator.encoder,  # type: ignore[arg-type]
+            moderator.encoder,
             max_batch=max_batch,
             max_wait=settings.batch_max_wait_ms / 1000,
             lone_threads=lone,

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from moderation.backends import EncoderBase
+
 TINY_ARCH = "tiny-test-clip"
 # vision head_width must be <= width; a 32-px image in 8-px patches keeps it fast.
 TINY_CONFIG = {
@@ -81,7 +83,7 @@ def unit(*xs: float) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-class FakeEncoder:
+class FakeEncoder(EncoderBase):  # the capabilities an encoder without them declares
     """Hand-made vectors: texts by exact lookup, solid-colour images by their nearest colour.
 
     Counts every text it is asked to encode, so tests can prove what the cache saved.

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ModelError, WeightsUnavailableError
-from . import encode_in_batches
+from . import EncoderBase, encode_in_batches
 from .clip_text import ClipTokenizer
 from .pixels import Preprocess
 
@@ -78,7 +78,7 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return data
 
 
-class OnnxEncoder:
+class OnnxEncoder(EncoderBase):
     """Images and texts → unit vectors with ONNX Runtime: the contract of
     :class:`moderation.backends.ImageEncoder` and :class:`moderation.backends.TextEncoder`.
 
@@ -92,8 +92,7 @@ class OnnxEncoder:
         self.precision: str = meta["precision"]
         source = meta["source"]["identity"]
         self.identity = f"{source}+onnx-{self.precision}"
-        #: the identities whose calibrated thresholds hold for this model
-        self.accepts = (self.identity, source) if meta.get("matches_source") else (
+        self._accepts = (self.identity, source) if meta.get("matches_source") else (
             self.identity,)
         self.dim = int(meta["embedding_dim"])
         image = meta["image"]
@@ -115,6 +114,12 @@ class OnnxEncoder:
         self._text = self._session("text.onnx", self._threads)
         self._image_threads = self._threads
         self._image = self._image_session(self._threads)
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        """Its own identity, and the source model's when this is an fp32 export whose scores
+        matched the source's (:data:`SCORE_TOLERANCE`)."""
+        return self._accepts
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs: Any) -> OnnxEncoder:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import ModelError, WeightsUnavailableError
 from ..weights import resolve_weights
-from . import RandomWeightsWarning, encode_in_batches
+from . import EncoderBase, RandomWeightsWarning, encode_in_batches
 
 __all__ = ["Encoder", "export_onnx", "resolve_device"]
 
@@ -40,7 +40,7 @@ def resolve_device(device: str) -> str:
     return "cuda" if device == "auto" and available else ("cpu" if device == "auto" else device)
 
 
-class Encoder:
+class Encoder(EncoderBase):
     """A CLIP model that turns images and texts into unit vectors of the same space.
 
     Build one with :meth:`Encoder.load`. Outputs are ``float32`` arrays of shape

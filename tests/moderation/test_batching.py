@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moderation.backends import EncoderBase
 from moderation.backends.torch import Encoder
 from moderation.batching import BatchingEncoder
 
@@ -66,7 +67,7 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows(tiny_encoder: E
 
 
 def test_a_failed_forward_reaches_every_caller_of_its_batch(tiny_encoder: Encoder) -> None:
-    class Broken:
+    class Broken(EncoderBase):
         identity, image_size, dim = "broken", 32, 32
         preprocess_images = staticmethod(tiny_encoder.preprocess_images)
 

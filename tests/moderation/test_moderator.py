@@ -115,6 +115,15 @@ def test_with_policy_reuses_the_encoder(moderator: Moderator, fake_encoder: Fake
     assert other.policy.version != moderator.policy.version
 
 
+def test_an_encoder_without_capabilities_declares_their_defaults(
+        fake_encoder: FakeEncoder) -> None:
+    assert fake_encoder.accepts == ("fake/hand-made",)
+    assert fake_encoder.device_type == "cpu"
+    with fake_encoder.expect():
+        fake_encoder.trace_image_tower()
+        fake_encoder.prepare_threads(4)
+
+
 def test_from_policy_with_the_real_tiny_model(tiny_arch_file: Path, tmp_path: Path) -> None:
     data = copy.deepcopy(HAND_POLICY)
     data["model"] = {"name": TINY_ARCH, "pretrained": "none", "config": str(tiny_arch_file)}

@@ -23,6 +23,7 @@ from moderation.backends.clip_text import ClipTokenizer
 from moderation.backends.onnx import SCORE_TOLERANCE, OnnxEncoder, providers_for
 from moderation.backends.pixels import Preprocess
 from moderation.backends.torch import Encoder, export_onnx, resolve_device
+from moderation.batching import BatchingEncoder
 from moderation.cli import main, sample_images
 from tests.conftest import HAND_POLICY, TINY_ARCH, image_bytes
 
@@ -154,6 +155,10 @@ def test_identities_and_which_calibrations_they_accept(
     accepted = Moderator.from_policy(policy, backend="onnx", pretrained=str(exported),
                                      cache_dir=tmp_path / "cache")
     assert accepted.encoder.accepts == (fp32_encoder.identity, tiny_encoder.identity)
+    # the service's batching encoder declares what the encoder it wraps accepts (it had been
+    # probed for it, found nothing, and refused the source model's thresholds)
+    batching = BatchingEncoder(accepted.encoder)
+    assert accepted.with_encoder(batching).encoder.accepts == accepted.encoder.accepts
     with pytest.raises(ModelMismatchError, match="calibrate again"):
         Moderator.from_policy(policy, backend="onnx", pretrained=str(int8),
                               cache_dir=tmp_path / "cache")
