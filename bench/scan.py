@@ -38,13 +38,14 @@ def main() -> None:
 
     import ray
 
+    from moderation.backends import EncoderSpec
     from moderation.scan import ScanMapper, ScanSpec, Writer, run_local
     from moderation.scan_ray import ray_scan
 
     files = photo_like_jpegs(args.images, (4000, 3000))
     inputs = [(str(p), str(p)) for p in files]
-    spec = ScanSpec(policy_path=str(ROOT / "policies" / "default.yaml"), random_weights=True,
-                    cache_dir=str(Path(tempfile.gettempdir()) / "bench-scan-cache"))
+    spec = ScanSpec(str(ROOT / "policies" / "default.yaml"), EncoderSpec(
+        random_weights=True, cache_dir=str(Path(tempfile.gettempdir()) / "bench-scan-cache")))
     local_mapper = ScanMapper(spec)
     local_mapper.decode_many([inputs[0][1]])  # the model, built before the clock starts
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
@@ -57,7 +58,7 @@ def main() -> None:
             out = Path(tempfile.mkdtemp()) / "local.jsonl"
             writer = Writer(out)
             started = time.perf_counter()
-            run_local(local_mapper, inputs, writer, spec.batch_size)
+            run_local(local_mapper, inputs, writer, spec.encoder.batch_size)
             local.append(len(inputs) / (time.perf_counter() - started))
             writer.close()
             times = []

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from moderation import PolicyError
+from moderation.backends import EncoderSpec
 from moderation.command import load_moderator, model_options
 
 
@@ -60,7 +61,8 @@ def calibrate(
     test_size: float,
     seed: int,
     min_positives: int,
-    **model_options: Any,
+    policy_path: Path,
+    spec: EncoderSpec,
 ) -> None:
     """Fit per-category thresholds on labelled images; write a new policy and a report.
 
@@ -76,20 +78,19 @@ def calibrate(
     goal = None
     if target_precision is not None or target_recall is not None:
         goal = Goal(precision=target_precision, recall=target_recall)
-    policy_path: Path = model_options["policy_path"]
     if from_reviews:
         if labels is not None or test is not None or scan is not None:
             raise click.UsageError("--from-reviews takes its labels from the log: leave out "
                                    "--labels, --test and --scores")
         result = _from_reviews(policy_path, goal, profile, test_size, seed, min_positives,
-                               since, until, database_url, model_options)
+                               since, until, database_url, spec)
     elif since is not None or until is not None or database_url is not None:
         raise click.UsageError("--since, --until and --database-url go with --from-reviews")
     elif labels is None:
         raise click.UsageError("give --labels (a labelled set), or --from-reviews")
     else:
         result = _from_labels(policy_path, labels, test, scan, goal, profile, test_size, seed,
-                              min_positives, model_options)
+                              min_positives, spec)
     write_policy(result, policy_path, out)
     index = write_report(result, report_dir)
     for line in threshold_diff(result):
@@ -110,14 +111,14 @@ def calibrate(
 
 def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path | None,
                  goal: Any, profile: str | None, test_size: float, seed: int,
-                 min_positives: int, model_options: dict[str, Any]) -> Any:
+                 min_positives: int, spec: EncoderSpec) -> Any:
     from .labels import LabelError
     from .run import calibrate as run
 
     try:
         return run(
             policy_path, labels, test=test, scan=scan, goal=goal, profile=profile,
-            load_moderator=lambda: load_moderator(**model_options), test_size=test_size,
+            load_moderator=lambda: load_moderator(policy_path, spec), test_size=test_size,
             seed=seed, min_positives=min_positives,
         )
     except (LabelError, PolicyError) as e:
@@ -126,7 +127,7 @@ def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path 
 
 def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: float,
                   seed: int, min_positives: int, since: str | None, until: str | None,
-                  database_url: str | None, model_options: dict[str, Any]) -> Any:
+                  database_url: str | None, spec: EncoderSpec) -> Any:
     """The verdicts come from the decision log, a sibling package this one never imports:
     it contributes them as the ``reviews`` label source (the ``moderation.label_sources``
     entry points), the way packages contribute commands."""
@@ -141,7 +142,7 @@ def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: 
                                    "package provides it: pip install -e .)")
     source = next(iter(found)).load()
     try:
-        moderator = load_moderator(**model_options)
+        moderator = load_moderator(policy_path, spec)
         reviewed = source(database_url or os.environ.get("MODERATION_DATABASE_URL"),
                           model=moderator.encoder.identity, since=since or "30d", until=until)
         return calibrate_from_reviews(policy_path, moderator, reviewed, goal=goal,

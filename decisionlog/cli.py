@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from moderation import ModerationError
+from moderation.backends import EncoderSpec
 from moderation.command import load_moderator, weights_options
 
 
@@ -155,7 +156,7 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
                      action: str | None, category: str | None, policy_version: str | None,
                      client_id: str | None, flagged: bool | None, limit: int, offset: int,
                      min_similarity: float | None, ef_search: int, fmt: str, out: Any,
-                     database_url: str | None, **weights: Any) -> None:
+                     database_url: str | None, spec: EncoderSpec) -> None:
     """The stored decisions most like TEXT (text → image), a stored decision (--like) or an
     image file (--image), best first, one per decision (its best frame). Nothing is recorded;
     ids are included, for a pipeline of your own to act on (--format jsonl or csv)."""
@@ -183,9 +184,7 @@ def decisions_search(text: str | None, like: str | None, image: Path | None, raw
         policy, _ = (_stored_or_file(policy_spec, url, Path.cwd()) if policy_spec
                      else _in_force(url, Path.cwd(), "give --policy VERSION or --policy FILE"))
         moderator = load_moderator(
-            policy_path=policy, cache=SharedEmbeddingCache.with_folder(url, weights["cache_dir"]),
-            **weights,
-        )
+            policy, spec, cache=SharedEmbeddingCache.with_folder(url, spec.cache_dir))
         model = moderator.encoder.identity
         if text is not None:
             queries = moderator.embed_text(text, raw=raw)
@@ -236,7 +235,7 @@ def render_hits(page: Any) -> str:
 @_database_option
 @weights_options
 def decisions_rescore(policy_path: Path, since: str, until: str | None,
-                      database_url: str | None, **weights: Any) -> None:
+                      database_url: str | None, spec: EncoderSpec) -> None:
     """Record what each stored decision of the window would get under --policy, in a re-score
     run of its own (the decisions themselves are not modified); export it with
     `moderation decisions export --rescore RUN_ID`."""
@@ -247,9 +246,7 @@ def decisions_rescore(policy_path: Path, since: str, until: str | None,
     store = _store(url)
     window = _time_option(since), _time_option(until)
     moderator = load_moderator(
-        policy_path=policy_path,
-        cache=SharedEmbeddingCache.with_folder(url, weights["cache_dir"]), **weights,
-    )
+        policy_path, spec, cache=SharedEmbeddingCache.with_folder(url, spec.cache_dir))
     try:
         run = rescore(store, moderator.scorer(),
                       policy_text=policy_path.read_bytes().decode("utf-8"),
@@ -389,7 +386,7 @@ def _in_force(database_url: str | None, base_dir: Path,
 @_database_option
 @weights_options
 def policy_dry_run(proposed: Path, since: str, until: str | None, against: str | None,
-                   limit: int, fmt: str, database_url: str | None, **weights: Any) -> None:
+                   limit: int, fmt: str, database_url: str | None, spec: EncoderSpec) -> None:
     """What PROPOSED would decide for the stored decisions of a window, next to the policy in
     force: counts per category and action, the changed decisions, and the policies' diff.
 
@@ -415,9 +412,8 @@ def policy_dry_run(proposed: Path, since: str, until: str | None, against: str |
     except ModerationError as e:
         raise click.ClickException(str(e)) from e
     after = load_moderator(
-        policy_path=proposed,
-        cache=OverlayCache(SharedEmbeddingCache.with_folder(url, weights["cache_dir"])),
-        **weights,
+        proposed, spec,
+        cache=OverlayCache(SharedEmbeddingCache.with_folder(url, spec.cache_dir)),
     )
     try:
         report = dry_run_policy(

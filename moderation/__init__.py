@@ -9,6 +9,7 @@
 The encoder (and so torch) is imported only when a model is loaded.
 """
 
+from .backends import EncoderSpec
 from .decision import CategoryDecision, Decision, TermMatch
 from .errors import (
     ImageError,
@@ -29,6 +30,7 @@ __all__ = [
     "Action",
     "CategoryDecision",
     "Decision",
+    "EncoderSpec",
     "ImageError",
     "InvalidRequest",
     "ModelError",

@@ -7,11 +7,13 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .backends import EncoderSpec
 from .command import load_moderator, model_options
 from .errors import ModerationError, PolicyError
 from .policy import load_policy
@@ -51,13 +53,13 @@ def policy_check(path: Path) -> None:
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @model_options
-def score(images: tuple[Path, ...], **model_options: Any) -> None:
+def score(images: tuple[Path, ...], policy_path: Path, spec: EncoderSpec) -> None:
     """Moderate IMAGES: one JSON object per image on stdout.
 
     Exits 1 if any image could not be read (its line carries the error); 2, before the model
     is loaded, if a path does not exist.
     """
-    moderator = load_moderator(**model_options)
+    moderator = load_moderator(policy_path, spec)
     results = moderator.moderate(list(images), ids=[str(p) for p in images])
     for result in results:
         click.echo(json.dumps(result.to_dict()))
@@ -115,7 +117,7 @@ def _scan_locally(moderator: Any, inputs: list[tuple[str, str]], out: Path, batc
 @model_options
 def scan(source: str, out: Path, engine: str, address: str | None, actors: int | None,
          actor_cpus: int, actor_gpus: float, record: bool, database_url: str | None,
-         **model_options: Any) -> None:
+         policy_path: Path, spec: EncoderSpec) -> None:
     """Moderate every input of SOURCE, in batches: a folder (recursive), a manifest (.csv or
     .parquet with a 'path' column and an optional 'id'), or an object-store prefix
     (s3://bucket/prefix, gs://…).
@@ -141,20 +143,14 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
     sink = _record_sink(database_url) if record else None
     # checked here, loudly, before any worker; with Ray, on the driver's CPU (its actors may
     # have GPUs the driver lacks)
-    moderator = load_moderator(**(model_options if engine == "local"
-                                  else {**model_options, "device": "cpu"}))
+    moderator = load_moderator(policy_path,
+                               spec if engine == "local" else replace(spec, device="cpu"))
     if engine == "ray":
         from .scan_ray import ray_scan
 
-        spec = ScanSpec(
-            policy_path=str(Path(model_options["policy_path"]).resolve()),
-            model=model_options["model"], pretrained=model_options["pretrained"],
-            random_weights=model_options["random_weights"],
-            cache_dir=str(model_options["cache_dir"]) if model_options["cache_dir"] else None,
-            batch_size=model_options["batch_size"], backend=model_options["backend"],
-            device=model_options["device"])
         try:
-            counts = ray_scan(spec, todo, out, address=address, actors=actors or 1,
+            counts = ray_scan(ScanSpec(str(policy_path.resolve()), spec), todo, out,
+                              address=address, actors=actors or 1,
                               sink=sink, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
         except ModerationError as e:
             raise click.ClickException(str(e)) from e
@@ -162,8 +158,8 @@ def scan(source: str, out: Path, engine: str, address: str | None, actors: int |
         from tqdm import tqdm
 
         with tqdm(total=len(todo), unit="img", file=sys.stderr) as progress:
-            counts = _scan_locally(moderator, todo, out, model_options["batch_size"],
-                                   progress.update, sink)
+            counts = _scan_locally(moderator, todo, out, spec.batch_size, progress.update,
+                                   sink)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     click.echo(f"done: {summary}; results in {out}"
                + (f"; {sum(counts.values())} recorded in the decision log"
@@ -257,7 +253,7 @@ def _images_in(folder: Path, limit: int = 64) -> list[Any]:
               help="int8: the lowest image-embedding cosine against fp32 accepted.")
 @model_options
 def model_export(out: Path, precision: str, images_folder: Path | None, min_cosine: float,
-                 **model_options: Any) -> None:
+                 policy_path: Path, spec: EncoderSpec) -> None:
     """Export the policy's model (or --model/--pretrained) to ONNX: both towers, the
     tokenizer, and model.json (source identity and weights checksum, preprocessing,
     tokenisation, precision). Needs torch; serving the result does not (--backend onnx
@@ -267,10 +263,10 @@ def model_export(out: Path, precision: str, images_folder: Path | None, min_cosi
     if (out / "model.json").exists():
         raise click.ClickException(f"{out} already holds an exported model; choose another "
                                    "--out or remove it")
-    if model_options.get("backend") == "onnx":
+    if spec.backend == "onnx":
         raise click.UsageError("export reads a torch model: leave out --backend onnx")
     images = _images_in(images_folder) if images_folder else sample_images()
-    moderator = load_moderator(**{**model_options, "device": "cpu", "backend": "torch"})
+    moderator = load_moderator(policy_path, replace(spec, device="cpu", backend="torch"))
     from .backends.torch import export_onnx
 
     policy = moderator.policy

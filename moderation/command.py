@@ -1,9 +1,11 @@
-"""Click helpers for the commands every package adds to ``moderation``: the model options
-and loading a moderator with a loud warning for random weights. Public, so that sibling
-packages' ``cli.py`` modules use them without importing one another."""
+"""Click helpers for the commands every package adds to ``moderation``: the model options,
+which build one :class:`~moderation.backends.EncoderSpec`, and loading a moderator with a loud
+warning for random weights. Public, so that sibling packages' ``cli.py`` modules use them
+without importing one another."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .backends import EncoderSpec
 from .errors import ModerationError
 
 __all__ = [
@@ -24,8 +27,8 @@ DEFAULT_POLICY = os.environ.get("MODERATION_POLICY", "policies/default.yaml")
 
 
 def model_options(command: F) -> F:
-    """The options every command that loads a model shares: ``--policy`` and
-    :func:`weights_options`."""
+    """The options every command that loads a model shares: ``--policy`` (the command gets
+    ``policy_path``) and :func:`weights_options` (it gets ``spec``)."""
     return click.option(
         "--policy",
         "policy_path",
@@ -36,8 +39,15 @@ def model_options(command: F) -> F:
     )(weights_options(command))
 
 
-def weights_options(command: F) -> F:
-    """The model and weights options, for a command that takes its policy otherwise."""
+def weights_options(command: F | None = None, *, batch_size: bool = True) -> Any:
+    """The model and weights options (``--model``, ``--pretrained``, ``--random-weights``,
+    ``--cache-dir``, ``--batch-size``, ``--backend``, ``--device``), for a command that takes
+    its policy otherwise: the command gets them as one ``spec``, an
+    :class:`~moderation.backends.EncoderSpec` (``None`` where the policy decides).
+    ``batch_size=False``: without ``--batch-size`` (``serve`` batches requests its own way);
+    then used as ``@weights_options(batch_size=False)``."""
+    if command is None:
+        return functools.partial(weights_options, batch_size=batch_size)
     options = [
         click.option("--model", help="open_clip architecture; default: the policy's."),
         click.option(
@@ -56,9 +66,9 @@ def weights_options(command: F) -> F:
             help="Where text embeddings are cached (default: $MODERATION_CACHE_DIR or "
             "~/.cache/moderation).",
         ),
-        click.option(
+        *([click.option(
             "--batch-size", type=click.IntRange(1, 512), default=16, show_default=True
-        ),
+        )] if batch_size else []),
         click.option(
             "--backend", type=click.Choice(["torch", "onnx"]),
             help="torch (open_clip), or onnx: --pretrained is a folder 'moderation model "
@@ -71,42 +81,34 @@ def weights_options(command: F) -> F:
             help="Where the model runs (auto: CUDA when present).",
         ),
     ]
+
+    @functools.wraps(command)
+    def with_spec(*args: Any, **kwargs: Any) -> Any:
+        spec = EncoderSpec(
+            name=kwargs.pop("model"), pretrained=kwargs.pop("pretrained"),
+            random_weights=kwargs.pop("random_weights"), cache_dir=kwargs.pop("cache_dir"),
+            backend=kwargs.pop("backend"), device=kwargs.pop("device"),
+            **({"batch_size": kwargs.pop("batch_size")} if batch_size else {}),
+        )
+        return command(*args, spec=spec, **kwargs)
+
+    decorated: Any = with_spec
     for option in reversed(options):
-        command = option(command)
-    return command
+        decorated = option(decorated)
+    return decorated
 
 
-def load_moderator(
-    policy_path: Path | Any,
-    model: str | None,
-    pretrained: str | None,
-    random_weights: bool,
-    cache_dir: Path | None,
-    batch_size: int,
-    cache: Any = None,
-    backend: str | None = None,
-    device: str = "cpu",
-) -> Any:
-    """The :class:`~moderation.Moderator` of a policy file (or a parsed policy), its errors as
-    click's; ``cache``:
-    a text-embedding cache a layer above provides (default: the folder cache)."""
+def load_moderator(policy_path: Path | Any, spec: EncoderSpec, cache: Any = None) -> Any:
+    """The :class:`~moderation.Moderator` of a policy file (or a parsed policy) with the model
+    ``spec`` chooses, its errors as click's; ``cache``: a text-embedding cache a layer above
+    provides (default: the folder cache)."""
     from .backends import RandomWeightsWarning
     from .moderator import Moderator
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         try:
-            moderator = Moderator.from_policy(
-                policy_path,
-                model=model,
-                pretrained=pretrained,
-                random_weights=random_weights,
-                cache_dir=cache_dir,
-                cache=cache,
-                batch_size=batch_size,
-                backend=backend,
-                device=device,
-            )
+            moderator = Moderator.from_policy(policy_path, spec, cache=cache)
         except ModerationError as e:
             raise click.ClickException(str(e)) from e
     for warning in caught:

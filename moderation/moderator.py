@@ -10,15 +10,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .backends import ImageTextEncoder
+from .backends import EncoderSpec, ImageTextEncoder, load_encoder
 from .decision import Decision
-from .errors import (
-    ImageError,
-    ModelError,
-    ModelMismatchError,
-    PolicyLimitError,
-    WeightsUnavailableError,
-)
+from .errors import ImageError, ModelMismatchError, PolicyLimitError
 from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
 from .policy import DEFAULT_PROFILE, Policy, PolicyLimits, excerpt, load_policy
 from .prompts import (
@@ -142,72 +136,27 @@ class Moderator:
     def from_policy(
         cls,
         path: str | Path | Policy,
+        spec: EncoderSpec | None = None,
         *,
-        model: str | None = None,
-        pretrained: str | None = None,
-        random_weights: bool = False,
-        cache_dir: str | Path | None = None,
         cache: VectorCache | None = None,
-        batch_size: int = 16,
-        threads: int | None = None,
-        backend: str | None = None,
-        device: str = "cpu",
-        **kwargs: Any,
+        limits: ImageLimits | None = None,
     ) -> Moderator:
-        """Load the policy at ``path`` (or take it, parsed) and the model it names (or
-        ``model``/``pretrained``).
+        """Load the policy at ``path`` (or take it, parsed) and the model it names, with what
+        ``spec`` overrides (an :class:`~moderation.backends.EncoderSpec`: another model or
+        weights, the backend, the device, batch size, threads, the cache folder).
 
-        ``cache_dir`` holds the text-embedding cache (default: see
-        :func:`moderation.prompts.default_cache_path`), unless ``cache`` is given (a cache
-        a layer above provides); ``threads`` sets the intra-op threads of a forward pass
-        (default: the runtime's choice). ``backend``: ``torch`` or ``onnx`` (default: the
-        policy's; onnx: ``pretrained`` is a folder ``moderation model export`` wrote);
-        ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when present). Other keyword arguments
-        go to the constructor.
+        ``cache``: a text-embedding cache a layer above provides (default: the folder cache
+        in ``spec.cache_dir``, see :func:`moderation.prompts.default_cache_path`);
+        ``limits``: what a decoded image may be (default: :class:`ImageLimits`'s).
         """
         policy = path if isinstance(path, Policy) else load_policy(path)
-        spec = policy.model
-        name = model or spec.name
-        if pretrained is None and name == spec.name:
-            pretrained = spec.pretrained
-        backend = backend or spec.backend
-        encoder: Any
-        if backend == "onnx":
-            from .backends.onnx import OnnxEncoder
-
-            if random_weights:
-                raise ModelError("--random-weights applies when a model is exported "
-                                 "('moderation model export --random-weights'), not to an "
-                                 "exported folder")
-            if not pretrained:
-                raise WeightsUnavailableError("--backend onnx needs --pretrained DIR, a "
-                                              "folder 'moderation model export' wrote")
-            encoder = OnnxEncoder.load(pretrained, threads=threads, device=device,
-                                       batch_size=batch_size)
-        elif backend == "torch":
-            try:
-                from .backends.torch import Encoder
-            except ImportError as e:
-                raise ModelError(
-                    f"the torch backend needs torch and open_clip ({e}): pip install "
-                    "'moderation[torch]', or serve an exported model with --backend onnx"
-                ) from None
-            encoder = Encoder.load(
-                name,
-                pretrained,
-                config=spec.config if name == spec.name else None,
-                random_weights=random_weights,
-                batch_size=batch_size,
-                threads=threads,
-                device=device,
-            )
-        else:
-            raise ModelError(f"unknown backend {backend!r}: torch or onnx")
+        spec = EncoderSpec.for_policy(policy, spec)
+        encoder = load_encoder(spec)
         if cache is None:
             cache = EmbeddingCache(
-                Path(cache_dir) / "embeddings" if cache_dir is not None else None
+                Path(spec.cache_dir) / "embeddings" if spec.cache_dir is not None else None
             )
-        return cls(policy, encoder, cache, **kwargs)
+        return cls(policy, encoder, cache, limits=limits)
 
     def with_encoder(self, encoder: ImageTextEncoder) -> Moderator:
         """The same policy with another encoder of the same model (e.g. a batching one)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .backends import EncoderSpec
 from .errors import ImageError, ModerationError
 
 __all__ = ["ScanMapper", "ScanSpec", "list_inputs", "read_bytes", "written_ids"]
@@ -115,17 +116,10 @@ def _manifest(path: Path) -> list[tuple[str, str]]:
 @dataclass(frozen=True)
 class ScanSpec:
     """What a mapper needs to build its moderator, wherever it runs (plain values: it is
-    shipped to cluster workers)."""
+    shipped to cluster workers): the policy file, the model, and the decoding threads."""
 
     policy_path: str
-    model: str | None = None
-    pretrained: str | None = None
-    random_weights: bool = False
-    cache_dir: str | None = None
-    batch_size: int = 16
-    backend: str | None = None
-    device: str = "cpu"
-    threads: int | None = None
+    encoder: EncoderSpec = EncoderSpec()
     decode_threads: int = 2
 
     def load(self) -> Any:
@@ -136,11 +130,7 @@ class ScanSpec:
 
         with warnings.catch_warnings():  # the driver has said it loudly already
             warnings.simplefilter("ignore", RandomWeightsWarning)
-            return Moderator.from_policy(
-                self.policy_path, model=self.model, pretrained=self.pretrained,
-                random_weights=self.random_weights, cache_dir=self.cache_dir,
-                batch_size=self.batch_size, backend=self.backend, device=self.device,
-                threads=self.threads)
+            return Moderator.from_policy(self.policy_path, self.encoder)
 
 
 class ScanMapper:

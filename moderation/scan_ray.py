@@ -44,15 +44,17 @@ def ray_scan(spec: ScanSpec, inputs: Sequence[tuple[str, str]], out: Path, *,
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
                  include_dashboard=False, configure_logging=False)
     counts: Counter[str] = Counter()
+    batch_size = spec.encoder.batch_size
     writer = Writer(out)
     try:
         dataset = ray.data.from_items([{"id": i, "path": p} for i, p in inputs],
                                       override_num_blocks=max(1, min(len(inputs) //
-                                                                     spec.batch_size, 200)))
-        spec = replace(spec, threads=spec.threads or actor_cpus,
+                                                                     batch_size, 200)))
+        spec = replace(spec, encoder=replace(spec.encoder,
+                                             threads=spec.encoder.threads or actor_cpus),
                        decode_threads=max(spec.decode_threads, actor_cpus))
         results = dataset.map_batches(
-            ScanMapper, fn_constructor_args=(spec,), batch_size=spec.batch_size,
+            ScanMapper, fn_constructor_args=(spec,), batch_size=batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=actor_cpus, num_gpus=actor_gpus, zero_copy_batch=False,
             # two batches in flight per actor: one decoding while the other is in the model,

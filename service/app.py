@@ -28,6 +28,7 @@ from decisionlog import (
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
+from moderation.backends import EncoderSpec
 
 from . import decisions, moderate, ops, pages, policy, reviews, search, security
 from .errors import register_error_handlers
@@ -42,18 +43,21 @@ __all__ = ["create_app"]
 GPU_BATCH_MAX = 64
 
 
+def encoder_spec(settings: Settings) -> EncoderSpec:
+    """The model the settings choose (``None`` where the policy decides)."""
+    return EncoderSpec(name=settings.model, pretrained=settings.pretrained,
+                       random_weights=settings.random_weights, backend=settings.backend,
+                       device=settings.device, threads=settings.torch_threads,
+                       cache_dir=settings.cache_dir)
+
+
 def _load_moderator(settings: Settings, database_url: str) -> Moderator:
     moderator = Moderator.from_policy(
         settings.policy,
-        model=settings.model,
-        pretrained=settings.pretrained,
-        random_weights=settings.random_weights,
+        encoder_spec(settings),
         # text embeddings in the log as well: what one replica encodes, the others read
         cache=SharedEmbeddingCache.with_folder(database_url, settings.cache_dir),
-        threads=settings.torch_threads,
         limits=settings.image_limits,
-        backend=settings.backend,
-        device=settings.device,
     )
     if settings.trace:
         moderator.encoder.trace_image_tower()  # torch: a TorchScript trace

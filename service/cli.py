@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from moderation import PolicyError, load_policy
-from moderation.command import DEFAULT_POLICY, loud_warning
+from moderation.backends import EncoderSpec
+from moderation.command import DEFAULT_POLICY, loud_warning, weights_options
 from moderation.policy import Policy
 
 from .settings import Settings, SettingsError, load_settings
@@ -31,46 +32,27 @@ from .settings import Settings, SettingsError, load_settings
               help="Worker processes; each gets cores/workers torch threads (BENCHMARKS.md).")
 @click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Concurrent requests per worker.")
-@click.option("--model", help="open_clip architecture; default: the policy's.")
-@click.option("--pretrained", help="Pretrained tag or checkpoint file; default: the policy's.")
-@click.option("--random-weights", is_flag=True,
-              help="Random weights: scores are MEANINGLESS. Benchmarks and smoke tests only.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["torch", "onnx"]),
-              help="torch, or onnx (--pretrained: a folder 'moderation model export' wrote); "
-                   "default: the policy's.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]),
-              help="Where the model runs (default: $MODERATION_DEVICE, else cpu; auto: CUDA "
-                   "when present).")
+@weights_options(batch_size=False)  # the workers batch requests (MODERATION_BATCH_MAX)
 def serve(
-    policy_path: Path,
-    host: str,
-    port: int,
-    workers: int,
-    threads: int,
-    model: str | None,
-    pretrained: str | None,
-    random_weights: bool,
-    cache_dir: Path | None,
-    backend: str | None,
-    device: str | None,
+    policy_path: Path, host: str, port: int, workers: int, threads: int, spec: EncoderSpec
 ) -> None:
     """Serve the HTTP API with gunicorn (see service/gunicorn.conf.py).
 
     Admin routes need MODERATION_ADMIN_TOKEN; MODERATION_API_KEYS (comma-separated) makes
     /v1/moderate and /v1/policy require a key.
     """
-    if random_weights:
+    if spec.random_weights:
         loud_warning("serving with RANDOM WEIGHTS: every score is meaningless.")
     # the workers' settings: checked here, then gunicorn is exec'ed with this environment
     os.environ.update(
         MODERATION_POLICY=str(policy_path.resolve()),
         MODERATION_WORKERS=str(workers),
         MODERATION_THREADS=str(threads),
-        MODERATION_RANDOM_WEIGHTS="true" if random_weights else "false",
+        MODERATION_RANDOM_WEIGHTS="true" if spec.random_weights else "false",
     )
-    for key, value in (("MODEL", model), ("PRETRAINED", pretrained), ("CACHE_DIR", cache_dir),
-                       ("BACKEND", backend), ("DEVICE", device)):
+    for key, value in (("MODEL", spec.name), ("PRETRAINED", spec.pretrained),
+                       ("CACHE_DIR", spec.cache_dir), ("BACKEND", spec.backend),
+                       ("DEVICE", spec.device)):
         if value is not None:
             os.environ[f"MODERATION_{key}"] = str(value)
     try:  # every MODERATION_* variable, checked here rather than in each worker
@@ -98,14 +80,18 @@ def _check_model(policy: Policy, settings: Settings) -> None:
     here, rather than by every worker."""
     from moderation import ModerationError
 
-    backend = settings.backend or policy.model.backend
+    from .app import encoder_spec
+
+    spec = EncoderSpec.for_policy(policy, encoder_spec(settings))  # as each worker has it
     try:
-        if backend == "onnx":
+        if spec.backend == "onnx":
             from moderation.backends.onnx import providers_for, read_metadata
 
-            folder = settings.pretrained or policy.model.pretrained
-            read_metadata(Path(folder).expanduser())
-            providers_for(settings.device)
+            if not spec.pretrained:
+                raise click.ClickException("--backend onnx needs --pretrained DIR, a folder "
+                                           "'moderation model export' wrote")
+            read_metadata(Path(spec.pretrained).expanduser())
+            providers_for(spec.device)
         else:
             import importlib.util
 

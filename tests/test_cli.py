@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -175,3 +176,28 @@ def test_decisions_replay(runner: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "1 written, 0 already in the log, 0 still failing" in result.output
     assert DecisionStore(url).get(r.id) is not None
+
+
+def test_the_model_options_build_one_encoder_spec(
+    runner: CliRunner, tiny_policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moderation.cli
+    from moderation import EncoderSpec
+
+    chosen: list[Any] = []
+
+    def no_model(policy_path: Path, spec: EncoderSpec) -> None:
+        chosen.append((policy_path, spec))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(moderation.cli, "load_moderator", no_model)
+    monkeypatch.setenv("MODERATION_DEVICE", "auto")
+    (tmp_path / "a.png").write_bytes(image_bytes(RED))
+    result = runner.invoke(main, ["score", str(tmp_path / "a.png"), "--policy", str(tiny_policy),
+                                  "--model", "ViT-B-32", "--pretrained", "w.pt",
+                                  "--batch-size", "3", "--backend", "torch",
+                                  "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert chosen == [(tiny_policy, EncoderSpec(
+        name="ViT-B-32", pretrained="w.pt", backend="torch", device="auto", batch_size=3,
+        cache_dir=tmp_path / "c"))]

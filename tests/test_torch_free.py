@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from moderation import Moderator
+from moderation import EncoderSpec, Moderator
 from moderation.backends.torch import Encoder, export_onnx
 from tests.conftest import HAND_POLICY, TINY_ARCH
 
@@ -66,8 +66,8 @@ def test_a_torch_free_install_scans_and_serves_an_exported_model(
     torch_policy = tmp_path / "torch.yaml"
     torch_policy.write_text(yaml.safe_dump(torch_data, sort_keys=False))
     with pytest.warns(UserWarning):
-        reference = Moderator.from_policy(torch_policy, random_weights=True,
-                                          cache_dir=tmp_path / "torch-cache")
+        reference = Moderator.from_policy(
+            torch_policy, EncoderSpec(random_weights=True, cache_dir=tmp_path / "torch-cache"))
     for result in reference.moderate(sorted((ROOT / "examples").iterdir()),
                                      ids=sorted(p.name for p in (ROOT / "examples").iterdir())):
         found = scanned[result.id]

@@ -16,7 +16,7 @@ from PIL import Image
 from decisionlog import DecisionRecord, DecisionStore
 from decisionlog.quality import reviewed_set
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue, VerdictFilters
-from moderation import Moderator
+from moderation import EncoderSpec, Moderator
 from moderation.cli import main
 from tests.conftest import HAND_POLICY, TINY_ARCH
 
@@ -39,7 +39,8 @@ def reviewed_log(tiny_arch_file: Path, tmp_path: Path) -> tuple[str, Path, dict[
     data["categories"]["weapons"]["threshold"] = {"value": 0.5, "review_from": 0.4}
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(data, sort_keys=False))
-    moderator = Moderator.from_policy(policy, random_weights=True, cache_dir=tmp_path / "cache")
+    moderator = Moderator.from_policy(
+        policy, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
     rng = np.random.default_rng(0)
     images, truth = [], []
     for label, base in (("weapons", (200, 40, 40)), ("alcohol", (40, 200, 40)),
@@ -63,8 +64,8 @@ def reviewed_log(tiny_arch_file: Path, tmp_path: Path) -> tuple[str, Path, dict[
 def test_the_reviewed_set_weights_each_verdict_by_its_chance(
         reviewed_log: tuple[str, Path, dict[str, set[str]]], tmp_path: Path) -> None:
     url, policy, truths = reviewed_log
-    model = Moderator.from_policy(policy, random_weights=True,
-                                  cache_dir=tmp_path / "cache").encoder.identity
+    model = Moderator.from_policy(
+        policy, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache")).encoder.identity
     found = reviewed_set(url, model=model)
     assert found.name.startswith("reviews ") and f"{len(found.images)} verdicts" in found.name
     allowed = {r.decision_id for r in ReviewQueue(DecisionStore(url)).verdicts(
@@ -103,7 +104,8 @@ def test_calibrate_from_reviews_end_to_end(reviewed_log: tuple[str, Path, dict[s
     page = (report / "index.html").read_text()
     assert "id='weighting'" in page and "id='caveats'" in page
     with pytest.warns(UserWarning):  # random weights: the written policy still serves
-        served = Moderator.from_policy(out, random_weights=True, cache_dir=tmp_path / "cache")
+        served = Moderator.from_policy(
+            out, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
     assert served.policy.categories["weapons"].threshold.provenance.source == "calibrated"
 
 
@@ -121,7 +123,8 @@ def test_a_verdict_says_nothing_of_categories_its_policy_did_not_have(
     from decisionlog import PolicyLog
 
     url, policy, _ = reviewed_log
-    moderator = Moderator.from_policy(policy, random_weights=True, cache_dir=tmp_path / "cache")
+    moderator = Moderator.from_policy(
+        policy, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
     older = yaml.safe_load(policy.read_text())
     del older["categories"]["alcohol"]
     PolicyLog(url).activate(version=moderator.policy.version, name="hand", source="old.yaml",

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from calibration.labels import LabelError, load_labels
 from calibration.report import write_report
 from calibration.run import calibrate, threshold_diff, write_policy
-from moderation import ModelMismatchError, Moderator, load_policy
+from moderation import EncoderSpec, ModelMismatchError, Moderator, load_policy
 from moderation.cli import main
 from moderation.policy import Goal
 from tests.conftest import TINY_ARCH, FakeEncoder, animation_bytes, image_bytes, unit
@@ -271,8 +271,8 @@ def test_calibrate_cli_end_to_end_with_the_tiny_model(tiny_arch_file: Path,
 
     # the written policy loads, carries provenance, and serves with the same model
     with pytest.warns(UserWarning):
-        moderator = Moderator.from_policy(out, random_weights=True,
-                                          cache_dir=tmp_path / "cache")
+        moderator = Moderator.from_policy(
+            out, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
     for cid in ("weapons", "alcohol"):
         provenance = moderator.policy.categories[cid].threshold.provenance
         assert provenance.source == "calibrated"

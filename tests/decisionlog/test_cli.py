@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from decisionlog import DecisionRecord, DecisionStore, PolicyLog
-from moderation import Moderator
+from moderation import EncoderSpec, Moderator
 from moderation.cli import main
 from tests.conftest import BLUE, GREEN, GREY, HAND_POLICY, PURPLE, RED, TINY_ARCH, image_bytes
 
@@ -37,7 +37,8 @@ def log(tiny: dict[str, Any], tmp_path: Path) -> tuple[str, Path]:
     """A log with 7 decisions of the tiny model and the policy that made them active."""
     url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
     path = write(tiny, tmp_path / "policy.yaml")
-    moderator = Moderator.from_policy(path, random_weights=True, cache_dir=tmp_path / "cache")
+    moderator = Moderator.from_policy(
+        path, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
     results = moderator.moderate([image_bytes(c) for c in COLOURS])
     DecisionStore(url).add_many([
         DecisionRecord.from_result(r, image_sha256="0" * 64, image_size=1, latency_ms=1.0)

@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from decisionlog import DecisionRecord, DecisionStore, PolicyLog
-from moderation import Moderator
+from moderation import EncoderSpec, Moderator
 from moderation.cli import main
 from tests.conftest import HAND_POLICY, RED, TINY_ARCH, image_bytes
 from tests.decisionlog.conftest import put
@@ -76,7 +76,8 @@ def test_rescore_export_csv_neutralises_formulas(tiny_arch_file: Path, tmp_path:
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(data, sort_keys=False))
     url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
-    moderator = Moderator.from_policy(policy, random_weights=True, cache_dir=tmp_path / "cache")
+    moderator = Moderator.from_policy(
+        policy, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
     [result] = moderator.moderate([image_bytes(RED)])
     record = DecisionRecord.from_result(result, image_sha256="0" * 64, image_size=1,
                                         latency_ms=1.0)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from moderation import ModelMismatchError, Moderator, load_policy
+from moderation import EncoderSpec, ModelMismatchError, Moderator, load_policy
 from moderation.images import ImageLimits
 from moderation.policy import parse_policy
 from tests.conftest import (
@@ -115,6 +115,21 @@ def test_with_policy_reuses_the_encoder(moderator: Moderator, fake_encoder: Fake
     assert other.policy.version != moderator.policy.version
 
 
+def test_an_encoder_spec_takes_what_the_policy_names_unless_overridden() -> None:
+    policy = parse_policy(yaml.safe_dump(HAND_POLICY))  # model: fake/hand-made
+    assert EncoderSpec.for_policy(policy) == EncoderSpec(
+        name="fake", pretrained="hand-made", backend="torch")
+    faster = EncoderSpec(device="auto", batch_size=4, threads=2, cache_dir="c")
+    assert EncoderSpec.for_policy(policy, faster) == EncoderSpec(
+        name="fake", pretrained="hand-made", backend="torch", device="auto", batch_size=4,
+        threads=2, cache_dir="c")
+    # the policy's weights (and architecture file) belong to its own architecture only
+    other = EncoderSpec.for_policy(policy, EncoderSpec(name="ViT-B-32"))
+    assert (other.name, other.pretrained, other.config) == ("ViT-B-32", None, None)
+    exported = EncoderSpec.for_policy(policy, EncoderSpec(backend="onnx", pretrained="dir"))
+    assert (exported.name, exported.pretrained, exported.backend) == ("fake", "dir", "onnx")
+
+
 def test_an_encoder_without_capabilities_declares_their_defaults(
         fake_encoder: FakeEncoder) -> None:
     assert fake_encoder.accepts == ("fake/hand-made",)
@@ -131,7 +146,8 @@ def test_from_policy_with_the_real_tiny_model(tiny_arch_file: Path, tmp_path: Pa
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     assert load_policy(path).model.config == str(tiny_arch_file)
     with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
-        moderator = Moderator.from_policy(path, random_weights=True, cache_dir=tmp_path / "c")
+        moderator = Moderator.from_policy(
+            path, EncoderSpec(random_weights=True, cache_dir=tmp_path / "c"))
     results = moderator.moderate([image_bytes(RED, "JPEG", size=(300, 200)), b"junk"])
     out = results[0].to_dict()
     assert set(out["categories"]) == {"weapons", "alcohol"}

@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from moderation import ModelError, ModelMismatchError, Moderator
+from moderation import EncoderSpec, ModelError, ModelMismatchError, Moderator
 from moderation.backends.clip_text import ClipTokenizer
 from moderation.backends.onnx import SCORE_TOLERANCE, OnnxEncoder, providers_for
 from moderation.backends.pixels import Preprocess
@@ -113,10 +113,10 @@ def test_scores_are_equal_within_the_tolerance(exported: Path, tiny_arch_file: P
                                                tmp_path: Path) -> None:
     path = _policy(tmp_path, tiny_arch_file)
     with pytest.warns(UserWarning):
-        torch_moderator = Moderator.from_policy(path, random_weights=True,
-                                                cache_dir=tmp_path / "cache")
-    onnx_moderator = Moderator.from_policy(path, backend="onnx", pretrained=str(exported),
-                                           cache_dir=tmp_path / "cache")
+        torch_moderator = Moderator.from_policy(
+            path, EncoderSpec(random_weights=True, cache_dir=tmp_path / "cache"))
+    onnx_moderator = Moderator.from_policy(
+        path, EncoderSpec(backend="onnx", pretrained=str(exported), cache_dir=tmp_path / "cache"))
     uploads = [image_bytes(c) for c in ((200, 30, 30), (10, 200, 90), (90, 90, 90))]
     for a, b in zip(torch_moderator.moderate(uploads), onnx_moderator.moderate(uploads),
                     strict=True):
@@ -128,7 +128,7 @@ def test_scores_are_equal_within_the_tolerance(exported: Path, tiny_arch_file: P
     relative = _policy(tmp_path, tiny_arch_file, backend="onnx",
                        pretrained=os.path.relpath(exported, tmp_path / "sub"))
     moved = relative.rename(tmp_path / "sub" / "policy.yaml")
-    found = Moderator.from_policy(moved, cache_dir=tmp_path / "cache")
+    found = Moderator.from_policy(moved, EncoderSpec(cache_dir=tmp_path / "cache"))
     assert found.encoder.identity.endswith("+onnx-fp32")
 
 
@@ -152,19 +152,20 @@ def test_identities_and_which_calibrations_they_accept(
     assert fp32_encoder.identity == f"{tiny_encoder.identity}+onnx-fp32"
     assert int8_encoder.identity == f"{tiny_encoder.identity}+onnx-int8"
     policy = _calibrated_with(_policy(tmp_path, tiny_arch_file), tiny_encoder.identity)
-    accepted = Moderator.from_policy(policy, backend="onnx", pretrained=str(exported),
-                                     cache_dir=tmp_path / "cache")
+    accepted = Moderator.from_policy(
+        policy, EncoderSpec(backend="onnx", pretrained=str(exported), cache_dir=tmp_path / "cache"))
     assert accepted.encoder.accepts == (fp32_encoder.identity, tiny_encoder.identity)
     # the service's batching encoder declares what the encoder it wraps accepts (it had been
     # probed for it, found nothing, and refused the source model's thresholds)
     batching = BatchingEncoder(accepted.encoder)
     assert accepted.with_encoder(batching).encoder.accepts == accepted.encoder.accepts
     with pytest.raises(ModelMismatchError, match="calibrate again"):
-        Moderator.from_policy(policy, backend="onnx", pretrained=str(int8),
-                              cache_dir=tmp_path / "cache")
+        Moderator.from_policy(
+            policy, EncoderSpec(backend="onnx", pretrained=str(int8), cache_dir=tmp_path / "cache"))
     own = _calibrated_with(_policy(tmp_path, tiny_arch_file), int8_encoder.identity)
-    assert Moderator.from_policy(own, backend="onnx", pretrained=str(int8),
-                                 cache_dir=tmp_path / "cache").encoder is not None
+    assert Moderator.from_policy(
+        own, EncoderSpec(backend="onnx", pretrained=str(int8),
+                         cache_dir=tmp_path / "cache")).encoder is not None
 
 
 def test_int8_below_the_cosine_gate_is_refused_with_the_figure(tiny_encoder: Encoder,

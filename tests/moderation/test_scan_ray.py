@@ -196,4 +196,4 @@ def test_ray_is_optional_and_says_how_to_install(folder: Path, policy: Path, tmp
     assert result.exit_code == 1 and "pip install 'moderation[ray]'" in result.output
     bad = scan(policy, tmp_path / "nothing.txt", tmp_path / "o.jsonl")
     assert bad.exit_code == 2 and "manifest" in bad.output
-    assert ScanSpec("p").batch_size == 16
+    assert ScanSpec("p").encoder.batch_size == 16
