@@ -21,6 +21,19 @@ class ModerationError(Exception):
     def details(self) -> dict[str, object]:
         return {}
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # whatever its constructor takes: rebuilt from its class, args and attributes (a
+        # scan's errors cross process boundaries on Ray)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(kind: type[ModerationError], args: tuple[object, ...],
+             state: dict[str, object]) -> ModerationError:
+    error = kind.__new__(kind)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class PolicyError(ModerationError, ValueError):
     """A policy file is missing, unreadable, or does not follow the schema.
