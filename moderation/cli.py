@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,14 +18,108 @@ from .command import load_moderator, model_options
 from .errors import ModerationError, PolicyError
 from .policy import load_policy
 
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
-@click.group()
+
+#: the entry-point group through which packages add commands to ``moderation``
+COMMANDS = "moderation.commands"
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    from importlib.metadata import entry_points
+
+    return {entry.name: entry for entry in entry_points(group=COMMANDS)}
+
+
+class PackageCommands(click.Group):
+    """``moderation``: the core's commands, and those other packages contribute through the
+    ``moderation.commands`` entry points (as packages add ``flask`` commands): ``decisions``
+    (decisionlog), ``calibrate`` (calibration), ``serve`` (service). The core imports none of
+    them; each is imported when it is invoked, so that ``moderation score`` or ``moderation
+    --help`` do not import Flask or SQLAlchemy."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_entry_points()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        own = super().get_command(ctx, cmd_name)  # policy: contributions go to it
+        if own is not None:
+            return own
+        entry = _entry_points().get(cmd_name)
+        return entry.load() if entry is not None else None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click lists commands, with the help of a contributed command read from its
+        module's source rather than by importing its package."""
+        entries = _entry_points()
+        commands: list[tuple[str, click.Command]] = []
+        for name in self.list_commands(ctx):
+            found = super().get_command(ctx, name)
+            if found is None:
+                help = _docstring(entries[name])
+                found = (click.Command(name, help=help) if help is not None
+                         else self.get_command(ctx, name))
+            if found is not None and not found.hidden:
+                commands.append((name, found))
+        if commands:
+            limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, c.get_short_help_str(limit)) for name, c in commands])
+
+
+def _docstring(entry: EntryPoint) -> str | None:
+    """The docstring of the function an entry point names, from its module's source, without
+    importing the module (and so its package); None when it cannot be read so."""
+    import ast
+    import importlib.util
+
+    top, _, inner = entry.module.partition(".")
+    found = importlib.util.find_spec(top)  # a top-level name: found, not imported
+    if found is None or not found.submodule_search_locations:
+        return None
+    base = Path(next(iter(found.submodule_search_locations)), *inner.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError):
+                return None
+            return next((ast.get_docstring(node) for node in tree.body
+                         if isinstance(node, ast.FunctionDef) and node.name == entry.attr), None)
+    return None
+
+
+class ContributedGroup(click.Group):
+    """A group of the core's to which another package adds subcommands: those of the group
+    its ``moderation.commands`` entry point of the same name contributes (``policy dry-run``
+    and ``policy diff``, from decisionlog), imported only when one of them is asked for."""
+
+    def _contributed(self) -> click.Group | None:
+        entry = _entry_points().get(self.name or "")
+        group = entry.load() if entry is not None else None
+        return group if isinstance(group, click.Group) else None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        contributed = self._contributed()
+        theirs = contributed.list_commands(ctx) if contributed is not None else []
+        return sorted({*super().list_commands(ctx), *theirs})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        own = super().get_command(ctx, cmd_name)
+        if own is not None:
+            return own
+        contributed = self._contributed()
+        return contributed.get_command(ctx, cmd_name) if contributed is not None else None
+
+
+@click.group(cls=PackageCommands)
 @click.version_option(package_name="moderation")
 def main() -> None:
     """Zero-shot image moderation with CLIP and YAML policies."""
 
 
-@main.group()
+@main.group(cls=ContributedGroup)
 def policy() -> None:
     """Work with policy files."""
 
@@ -291,26 +385,6 @@ def model_export(out: Path, precision: str, images_folder: Path | None, min_cosi
                    f"{checked['int8_image_cosine_mean']:.4f} (gate {min_cosine}); a model of "
                    "its own: calibrate it before relying on its thresholds")
 
-
-def _add_package_commands() -> None:
-    """Commands other packages contribute through the ``moderation.commands`` entry-point
-    group (as packages add ``flask`` commands): ``decisions`` (decisionlog), ``calibrate``
-    (calibration), ``serve`` (service), and subcommands of a group the core has (``policy
-    dry-run`` and ``policy diff``, from decisionlog). The core imports none of them."""
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="moderation.commands"):
-        existing = main.commands.get(entry.name)
-        if existing is None:
-            main.add_command(entry.load(), entry.name)
-            continue
-        contributed = entry.load()
-        if isinstance(existing, click.Group) and isinstance(contributed, click.Group):
-            for name, command in contributed.commands.items():
-                existing.commands.setdefault(name, command)
-
-
-_add_package_commands()
 
 if __name__ == "__main__":
     main()

@@ -178,6 +178,53 @@ def test_decisions_replay(runner: CliRunner, tmp_path: Path) -> None:
     assert DecisionStore(url).get(r.id) is not None
 
 
+IMPORTED = """
+import sys
+from moderation.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+others = ("flask", "sqlalchemy", "service", "decisionlog", "calibration", "sklearn", "torch")
+print("imported:", [m for m in others if m in sys.modules], file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["score", "--help"], ["scan", "--help"],
+                                  ["policy", "check", str(ROOT / "policies" / "default.yaml")]])
+def test_the_core_commands_import_no_other_package(args: list[str]) -> None:
+    """Package commands are imported when invoked, as Flask loads its plugin commands:
+    `moderation --help` had imported Flask, SQLAlchemy and every package's cli."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", IMPORTED, *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert "imported: []" in done.stderr, done.stderr
+    assert "Usage:" in done.stdout or "OK: policy" in done.stdout
+
+
+def test_contributed_commands_are_listed_with_their_own_help(runner: CliRunner) -> None:
+    """`moderation --help` reads a contributed command's help from its module's source: the
+    same lines as loading every command gives."""
+    import click
+
+    from moderation.cli import _entry_points
+
+    loaded = click.Group(commands={name: entry.load() for name, entry in
+                                   _entry_points().items()} | dict(main.commands))
+    lazily, eagerly = click.HelpFormatter(), click.HelpFormatter()
+    main.format_commands(click.Context(main), lazily)
+    loaded.format_commands(click.Context(loaded), eagerly)
+    assert lazily.getvalue() == eagerly.getvalue()
+    assert "Serve the HTTP API" in lazily.getvalue()
+    groups = runner.invoke(main, ["policy", "--help"]).output
+    assert all(name in groups for name in ("check", "diff", "dry-run"))
+    assert runner.invoke(main, ["decisions", "rescores", "--help"]).exit_code == 0
+    unknown = runner.invoke(main, ["nonsense"])
+    assert unknown.exit_code == 2 and "No such command" in unknown.output
+
+
 def test_the_model_options_build_one_encoder_spec(
     runner: CliRunner, tiny_policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
