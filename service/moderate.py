@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from typing import Any
@@ -70,9 +69,7 @@ def moderate() -> Any:
     active = holder().current()  # this request's policy, whatever reloads happen meanwhile
     active.policy.check_profile(parsed.profile)  # UnknownProfile: 400 unknown_profile
 
-    # tell a batching encoder this request's images are on their way
-    expect = getattr(active.encoder, "expect", contextlib.nullcontext)
-    with expect():
+    with active.encoder.expect():  # a batching encoder: this request's images are coming
         return respond(active, parsed)
 
 def respond(active: Moderator, parsed: ModerateRequest) -> Any:

@@ -313,10 +313,9 @@ def test_a_dry_run_s_new_prompts_enter_the_shared_cache_only_once_activated(
 
 def test_a_dry_run_with_too_many_new_prompts_is_refused_before_encoding(
         shared_app: Flask, fake_encoder: FakeEncoder, policy_path: Path) -> None:
-    from moderation import PolicyLimits
-    from service.policy import run_dry_run
-    from moderation import ModerationError
+    from moderation import ModerationError, PolicyLimits
     from service.parsing import DryRunRequest
+    from service.policy import run_dry_run
 
     app, client = shared_app, shared_app.test_client()
     moderate_all(client, app)
