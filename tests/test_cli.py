@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from moderation.cli import main
-from tests.conftest import GREEN, HAND_POLICY, RED, TINY_ARCH, image_bytes
+from tests.fakes import GREEN, HAND_POLICY, RED, TINY_ARCH, image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import yaml
 
 from moderation import EncoderSpec, Moderator
 from moderation.backends.torch import Encoder, export_onnx
-from tests.conftest import HAND_POLICY, TINY_ARCH
+from tests.fakes import HAND_POLICY, TINY_ARCH
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from decisionlog.quality import reviewed_set
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue, VerdictFilters
 from moderation import EncoderSpec, Moderator
 from moderation.cli import main
-from tests.conftest import HAND_POLICY, TINY_ARCH
+from tests.fakes import HAND_POLICY, TINY_ARCH
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -19,7 +19,7 @@ from calibration.run import calibrate, threshold_diff, write_policy
 from moderation import EncoderSpec, ModelMismatchError, Moderator, load_policy
 from moderation.cli import main
 from moderation.policy import Goal
-from tests.conftest import TINY_ARCH, FakeEncoder, animation_bytes, image_bytes, unit
+from tests.fakes import TINY_ARCH, FakeEncoder, animation_bytes, image_bytes, unit
 
 N = 60
 
@@ -309,7 +309,7 @@ def test_calibration_fits_on_the_scores_the_service_decides_with(
     from calibration.labels import LabelledImage
     from calibration.run import image_scores
     from moderation.policy import parse_policy
-    from tests.conftest import BLUE, GREEN, GREY, HAND_POLICY, PURPLE, RED
+    from tests.fakes import BLUE, GREEN, GREY, HAND_POLICY, PURPLE, RED
 
     moderator = Moderator(parse_policy(yaml.safe_dump(HAND_POLICY, sort_keys=False)),
                           fake_encoder)

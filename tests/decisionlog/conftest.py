@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from decisionlog import DecisionRecord, DecisionStore
-from tests.conftest import FakeEncoder
+from tests.fakes import FakeEncoder
 
 MODEL = FakeEncoder.identity
 

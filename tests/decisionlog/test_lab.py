@@ -19,7 +19,8 @@ from moderation.errors import ModelMismatchError, NotFound, PolicyError, PolicyL
 from moderation.policy import PolicyLimits, parse_policy
 from moderation.prompts import EmbeddingCache, embed_policy
 from moderation.scorer import Scorer
-from tests.conftest import (
+from tests.decisionlog.conftest import MODEL, put
+from tests.fakes import (
     BEER,
     BETWEEN,
     HAND_POLICY,
@@ -30,7 +31,6 @@ from tests.conftest import (
     FakeEncoder,
     unit,
 )
-from tests.decisionlog.conftest import MODEL, put
 
 
 def scorer(data: dict[str, Any], encoder: FakeEncoder | None = None) -> Scorer:

@@ -27,7 +27,7 @@ from decisionlog.reviews import (
     VerdictFilters,
     verdict_action,
 )
-from tests.conftest import BEER, NOTHING, RIFLE
+from tests.fakes import BEER, NOTHING, RIFLE
 
 from .conftest import put
 

@@ -16,7 +16,7 @@ from decisionlog.scan_sink import LogSink
 from moderation import Moderator
 from moderation.policy import parse_policy
 from moderation.scan import ScanMapper, ScanSpec
-from tests.conftest import (
+from tests.fakes import (
     BLUE,
     GREEN,
     HAND_COLOURS,

@@ -19,8 +19,8 @@ from decisionlog.search import (
     index_for,
     search,
 )
-from tests.conftest import unit
 from tests.decisionlog.conftest import MODEL, put
+from tests.fakes import unit
 
 # Five stills, at known cosines to Q: 1.0, 0.96, 0.8, 0.6, 0.0 (in the plane of x and y).
 Q = unit(1, 0, 0)

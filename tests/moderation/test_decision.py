@@ -10,7 +10,7 @@ from moderation.decision import decide
 from moderation.policy import Action, parse_policy
 from moderation.prompts import embed_policy
 from moderation.scoring import score_images
-from tests.conftest import HAND_POLICY, FakeEncoder, unit
+from tests.fakes import HAND_POLICY, FakeEncoder, unit
 
 
 @pytest.fixture

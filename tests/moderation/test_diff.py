@@ -9,7 +9,7 @@ import yaml
 
 from moderation.diff import diff_policies
 from moderation.policy import Policy, parse_policy
-from tests.conftest import HAND_POLICY
+from tests.fakes import HAND_POLICY
 
 
 def policy(data: dict[str, Any]) -> Policy:

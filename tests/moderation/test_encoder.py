@@ -13,7 +13,7 @@ from PIL import Image
 from moderation import ModelError, WeightsUnavailableError
 from moderation.backends import RandomWeightsWarning
 from moderation.backends.torch import Encoder
-from tests.conftest import TINY_ARCH
+from tests.fakes import TINY_ARCH
 
 
 def images(n: int) -> list[Image.Image]:

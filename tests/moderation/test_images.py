@@ -14,7 +14,7 @@ from moderation.images import (
     decode_image,
     sample_frame_indices,
 )
-from tests.conftest import image_bytes
+from tests.fakes import image_bytes
 
 
 def encode(image: Image.Image, fmt: str, **save: object) -> bytes:

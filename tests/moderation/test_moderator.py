@@ -10,7 +10,7 @@ from PIL import Image
 from moderation import EncoderSpec, ModelMismatchError, Moderator, load_policy
 from moderation.images import ImageLimits
 from moderation.policy import parse_policy
-from tests.conftest import (
+from tests.fakes import (
     BLUE,
     GREEN,
     GREY,

@@ -25,7 +25,7 @@ from moderation.backends.pixels import Preprocess
 from moderation.backends.torch import Encoder, export_onnx, resolve_device
 from moderation.batching import BatchingEncoder
 from moderation.cli import main, sample_images
-from tests.conftest import HAND_POLICY, TINY_ARCH, image_bytes
+from tests.fakes import HAND_POLICY, TINY_ARCH, image_bytes
 
 TEXTS = ["a photo of a gun", "A Close-Up photo of   brass knuckles!!", "naïve café — déjà vu",
          "&amp;lt;b&amp;gt; html", "日本語のテキスト", "emoji 🔫🍺", "x" * 400, "",

@@ -9,7 +9,7 @@ import yaml
 
 from moderation import PolicyError, load_policy
 from moderation.policy import Action, parse_policy
-from tests.conftest import HAND_POLICY
+from tests.fakes import HAND_POLICY
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 

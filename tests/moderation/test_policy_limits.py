@@ -17,7 +17,7 @@ from moderation import Moderator, PolicyError, PolicyLimitError, PolicyLimits, l
 from moderation.cli import main
 from moderation.policy import parse_policy
 from moderation.prompts import EmbeddingCache, OverlayCache
-from tests.conftest import HAND_POLICY, FakeEncoder, unit
+from tests.fakes import HAND_POLICY, FakeEncoder, unit
 
 HAND_TEXT = yaml.safe_dump(HAND_POLICY, sort_keys=False)
 

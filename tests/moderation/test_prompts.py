@@ -8,7 +8,7 @@ import yaml
 
 from moderation.policy import parse_policy
 from moderation.prompts import EmbeddingCache, embed_policy, encode_cached, expand
-from tests.conftest import HAND_POLICY, HAND_TEXTS, FakeEncoder, unit
+from tests.fakes import HAND_POLICY, HAND_TEXTS, FakeEncoder, unit
 
 
 def policy_with(**category_terms: list[str]):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from moderation.cli import main
 from moderation.scan import ScanSpec, list_inputs, written_ids
-from tests.conftest import HAND_POLICY, TINY_ARCH, animation_bytes, image_bytes
+from tests.fakes import HAND_POLICY, TINY_ARCH, animation_bytes, image_bytes
 
 # starts a real server (gunicorn, nginx or Ray): left out of the quick loop
 pytestmark = pytest.mark.server

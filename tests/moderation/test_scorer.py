@@ -13,7 +13,7 @@ from moderation import PolicyError
 from moderation.policy import Action, parse_policy
 from moderation.prompts import embed_policy
 from moderation.scorer import Scorer
-from tests.conftest import BEER, BETWEEN, HAND_POLICY, NOTHING, RIFLE, TOY, FakeEncoder
+from tests.fakes import BEER, BETWEEN, HAND_POLICY, NOTHING, RIFLE, TOY, FakeEncoder
 
 
 @pytest.fixture

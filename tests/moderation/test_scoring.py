@@ -1,4 +1,4 @@
-"""Every number here can be worked out by hand from tests/conftest.py's HAND_* vectors.
+"""Every number here can be worked out by hand from tests/fakes.py's HAND_* vectors.
 
 weapons: term "gun" = unit(a gun, the gun) = (1,1,0)/√2; "rifle" = (1,0,0);
 category = unit(mean of the 4 prompts) = unit(3,1,0) = (3,1,0)/√10; exception "toy gun" = (0,0,1).
@@ -16,7 +16,7 @@ import yaml
 from moderation.policy import parse_policy
 from moderation.prompts import embed_policy
 from moderation.scoring import score_images
-from tests.conftest import HAND_POLICY, FakeEncoder, unit
+from tests.fakes import HAND_POLICY, FakeEncoder, unit
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 from moderation import Moderator
 from moderation.policy import parse_policy
 from service.app import create_app
-from tests.conftest import HAND_POLICY, TINY_ARCH, FakeEncoder
+from tests.fakes import HAND_POLICY, TINY_ARCH, FakeEncoder
 
 ADMIN = "admin-secret"
 READER = "reader-secret"

@@ -19,7 +19,7 @@ from PIL import Image
 
 from moderation.images import ImageLimits
 from service.app import create_app
-from tests.conftest import (
+from tests.fakes import (
     BLUE,
     GREEN,
     HAND_POLICY,
@@ -374,7 +374,7 @@ def test_once_reload_answers_every_worker_decides_with_the_new_policy(
     from moderation import Moderator
     from moderation.policy import parse_policy
     from moderation.prompts import EmbeddingCache
-    from tests.conftest import HAND_COLOURS, HAND_TEXTS, unit
+    from tests.fakes import HAND_COLOURS, HAND_TEXTS, unit
 
     texts = dict(HAND_TEXTS, **{"a pistol": unit(1, 1, 0), "the pistol": unit(1, 1, 0)})
     encoders = [FakeEncoder(dict(texts), dict(HAND_COLOURS)) for _ in range(2)]

@@ -15,7 +15,7 @@ from moderation.backends.torch import Encoder, export_onnx
 from moderation.cli import main, sample_images
 from service.app import create_app
 from service.settings import SettingsError, load_settings
-from tests.conftest import HAND_POLICY, TINY_ARCH, image_bytes
+from tests.fakes import HAND_POLICY, TINY_ARCH, image_bytes
 
 
 @pytest.fixture

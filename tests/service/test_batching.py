@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from service.app import create_app
-from tests.conftest import HAND_POLICY, TINY_ARCH
+from tests.fakes import HAND_POLICY, TINY_ARCH
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.security import TOKEN_COOKIE
-from tests.conftest import PURPLE, RED, image_bytes
+from tests.fakes import PURPLE, RED, image_bytes
 from tests.service.conftest import ADMIN, READER, moderate_images
 
 ANN = "ann-token"

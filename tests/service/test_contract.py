@@ -14,7 +14,7 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import HAND_POLICY, RED, image_bytes
+from tests.fakes import HAND_POLICY, RED, image_bytes
 from tests.service.conftest import ADMIN, READER, moderate_images
 
 READER_H = {"Authorization": f"Bearer {READER}"}

@@ -114,7 +114,7 @@ def moderate_colours(app: Flask, n: int = 40) -> None:
 
     import numpy as np
 
-    from tests.conftest import image_bytes
+    from tests.fakes import image_bytes
 
     client = app.test_client()
     rng = np.random.default_rng(1)
@@ -207,7 +207,7 @@ def test_search_page_in_headless_chromium(make_app: Any, thumbnails: tuple[str, 
 
     from playwright.sync_api import sync_playwright
 
-    from tests.conftest import BLUE, GREEN, GREY, PURPLE, RED, animation_bytes, image_bytes
+    from tests.fakes import BLUE, GREEN, GREY, PURPLE, RED, animation_bytes, image_bytes
 
     store_url, folder = thumbnails
     app = make_app(IMAGE_URL_TEMPLATE=f"{store_url}/{{client_id}}")
@@ -291,7 +291,7 @@ def test_review_page_driven_by_the_keyboard(make_app: Any, thumbnails: tuple[str
 
     from playwright.sync_api import sync_playwright
 
-    from tests.conftest import PURPLE, image_bytes
+    from tests.fakes import PURPLE, image_bytes
 
     store_url, folder = thumbnails
     app = make_app(REVIEWERS="ann:ann-token", AUDIT_RATE="0",
@@ -353,7 +353,7 @@ def test_the_review_form_works_as_a_plain_post(make_app: Any) -> None:
     """No script: the form's own fields, posted, decide the item."""
     import io
 
-    from tests.conftest import PURPLE, image_bytes
+    from tests.fakes import PURPLE, image_bytes
 
     app = make_app(REVIEWERS="ann:ann-token", AUDIT_RATE="0")
     client = app.test_client()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from flask import Flask
 
-from tests.conftest import GREEN, GREY, HAND_POLICY, PURPLE, RED, image_bytes
+from tests.fakes import GREEN, GREY, HAND_POLICY, PURPLE, RED, image_bytes
 from tests.service.conftest import ADMIN, READER
 
 

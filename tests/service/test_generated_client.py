@@ -32,7 +32,7 @@ from flask import Flask
 from moderation import Moderator
 from moderation.policy import parse_policy
 from service.app import create_app
-from tests.conftest import (
+from tests.fakes import (
     BLUE,
     GREEN,
     HAND_COLOURS,
@@ -52,7 +52,7 @@ PACKAGE = "moderation_generated_client"
 ANN = "ann-client-token"
 IMAGES = {"rifle": image_bytes(RED), "toy": image_bytes(BLUE, "JPEG"),
           "between": image_bytes(PURPLE), "beer": image_bytes(GREEN)}
-#: what the hand-made policy decides for each (tests/conftest.py)
+#: what the hand-made policy decides for each (tests/fakes.py)
 ACTIONS = {"rifle": "block", "toy": "allow", "between": "review", "beer": "flag"}
 
 

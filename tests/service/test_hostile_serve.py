@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from decisionlog import DecisionStore
-from tests.conftest import RED, image_bytes
+from tests.fakes import RED, image_bytes
 from tests.hostile import big_canvas_gif, extreme_aspect_gif, extreme_aspect_png, many_scan_jpeg
 from tests.service.conftest import TOKEN, Server, tiny_policy_text
 

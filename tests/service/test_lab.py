@@ -12,7 +12,7 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import (
+from tests.fakes import (
     BLUE,
     GREEN,
     GREY,

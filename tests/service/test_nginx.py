@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from tests.conftest import RED, image_bytes
+from tests.fakes import RED, image_bytes
 from tests.service.conftest import Server
 
 # starts a real server (gunicorn, nginx or Ray): left out of the quick loop

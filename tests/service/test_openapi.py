@@ -16,7 +16,7 @@ from flask import Flask
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIResponse
 
-from tests.conftest import BLUE, HAND_POLICY, RED, image_bytes
+from tests.fakes import BLUE, HAND_POLICY, RED, image_bytes
 from tests.service.conftest import ADMIN, READER, described
 
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import RED, image_bytes
+from tests.fakes import RED, image_bytes
 
 from .conftest import READER, TOKEN, Server
 

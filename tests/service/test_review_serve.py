@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from moderation.cli import main
-from tests.conftest import image_bytes
+from tests.fakes import image_bytes
 from tests.service.conftest import READER, Server
 
 # starts a real server (gunicorn, nginx or Ray): left out of the quick loop

@@ -17,7 +17,7 @@ from flask import Flask
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIResponse
 
-from tests.conftest import GREEN, GREY, PURPLE, RED, image_bytes
+from tests.fakes import GREEN, GREY, PURPLE, RED, image_bytes
 from tests.service.conftest import READER, described, free_port, moderate_images
 
 ANN, BOB = "ann-token", "bob-token"

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from moderation import Moderator
 from moderation.policy import parse_policy
 from service.app import create_app
-from tests.conftest import (
+from tests.fakes import (
     BLUE,
     GREEN,
     HAND_COLOURS,

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import BLUE, GREEN, GREY, PURPLE, RED, animation_bytes, image_bytes
+from tests.fakes import BLUE, GREEN, GREY, PURPLE, RED, animation_bytes, image_bytes
 from tests.service.conftest import ADMIN, READER, moderate_images
 
 READER_H = {"Authorization": f"Bearer {READER}"}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import GREEN, RED, image_bytes
+from tests.fakes import GREEN, RED, image_bytes
 from tests.service.conftest import READER, TOKEN, tiny_policy_text
 
 # starts a real server (gunicorn, nginx or Ray): left out of the quick loop
