@@ -10,6 +10,11 @@ In one run, on one machine, with ViT-B-32 and --random-weights (same compute as 
            `moderation model export --random-weights` wrote from the same model)
   T_large  server throughput for distinct 12-MP JPEG uploads (2-4 MB), N concurrent clients
   T_small  the same with 512-px thumbnails
+           each for the clients --connection names: keep-alive (one connection per client,
+           reused), close (a new connection per request, sent with `Connection: close`: the
+           server answers and closes) or new (a new connection per request that the client
+           hangs up after the answer, as `requests.post` without a Session or curl do);
+           default keep-alive and close, each phase between two measurements of R
   latency  p50/p95 of one client sending one 12-MP image at a time, next to the bare
            batch-1 forward + draft decode measured here too
   memory   peak RSS of the server's processes
@@ -42,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from bench.images import OUT, photo_like_jpegs, thumbnails  # noqa: E402
 
 MAX_SECONDS = 120  # per load phase, whatever the request count
+#: How the load's clients use connections (see the module docstring).
+CONNECTIONS = ("keep-alive", "close", "new")
 
 
 def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
@@ -60,10 +67,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int
-         ) -> tuple[int, int, float, list[float]]:
+def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int,
+         connection: str = "keep-alive") -> tuple[int, int, float, list[float]]:
     """Send ``total`` requests from ``clients`` threads; returns (ok, failed, seconds,
-    latencies)."""
+    latencies). ``connection``: keep-alive (each client reuses one connection), close (a new
+    connection per request, asking the server to close it) or new (a new connection per
+    request, closed by the client once the answer has arrived)."""
+    if connection not in CONNECTIONS:
+        raise ValueError(f"connection: one of {CONNECTIONS}")
+    fresh = connection != "keep-alive"
+    extra = {"Connection": "close"} if connection == "close" else {}
     lock = threading.Lock()
     state = {"next": 0, "ok": 0, "failed": 0}
     latencies: list[float] = []
@@ -80,7 +93,10 @@ def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int
             body, content_type = bodies[i % len(bodies)]
             started = time.perf_counter()
             try:
-                conn.request("POST", "/v1/moderate", body, {"Content-Type": content_type})
+                if fresh:  # connect() is timed too: it is part of what such a client pays
+                    conn.connect()
+                conn.request("POST", "/v1/moderate", body,
+                             {"Content-Type": content_type, **extra})
                 response = conn.getresponse()
                 response.read()
                 ok = response.status == 200
@@ -88,6 +104,8 @@ def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int
                 ok = False
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            if fresh:
+                conn.close()
             elapsed = time.perf_counter() - started
             with lock:
                 state["ok" if ok else "failed"] += 1
@@ -102,6 +120,47 @@ def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int
     for t in threads:
         t.join()
     return state["ok"], state["failed"], time.perf_counter() - started, latencies
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+class OtherLoad:
+    """How many cores the rest of the machine kept busy (everything but this process and the
+    server's) between two moments: on a shared machine, a phase with other load is suspect
+    (R, which uses every core, suffers more from it than the server does)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+        own = sum(os.times()[:2])
+        return time.monotonic(), busy, own + cpu_seconds(self.server_pid)
+
+    def cores(self) -> float:
+        """Since the last call (or construction)."""
+        now = self._now()
+        (t0, busy0, ours0), (t1, busy1, ours1) = self.start, now
+        self.start = now
+        return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / max(t1 - t0, 1e-9)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -168,21 +227,25 @@ class BareModel:
 
 
 def start_server(workers: int, threads: int, settings: dict[str, object],
-                 model: list[str] | None = None, python: str = sys.executable
-                 ) -> tuple[subprocess.Popen[bytes], int, Any]:
+                 model: list[str] | None = None, python: str = sys.executable,
+                 root: Path | None = None) -> tuple[subprocess.Popen[bytes], int, Any]:
     """`moderation serve` (default policy, ViT-B-32, random weights) on a free loopback port,
-    with MODERATION_<key> settings; returns once it answers /readyz."""
+    with MODERATION_<key> settings; returns once it answers /readyz. ``root``: serve the code
+    of another checkout (e.g. a git worktree of an older commit) instead of this one."""
     port = free_port()
     env = dict(os.environ, MODERATION_CACHE_DIR=str(OUT / "cache"),
                MODERATION_DATABASE_URL=f"sqlite:///{tempfile.mkdtemp(prefix='bench-db-')}"
                                        "/decisions.sqlite3")
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root),
+                                                          env.get("PYTHONPATH")]))
     env.update({f"MODERATION_{k}": str(v) for k, v in settings.items() if v is not None})
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
     server = subprocess.Popen(
         [python, "-m", "moderation.cli", "serve", *(model or ["--random-weights"]),
          "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
          "--workers", str(workers), "--threads", str(threads)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )
     deadline = time.monotonic() + 300
     while True:
@@ -221,6 +284,12 @@ def main() -> None:
     parser.add_argument("--trace", choices=["true", "false"], help="MODERATION_TRACE")
     parser.add_argument("--switch-interval", type=float, help="MODERATION_GIL_SWITCH_INTERVAL")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--connection", choices=CONNECTIONS, action="append",
+                        help="how the clients connect, repeatable: keep-alive (one connection "
+                             "per client), close (a new connection per request with "
+                             "`Connection: close`), new (a new connection per request, hung "
+                             "up by the client); default: keep-alive and close. The latency "
+                             "phase uses the first")
     parser.add_argument("--large", type=int, default=96, help="12-MP requests")
     parser.add_argument("--small", type=int, default=160, help="512-px requests")
     parser.add_argument("--latency", type=int, default=25, help="sequential 12-MP requests")
@@ -233,7 +302,11 @@ def main() -> None:
     parser.add_argument("--server-python", default=sys.executable,
                         help="the server's interpreter, e.g. a torch-free venv's "
                              "(.venv-onnx/bin/python); this process keeps torch for R")
+    parser.add_argument("--server-root", type=Path,
+                        help="serve the code of this checkout (e.g. `git worktree add "
+                             "/tmp/old COMMIT`), on PYTHONPATH and as the working directory")
     args = parser.parse_args()
+    connections = list(dict.fromkeys(args.connection or ["keep-alive", "close"]))
     if args.backend == "onnx" and args.pretrained is None:
         parser.error("--backend onnx needs --pretrained DIR (moderation model export "
                      "--random-weights --out DIR)")
@@ -252,28 +325,42 @@ def main() -> None:
     served = (["--backend", "onnx", "--pretrained", str(args.pretrained)]
               if args.backend == "onnx" else None)
     server, port, log = start_server(args.workers, args.threads, settings, served,
-                                     args.server_python)
+                                     args.server_python, args.server_root)
+    phases: list[dict[str, Any]] = []
     try:
         # every worker warm: a few rounds of concurrent requests
-        load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients)
+        for connection in connections:
+            load(port, small_bodies, 4 * args.workers * args.clients // 2, args.clients,
+                 connection)
 
         # R is measured right before and after each load phase (the server idle meanwhile):
         # the machine is shared and drifts, so each ratio uses the R of its own moment
-        r_mid = bare.images_per_second()
-        ok_l, bad_l, sec_l, _ = load(port, large_bodies, args.large, args.clients)
-        r_mid2 = bare.images_per_second()
-        ok_s, bad_s, sec_s, _ = load(port, small_bodies, args.small, args.clients)
-        r_end = bare.images_per_second()
+        other = OtherLoad(server.pid)
+        r_samples = [bare.images_per_second()]
+        r_other = [other.cores()]
+        for size, bodies, total in (("large", large_bodies, args.large),
+                                    ("small", small_bodies, args.small)):
+            for connection in connections:
+                other.cores()
+                ok, bad, sec, _ = load(port, bodies, total, args.clients, connection)
+                load_other = other.cores()
+                r_samples.append(bare.images_per_second())
+                r_other.append(other.cores())
+                r_around = (r_samples[-2] + r_samples[-1]) / 2
+                phases.append({"size": size, "connection": connection, "ok": ok,
+                               "failed": bad, "seconds": sec, "T": ok / sec,
+                               "R_around": r_around, "T/R": ok / sec / r_around,
+                               "other_cores": load_other,
+                               "other_cores_R": max(r_other[-2:])})
         batch1 = bare.batch1_seconds()
         decode = bare.decode_seconds(large[0].read_bytes())
-        ok_1, bad_1, _, lat = load(port, large_bodies, args.latency, 1)
+        ok_1, bad_1, _, lat = load(port, large_bodies, args.latency, 1, connections[0])
         peak = peak_rss_mb(server.pid)
     finally:
         stop_server(server, log)
 
-    r_large, r_small = (r_mid + r_mid2) / 2, (r_mid2 + r_end) / 2
-    r = (r_mid + r_mid2 + r_end) / 3
-    t_large, t_small = ok_l / sec_l, ok_s / sec_s
+    r = statistics.mean(r_samples)
+    first = {p["size"]: p for p in phases if p["connection"] == connections[0]}
     p50 = statistics.median(lat)
     p95 = sorted(lat)[max(0, int(round(0.95 * len(lat))) - 1)]
     reference = batch1 + decode
@@ -284,12 +371,15 @@ def main() -> None:
                                                  "max_batch", "max_wait_ms", "trace",
                                                  "switch_interval", "clients")},
         "cores": os.cpu_count(),
-        "R_samples": [r_mid, r_mid2, r_end], "R": r, "T_large": t_large, "T_small": t_small,
-        "T_large/R": t_large / r_large, "T_small/R": t_small / r_small,
+        "connections": connections, "phases": phases,
+        "R_samples": r_samples, "R": r, "other_cores_R": r_other,
+        # the first connection mode's, as before the modes
+        "T_large": first["large"]["T"], "T_small": first["small"]["T"],
+        "T_large/R": first["large"]["T/R"], "T_small/R": first["small"]["T/R"],
         "p50_ms": 1000 * p50, "p95_ms": 1000 * p95,
         "batch1_forward_ms": 1000 * batch1, "draft_decode_ms": 1000 * decode,
         "p50/(batch1+decode)": p50 / reference,
-        "failed": bad_l + bad_s + bad_1, "peak_rss_mb": peak,
+        "failed": sum(p["failed"] for p in phases) + bad_1, "peak_rss_mb": peak,
     }
     print(f"backend: {figures['backend']}; server interpreter {args.server_python}")
     print(f"machine: {os.cpu_count()} cores; server: {args.workers} worker(s) x "
@@ -297,15 +387,17 @@ def main() -> None:
           f"batcher max {args.max_batch or 'default'} wait {args.max_wait_ms or 'default'} ms, "
           f"trace {args.trace or 'default'}, GIL switch {args.switch_interval or 'default'}")
     print(f"R  bare model, batch 16:         {r:7.2f} images/s   (measured before, between "
-          f"and after the load phases: {r_mid:.2f}, {r_mid2:.2f}, {r_end:.2f})")
-    print(f"T_large  12-MP ({mb:.1f} MB), {args.clients} clients: {t_large:7.2f} images/s   "
-          f"T_large/R = {t_large / r_large:.2f}   (R around it {r_large:.2f}; {ok_l} ok, "
-          f"{bad_l} failed)")
-    print(f"T_small  512-px, {args.clients} clients:      {t_small:7.2f} images/s   "
-          f"T_small/R = {t_small / r_small:.2f}   (R around it {r_small:.2f}; {ok_s} ok, "
-          f"{bad_s} failed)")
-    print(f"latency  1 client, 12-MP:        p50 {1000 * p50:6.1f} ms  p95 {1000 * p95:6.1f} ms"
-          f"   ({ok_1} ok, {bad_1} failed)")
+          f"and after the load phases: {', '.join(f'{x:.2f}' for x in r_samples)})")
+    if max(r_other + [p["other_cores"] for p in phases]) > 0.2:
+        print("   other processes kept cores busy meanwhile (below): those ratios are suspect")
+    for p in phases:
+        name = (f"T_large  12-MP ({mb:.1f} MB)" if p["size"] == "large" else "T_small  512-px")
+        label = f"{name}, {args.clients} clients, {p['connection']}:"
+        print(f"{label:<50}{p['T']:6.2f} images/s   T_{p['size']}/R = {p['T/R']:.2f}   "
+              f"(R around it {p['R_around']:.2f}; {p['ok']} ok, {p['failed']} failed; "
+              f"other load {p['other_cores']:.2f} cores, {p['other_cores_R']:.2f} during R)")
+    print(f"latency  1 client, 12-MP, {connections[0]}:  p50 {1000 * p50:6.1f} ms  "
+          f"p95 {1000 * p95:6.1f} ms   ({ok_1} ok, {bad_1} failed)")
     print(f"reference  batch-1 forward {1000 * batch1:.1f} ms + draft decode "
           f"{1000 * decode:.1f} ms = {1000 * reference:.1f} ms;  p50/reference = "
           f"{p50 / reference:.2f}")
