@@ -14,7 +14,10 @@ In one run, on one machine, with ViT-B-32 and --random-weights (same compute as 
            reused), close (a new connection per request, sent with `Connection: close`: the
            server answers and closes) or new (a new connection per request that the client
            hangs up after the answer, as `requests.post` without a Session or curl do);
-           default keep-alive and close, each phase between two measurements of R
+           by default all three, each phase between two measurements of R;
+           --hang-up-after-ms makes close and new clients hang up late (by a timer)
+  other    the CPU other processes used meanwhile: a shared machine's runs with more
+           than 0.2 core of it are flagged suspect
   latency  p50/p95 of one client sending one 12-MP image at a time, next to the bare
            batch-1 forward + draft decode measured here too
   memory   peak RSS of the server's processes
@@ -68,11 +71,15 @@ def free_port() -> int:
 
 
 def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int,
-         connection: str = "keep-alive") -> tuple[int, int, float, list[float]]:
+         connection: str = "keep-alive", hang_up_after: float = 0.0
+         ) -> tuple[int, int, float, list[float]]:
     """Send ``total`` requests from ``clients`` threads; returns (ok, failed, seconds,
     latencies). ``connection``: keep-alive (each client reuses one connection), close (a new
     connection per request, asking the server to close it) or new (a new connection per
-    request, closed by the client once the answer has arrived)."""
+    request, closed by the client once the answer has arrived). ``hang_up_after`` (close and
+    new): the socket is really closed that many seconds after the answer, by a timer, while
+    the client goes on with its next request (a client busy elsewhere, or one that closes
+    its sockets when it gets round to it)."""
     if connection not in CONNECTIONS:
         raise ValueError(f"connection: one of {CONNECTIONS}")
     fresh = connection != "keep-alive"
@@ -84,6 +91,7 @@ def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int,
 
     def client() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        held: socket.socket | None = None  # the connection's socket, for a late hang-up
         while time.monotonic() < deadline:
             with lock:
                 i = state["next"]
@@ -95,6 +103,8 @@ def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int,
             try:
                 if fresh:  # connect() is timed too: it is part of what such a client pays
                     conn.connect()
+                    if hang_up_after and conn.sock is not None:
+                        held = conn.sock.dup()
                 conn.request("POST", "/v1/moderate", body,
                              {"Content-Type": content_type, **extra})
                 response = conn.getresponse()
@@ -106,6 +116,11 @@ def load(port: int, bodies: list[tuple[bytes, str]], total: int, clients: int,
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             if fresh:
                 conn.close()
+            if held is not None:
+                closer = threading.Timer(hang_up_after if ok else 0.0, held.close)
+                closer.daemon = True
+                closer.start()
+                held = None
             elapsed = time.perf_counter() - started
             with lock:
                 state["ok" if ok else "failed"] += 1
@@ -288,8 +303,11 @@ def main() -> None:
                         help="how the clients connect, repeatable: keep-alive (one connection "
                              "per client), close (a new connection per request with "
                              "`Connection: close`), new (a new connection per request, hung "
-                             "up by the client); default: keep-alive and close. The latency "
-                             "phase uses the first")
+                             "up by the client); default: all three. The latency phase uses "
+                             "the first")
+    parser.add_argument("--hang-up-after-ms", type=float, default=0.0,
+                        help="close and new clients: hang up this long after each answer "
+                             "(by a timer, without waiting for it)")
     parser.add_argument("--large", type=int, default=96, help="12-MP requests")
     parser.add_argument("--small", type=int, default=160, help="512-px requests")
     parser.add_argument("--latency", type=int, default=25, help="sequential 12-MP requests")
@@ -306,7 +324,7 @@ def main() -> None:
                         help="serve the code of this checkout (e.g. `git worktree add "
                              "/tmp/old COMMIT`), on PYTHONPATH and as the working directory")
     args = parser.parse_args()
-    connections = list(dict.fromkeys(args.connection or ["keep-alive", "close"]))
+    connections = list(dict.fromkeys(args.connection or CONNECTIONS))
     if args.backend == "onnx" and args.pretrained is None:
         parser.error("--backend onnx needs --pretrained DIR (moderation model export "
                      "--random-weights --out DIR)")
@@ -342,7 +360,8 @@ def main() -> None:
                                     ("small", small_bodies, args.small)):
             for connection in connections:
                 other.cores()
-                ok, bad, sec, _ = load(port, bodies, total, args.clients, connection)
+                ok, bad, sec, _ = load(port, bodies, total, args.clients, connection,
+                                       args.hang_up_after_ms / 1000)
                 load_other = other.cores()
                 r_samples.append(bare.images_per_second())
                 r_other.append(other.cores())
@@ -369,7 +388,8 @@ def main() -> None:
         "server_python": args.server_python,
         "config": {k: getattr(args, k) for k in ("workers", "threads", "torch_threads",
                                                  "max_batch", "max_wait_ms", "trace",
-                                                 "switch_interval", "clients")},
+                                                 "switch_interval", "clients",
+                                                 "hang_up_after_ms")},
         "cores": os.cpu_count(),
         "connections": connections, "phases": phases,
         "R_samples": r_samples, "R": r, "other_cores_R": r_other,
@@ -392,7 +412,9 @@ def main() -> None:
         print("   other processes kept cores busy meanwhile (below): those ratios are suspect")
     for p in phases:
         name = (f"T_large  12-MP ({mb:.1f} MB)" if p["size"] == "large" else "T_small  512-px")
-        label = f"{name}, {args.clients} clients, {p['connection']}:"
+        late = (f" (hang-up +{args.hang_up_after_ms:g} ms)"
+                if args.hang_up_after_ms and p["connection"] != "keep-alive" else "")
+        label = f"{name}, {args.clients} clients, {p['connection']}{late}:"
         print(f"{label:<50}{p['T']:6.2f} images/s   T_{p['size']}/R = {p['T/R']:.2f}   "
               f"(R around it {p['R_around']:.2f}; {p['ok']} ok, {p['failed']} failed; "
               f"other load {p['other_cores']:.2f} cores, {p['other_cores_R']:.2f} during R)")
