@@ -311,7 +311,6 @@ def parse_search(args: Mapping[str, str], *, image: bool = False) -> SearchReque
 # --- reviews -------------------------------------------------------------------------------
 
 MAX_NOTE_LENGTH = 2000
-MAX_VIOLATIONS = 100
 
 
 def free_text(value: Any, where: str) -> str | None:
