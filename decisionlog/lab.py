@@ -19,7 +19,7 @@ import heapq
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -30,11 +30,12 @@ from moderation.diff import Change, diff_policies
 from moderation.errors import ModelMismatchError, NotFound, PolicyError, PolicyLimitError
 from moderation.policy import Action, Policy, PolicyLimits, parse_policy
 from moderation.prompts import OverlayCache
-from moderation.scorer import Assessment, Scorer
+from moderation.scorer import Assessment, Scorer, SharedProduct
 
+from .blocks import BLOCK, Block
 from .policies import PolicyLog
 from .records import CategoryOutcome
-from .store import DecisionStore, StoredFrames
+from .store import DecisionStore
 
 if TYPE_CHECKING:
     from moderation import Moderator
@@ -203,7 +204,7 @@ class _Tally:
         # (|change of action|, strength, created_at, id, client id, profile, kind): a min-heap
         self.top: list[tuple[int, float, float, str, str, str, Kind]] = []
 
-    def add(self, chunk: StoredFrames, rows: np.ndarray, profile: str,
+    def add(self, chunk: Block, rows: np.ndarray, profile: str,
             before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray]
             ) -> None:
         """``before``, ``after``: (severity, margin) per decision of ``rows`` and category
@@ -321,15 +322,20 @@ def dry_run(
     limit: int = 50,
     before_source: str = "before",
     after_source: str = "proposed",
-    chunk: int = 4096,
+    chunk: int = BLOCK,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DryRun:
     """Re-decide the stored decisions of ``model`` made in ``[since, until)`` under
     ``before`` and ``after`` (scorers of the same model's text embeddings), and report the
     difference: counts per category and action, the ``limit`` most significant changed
     decisions with their scores and top terms on both sides, and the policies' diff.
 
-    Each decision is re-decided with the calibration profile it was made with. Raises
-    :class:`ModelMismatchError` when the window holds decisions, none of them of ``model``.
+    Each decision is re-decided with the calibration profile it was made with. Both
+    policies' scores come from one matrix product per block of stored vectors
+    (:class:`moderation.scorer.SharedProduct`). ``progress(read, total)``: called as blocks
+    are read (decisions re-decided or left out so far, and the window's decisions of
+    ``model``). Raises :class:`ModelMismatchError` when the window holds decisions, none of
+    them of ``model``.
     """
     started = time.perf_counter()
     if before.text.model != model or after.text.model != model:
@@ -338,14 +344,19 @@ def dry_run(
             f"{after.text.model!r}"
         )
     counts, others = window_of(store, model, since, until)
+    mine = sum(n for m, e, n in counts if m == model and not e)
     union = list(dict.fromkeys([*before.text.category_ids, *after.text.category_ids]))
     sides = (_Side(before, union), _Side(after, union))
+    product = SharedProduct([before, after])
     tally = _Tally(union, limit)
-    without_frames = 0
+    read = 0
     profile_missing: dict[str, int] = {}
+    if progress is not None:
+        progress(0, mine)
     for part in read_ahead(store.scan_frames(model=model, since=since, until=until,
                                              chunk=chunk)):
-        without_frames += part.without_frames
+        scores = product.scores(part.halves, part.frame_counts)  # both sides, one product
+        read += len(part)
         profiles = np.array(part.profiles)
         for profile in np.unique(profiles):
             profile = str(profile)
@@ -353,14 +364,16 @@ def dry_run(
             if not all(side.has(profile) for side in sides):
                 profile_missing[profile] = profile_missing.get(profile, 0) + len(rows)
                 continue
-            if len(rows) == len(profiles):
-                vectors, counts_ = part.vectors, part.frame_counts
-            else:
-                keep = np.repeat(profiles == profile, part.frame_counts)
-                vectors, counts_ = part.vectors[keep], part.frame_counts[rows]
-            before_, after_ = (side.spread(side.scorer.assess(vectors, counts_, profile))
-                               for side in sides)
+            before_, after_ = (
+                side.spread(side.scorer.judge(score if len(rows) == len(profiles)
+                                              else score[rows], profile))
+                for side, score in zip(sides, scores, strict=True))
             tally.add(part, rows, profile, before_, after_)
+        if progress is not None:
+            progress(read, max(mine, read))
+    # decisions of the model without a stored frame (counted, never in a block); decisions
+    # recorded while the window was read may make ``read`` the larger
+    without_frames = max(mine - read, 0)
 
     top = sorted(tally.top, reverse=True)
     stored = store.frames_of([t[3] for t in top])
@@ -512,6 +525,7 @@ def dry_run_policy(
     current_source: str = "active policy",
     against_source: str | None = None,
     proposed_source: str = "proposed policy",
+    progress: Callable[[int, int], None] | None = None,
 ) -> DryRun:
     """What ``proposed`` would decide for the stored decisions of ``[since, until)``, next
     to ``against`` (default: ``current``'s policy): :func:`dry_run` with the steps before
@@ -558,4 +572,5 @@ def dry_run_policy(
     return dry_run(
         store, base.scorer(), after.scorer(), model=current.encoder.identity, since=since,
         until=until, limit=limit, before_source=before_source, after_source=proposed_source,
+        progress=progress,
     )

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 
 from moderation.scorer import Scorer
@@ -80,10 +79,10 @@ def rescore(
             model=model, since=since, until=until, decisions=0, changed=0, left_out=0,
         ))
     scorers = {p: Scorer(policy, scorer.text, p) for p in policy.profile_names()}
-    done = changed = left_out = 0
+    done = changed = left_out = read = 0
     for part in store.scan_frames(model=model, since=since, until=until, chunk=chunk):
-        left_out += part.without_frames
-        bounds = np.concatenate([[0], np.cumsum(part.frame_counts)])
+        read += len(part)
+        bounds = part.bounds
         rows = []
         for profile in dict.fromkeys(part.profiles):
             mine_ = [i for i, p in enumerate(part.profiles) if p == profile]
@@ -113,6 +112,8 @@ def rescore(
                 conn.execute(rescore_runs.update().where(rescore_runs.c.id == run_id)
                              .values(decisions=done, changed=changed, left_out=left_out))
     errors = sum(n for _, e, n in counts if e)
+    # decisions of the model without a stored frame are in no block
+    left_out += max(sum(n for m, e, n in counts if m == model and not e) - read, 0)
     with store.engine.begin() as conn:
         conn.execute(rescore_runs.update().where(rescore_runs.c.id == run_id).values(
             decisions=done, changed=changed, finished_at=time.time(),

@@ -4,9 +4,10 @@ decision once, by its best frame, best first. No image is needed: the log holds 
 
 Two indexes behind one small interface (:class:`VectorIndex`):
 
-* :class:`ExactIndex`, the embedded default (SQLite): the filters run in SQL, then every frame
-  they let through is read, in chunks, and compared with the queries. Exact, and the reference
-  the approximate index is tested against. It runs on PostgreSQL too.
+* :class:`ExactIndex`, the embedded default (SQLite): the window's frame blocks
+  (:mod:`decisionlog.blocks`) are read one after another and compared with the queries, the
+  decisions the other filters leave out (found in SQL) skipped. Exact, and the reference the
+  approximate index is tested against. It runs on PostgreSQL too.
 * :class:`HnswIndex` (PostgreSQL): pgvector's HNSW index on the ``halfvec`` column, cosine
   distance. The column holds the vectors of every model the log has seen, and an index needs
   one dimension, so there is one index per dimension (an expression index on
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -30,10 +31,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
 from moderation import ModerationError, NotFound
+from moderation.scoring import float16_dot
 
 from .records import spreadsheet_safe
 from .store import DecisionFilters, DecisionStore
-from .tables import FrameVector, decision_frames, decisions
+from .tables import decision_frames, decisions
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ class _Best:
         self.k = k
         self.found: dict[str, tuple[float, int]] = {}
 
-    def add(self, ids: Sequence[str], frames: Sequence[int], similarity: np.ndarray) -> None:
+    def add(self, ids: Sequence[str] | np.ndarray, frames: Sequence[int] | np.ndarray,
+            similarity: np.ndarray) -> None:
         """One chunk of frame rows. A decision in the overall top k is in its own chunk's top
         k (every decision above it there is above it overall), so only those are kept."""
         n = len(ids)
@@ -126,7 +129,8 @@ class _Best:
         if len(self.found) > 4 * self.k:
             self.found = dict(self._ranked()[: self.k])
 
-    def add_all(self, ids: Sequence[str], frames: Sequence[int], similarity: np.ndarray) -> None:
+    def add_all(self, ids: Sequence[str] | np.ndarray, frames: Sequence[int] | np.ndarray,
+                similarity: np.ndarray) -> None:
         for decision_id, frame, s in zip(ids, frames, similarity.tolist(), strict=True):
             self._offer(decision_id, s, int(frame))
 
@@ -144,50 +148,8 @@ class _Best:
 
 # --- exact search ------------------------------------------------------------------------
 
-#: float32's exponent bias (127) minus float16's (15): see :func:`float16_dot`.
-_BIAS_GAP = np.float32(2.0**112)
-
-
-def float16_dot(halves: np.ndarray, queries: np.ndarray, block: int = 512) -> np.ndarray:
-    """``halves @ queries.T`` for float16 rows (given as their uint16 bit patterns, shape
-    (n, dim)) and float32 queries (q, dim), without numpy's slow float16 conversion.
-
-    Each float16 is widened with integer operations: its sign moved to bit 31, its exponent
-    and mantissa shifted up by 13 bits. That float32 is the float16's value times 2^-112 (the
-    exponent biases differ by 112; float16 subnormals become float32 subnormals of the same
-    scaled value), so the queries are scaled by 2^112 instead and the products are exact.
-    Works in blocks that stay in cache; about 3× faster than ``astype(float32)`` here.
-    Infinities and NaNs (never in a unit vector) are not preserved."""
-    n = len(halves)
-    out = np.empty((n, len(queries)), np.float32)
-    scaled = np.ascontiguousarray((queries.astype(np.float32) * _BIAS_GAP).T)
-    widened = np.empty((min(block, n), halves.shape[1]), np.uint32)
-    sign = np.empty_like(widened)
-    for start in range(0, n, block):
-        part = halves[start : start + block]
-        w, s = widened[: len(part)], sign[: len(part)]
-        np.copyto(w, part)
-        np.bitwise_and(w, 0x8000, out=s)
-        np.left_shift(s, 16, out=s)
-        np.bitwise_and(w, 0x7FFF, out=w)
-        np.left_shift(w, 13, out=w)
-        np.bitwise_or(w, s, out=w)
-        np.matmul(w.view(np.float32), scaled, out=out[start : start + len(part)])
-    return out
-
-
-def _similarity(blobs: Sequence[bytes], dialect: str, queries: np.ndarray) -> np.ndarray:
-    """Each stored vector's best cosine to any of the queries, shape (n,)."""
-    if dialect == "sqlite":  # little-endian float16 bytes
-        halves = np.frombuffer(b"".join(blobs), np.uint16).reshape(len(blobs), -1)
-        products = float16_dot(halves, queries)
-    else:
-        products = FrameVector.decode_many(list(blobs), dialect) @ queries.T
-    return products.max(axis=1)
-
-
 class ExactIndex:
-    """Every frame the filters let through, compared with the queries (see the module)."""
+    """Every stored frame of the window compared with the queries (see the module)."""
 
     name = "exact"
 
@@ -199,40 +161,32 @@ class ExactIndex:
                 k: int) -> list[Neighbour]:
         from .lab import read_ahead
 
-        d, f = decisions, decision_frames
-        statement = (
-            sa.select(f.c.decision_id, f.c.frame, FrameVector.raw(f.c.embedding,
-                                                                  self.store.dialect))
-            .select_from(f.join(d, d.c.id == f.c.decision_id))
-            .where(*filters.search_clauses(model))
-        )
+        allowed = self._allowed(model, filters)
+        excluded = set(filters.exclude)
         best = _Best(k)
-        for rows in read_ahead(self._chunks(statement)):
-            ids, frames, blobs = zip(*rows, strict=True)
-            best.add(ids, frames, _similarity(blobs, self.store.dialect, queries))
+        for block in read_ahead(self.store.scan_frames(
+                model=model, since=filters.since, until=filters.until, chunk=self.chunk)):
+            if allowed is not None or excluded:
+                keep = [n for n, i in enumerate(block.ids)
+                        if i not in excluded and (allowed is None or i in allowed)]
+                if not keep:
+                    continue
+                block = block.take(np.asarray(keep))
+            similarity = float16_dot(block.halves, queries).max(axis=1)
+            owner = np.repeat(np.arange(len(block)), block.frame_counts)
+            best.add(np.asarray(block.ids, object)[owner], block.frames, similarity)
         return best.result()
 
-    def _chunks(self, statement: Any) -> Iterator[Sequence[Any]]:
-        """The statement's rows as the driver gives them (plain tuples: SQLAlchemy's rows
-        would cost as much again as the database read, per frame)."""
+    def _allowed(self, model: str, filters: SearchFilters) -> set[str] | None:
+        """The decisions the filters other than time let through (``None``: all): the same
+        SQL as everywhere else, on the decisions table's indexes."""
+        if all(getattr(filters, name) is None for name in
+               ("action", "category", "policy_version", "client_id", "flagged")):
+            return None
+        where = DecisionFilters.clauses(filters)
         with self.store.engine.connect() as conn:
-            compiled = statement.compile(dialect=conn.dialect,
-                                         compile_kwargs={"render_postcompile": True})
-            params = compiled.construct_params()
-            raw = conn.connection.dbapi_connection
-            assert raw is not None
-            # PostgreSQL: a server-side cursor, so that the client holds one chunk at a time
-            cursor = (raw.cursor(name="exact_search")
-                      if conn.dialect.name == "postgresql" else raw.cursor())
-            try:
-                if compiled.positiontup is not None:  # SQLite: ? placeholders
-                    cursor.execute(str(compiled), [params[k] for k in compiled.positiontup])
-                else:
-                    cursor.execute(str(compiled), params)
-                while rows := cursor.fetchmany(self.chunk):
-                    yield rows
-            finally:
-                cursor.close()
+            return set(conn.execute(sa.select(decisions.c.id)
+                                    .where(*where, decisions.c.model == model)).scalars())
 
 
 # --- pgvector ----------------------------------------------------------------------------

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from . import blocks
+from .blocks import Block
 from .database import connect, migrate
 from .records import DecisionRecord, ImageRef, PolicyRef
 from .reviews import AuditSampler, queue_rows
 from .tables import (
-    FrameVector,
     decision_flags,
     decision_frames,
     decisions,
@@ -34,34 +35,9 @@ from .tables import (
 )
 from .windows import decode_cursor, encode_cursor
 
-__all__ = ["DecisionFilters", "DecisionStore", "StoredFrames"]
+__all__ = ["DecisionFilters", "DecisionStore"]
 
 BUCKETS = {"hour": 1, "day": 24}  # bucket width in hours
-
-
-@dataclass(frozen=True)
-class StoredFrames:
-    """A chunk of stored decisions with the embeddings of all their stored frames, oldest
-    first: what re-deciding past traffic reads.
-
-    ``ids``, ``client_ids``, ``profiles``, ``actions`` (as logged): one entry per decision;
-    ``created_at``: ndarray of
-    shape (n,), unix seconds; ``frame_counts``: ndarray of shape (n,), each decision's
-    number of stored frames (at least 1); ``frames``: ndarray of shape (n_frames,), each
-    frame's index in its file; ``vectors``: ndarray of shape (n_frames, dim), float32 (from
-    float16), each decision's frames contiguous and in file order. ``without_frames``: how
-    many decisions of the chunk had no stored embedding (they are not in it).
-    """
-
-    ids: list[str]
-    created_at: np.ndarray
-    client_ids: list[str | None]
-    profiles: list[str]
-    actions: list[str]
-    frame_counts: np.ndarray
-    frames: np.ndarray
-    vectors: np.ndarray
-    without_frames: int
 
 
 @dataclass(frozen=True)
@@ -118,8 +94,10 @@ class DecisionStore:
     # --- writing -------------------------------------------------------------------------
 
     def add_many(self, records: Sequence[DecisionRecord]) -> None:
-        """Insert ``records`` with their frames in one transaction (all or none), and queue
-        for review the ones that go there (:func:`decisionlog.reviews.queue_rows`)."""
+        """Insert ``records`` with their frames in one transaction (all or none): a row per
+        frame (point reads, pgvector's index) and a small block per model (scans:
+        :mod:`decisionlog.blocks`); and queue for review the ones that go there
+        (:func:`decisionlog.reviews.queue_rows`)."""
         if not records:
             return
         rows, flags, frames = [], [], []
@@ -155,6 +133,7 @@ class DecisionStore:
                 conn.execute(decision_flags.insert(), flags)
             if frames:
                 conn.execute(decision_frames.insert(), frames)
+                blocks.insert(conn, Block.of_records(records))
             queued = queue_rows(records, self.audit, time.time())
             if queued:
                 conn.execute(review_items.insert(), queued)
@@ -168,6 +147,7 @@ class DecisionStore:
             conn.execute(rescored_decisions.delete()
                          .where(rescored_decisions.c.created_at < older_than))
             conn.execute(decision_frames.delete().where(decision_frames.c.decision_id.in_(old)))
+            blocks.purge(conn, older_than)
             conn.execute(decision_flags.delete().where(decision_flags.c.created_at < older_than))
             conn.execute(review_items.delete().where(
                 review_items.c.decision_created_at < older_than,
@@ -365,93 +345,16 @@ class DecisionStore:
         return [(str(m), bool(e), int(n)) for m, e, n in rows]
 
     def scan_frames(self, *, model: str, since: float | None = None,
-                    until: float | None = None, chunk: int = 4096) -> Iterator[StoredFrames]:
-        """The decisions of ``model`` in the window that were made (no error), about
-        ``chunk`` at a time, oldest first, with every stored frame: memory stays flat in the
-        window's size.
+                    until: float | None = None, chunk: int = blocks.BLOCK) -> Iterator[Block]:
+        """The decisions of ``model`` in the window that have stored frames (errors have
+        none), a block of at most ``chunk`` at a time, with every frame's vector: memory
+        stays flat in the window's size (:func:`decisionlog.blocks.scan`)."""
+        return blocks.scan(self.engine, model=model, since=since, until=until, chunk=chunk)
 
-        SQLite: one statement for the whole window, read as it runs (the time index, then each
-        decision's frames by primary key). PostgreSQL: a page of decisions at a time (keyset
-        on the time index, where its planner keeps index lookups), joined to their frames.
-        Vectors are read as bytes and decoded with one numpy call per chunk."""
-        d, f = decisions, decision_frames
-        where = self._filters(since, until, None, None, None)
-        where += [d.c.model == model, d.c.error_code.is_(None)]
-        raw = FrameVector.raw(f.c.embedding, self.dialect)
-        if self.dialect == "sqlite":
-            statement = (
-                sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile, d.c.action,
-                          f.c.frame, raw)
-                .select_from(d.outerjoin(f, f.c.decision_id == d.c.id))
-                .where(*where).order_by(d.c.created_at, d.c.id)
-            )
-            with self.engine.connect() as conn:
-                result = conn.execution_options(stream_results=True).execute(statement)
-                held: list[Any] = []
-                while True:
-                    rows = result.fetchmany(chunk)
-                    if not rows:
-                        break
-                    rows = held + list(rows)
-                    # the last decision's frames may go on in the next rows: hold it back
-                    last = len(rows) - 1
-                    while last > 0 and rows[last - 1][0] == rows[-1][0]:
-                        last -= 1
-                    held = rows[last:]
-                    if last:
-                        yield self._frames_of_rows(rows[:last])
-                if held:
-                    yield self._frames_of_rows(held)
-            return
-        last_key: tuple[float, str] | None = None
-        while True:
-            page_where = list(where)
-            if last_key is not None:
-                page_where.append(sa.tuple_(d.c.created_at, d.c.id) > sa.tuple_(*last_key))
-            page = (
-                sa.select(d.c.id, d.c.created_at, d.c.client_id, d.c.profile, d.c.action)
-                .where(*page_where).order_by(d.c.created_at, d.c.id).limit(chunk).subquery()
-            )
-            rows = self._rows(
-                sa.select(page.c.id, page.c.created_at, page.c.client_id, page.c.profile,
-                          page.c.action, f.c.frame, raw)
-                .select_from(page.outerjoin(f, f.c.decision_id == page.c.id))
-                .order_by(page.c.created_at, page.c.id)
-            )
-            if not rows:
-                return
-            yield self._frames_of_rows(rows)
-            last_key = (rows[-1][1], rows[-1][0])
-            if len({r[0] for r in rows}) < chunk:
-                return
-
-    def _frames_of_rows(self, rows: Sequence[Any]) -> StoredFrames:
-        """Rows of (id, created_at, client_id, profile, action, frame, vector bytes), in
-        decision time order, each decision's rows together (its frames in any order; one row
-        with no frame for a decision without any)."""
-        ids, created, clients, profiles, actions, frames, blobs = zip(*rows, strict=True)
-        n_rows = len(ids)
-        first = np.ones(n_rows, bool)  # where a decision's rows begin
-        first[1:] = np.asarray(ids[1:], object) != np.asarray(ids[:-1], object)
-        owner = np.cumsum(first) - 1
-        has_frame = np.fromiter((b is not None for b in blobs), bool, n_rows)
-        heads = np.flatnonzero(first)
-        counts = np.bincount(owner[has_frame], minlength=len(heads))
-        kept = heads[counts > 0]
-        frame = np.asarray([x if x is not None else -1 for x in frames], np.int64)
-        order = np.flatnonzero(has_frame)
-        order = order[np.lexsort((frame[order], owner[order]))]
-        return StoredFrames(
-            ids=[ids[i] for i in kept],
-            created_at=np.asarray([created[i] for i in kept], np.float64),
-            client_ids=[clients[i] for i in kept],
-            profiles=[profiles[i] for i in kept],
-            actions=[actions[i] for i in kept],
-            frame_counts=counts[counts > 0],
-            frames=frame[order],
-            vectors=FrameVector.decode_many([blobs[i] for i in order], self.dialect),
-            without_frames=int((counts == 0).sum()),
-        )
+    def compact(self, model: str | None = None) -> int:
+        """Merge the small frame blocks (:func:`decisionlog.blocks.compact`); returns how
+        many decisions moved."""
+        return blocks.compact(self.engine, model=model)
 
     def frames_of(self, decision_ids: Sequence[str]) -> dict[str, tuple[list[int], np.ndarray]]:
         """Every stored frame of each decision: id → (frame indices, ndarray of shape

@@ -16,6 +16,8 @@ __all__ = [
     "decision_flags",
     "decision_frames",
     "decisions",
+    "frame_blocks",
+    "jobs",
     "metadata",
     "policy_activations",
     "policy_versions",
@@ -130,6 +132,55 @@ decision_frames = sa.Table(
     sa.Column("decision_id", sa.Text, primary_key=True),
     sa.Column("frame", sa.Integer, primary_key=True),  # its index in the file
     sa.Column("embedding", FrameVector, nullable=False),
+)
+
+#: The same frame vectors, stored for scans (:mod:`decisionlog.blocks`): blocks of decisions
+#: of one model, each decision's frames contiguous, vectors as one little-endian float16
+#: array. A block is written with its decisions (small), then merged into blocks of a few
+#: thousand decisions in time order; a window is read a block at a time, never row by row.
+frame_blocks = sa.Table(
+    "frame_blocks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("first_at", sa.Float(precision=53), nullable=False),  # its oldest decision's
+    sa.Column("last_at", sa.Float(precision=53), nullable=False),  # its newest decision's
+    sa.Column("decisions", sa.Integer, nullable=False),
+    sa.Column("frames", sa.Integer, nullable=False),
+    # JSON: {"ids": [...], "client_ids": [...], "profiles": [...], "actions": [...]}
+    sa.Column("meta", sa.Text, nullable=False),
+    sa.Column("created_at", sa.LargeBinary, nullable=False),  # float64 LE, per decision
+    sa.Column("frame_counts", sa.LargeBinary, nullable=False),  # int32 LE, per decision
+    sa.Column("frame_index", sa.LargeBinary, nullable=False),  # int32 LE, per frame
+    sa.Column("vectors", sa.LargeBinary, nullable=False),  # float16 LE, frames × dim
+    sa.Index("frame_blocks_time", "model", "first_at"),
+    sa.Index("frame_blocks_size", "decisions"),
+)
+
+#: Long work that leaves the request thread (a large dry-run): its request, its progress
+#: and its result, where every worker and replica can read them. A job is run by the worker
+#: that holds its lease; a lease that runs out (the worker died) lets another take it over.
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),  # dry-run
+    sa.Column("state", sa.Text, nullable=False),  # queued | running | done | failed
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("created_by", sa.Text),  # the key's name, when known
+    sa.Column("request", sa.Text, nullable=False),  # JSON: what to run
+    sa.Column("started_at", sa.Float(precision=53)),
+    sa.Column("finished_at", sa.Float(precision=53)),
+    sa.Column("owner", sa.Text),  # host:pid of the worker running it
+    sa.Column("lease_until", sa.Float(precision=53)),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("done", sa.Integer, nullable=False),  # units of work done (decisions read)
+    sa.Column("total", sa.Integer),  # units in all, once known
+    sa.Column("result", sa.Text),  # JSON, when done
+    sa.Column("error", sa.Text),  # JSON {code, message, details}, when failed
+    sa.Index("jobs_due", "state", "lease_until"),
+    sa.Index("jobs_time", "created_at"),
 )
 
 #: The full text of every policy that was ever active, by version (and by text: an edit of

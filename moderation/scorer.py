@@ -18,9 +18,9 @@ import numpy as np
 from .decision import Decision, ThresholdTable, assemble, category_severities, decide
 from .policy import Policy
 from .prompts import PolicyEmbeddings
-from .scoring import score_images
+from .scoring import ScoreColumns, float16_dot, score_images
 
-__all__ = ["Assessment", "Scorer"]
+__all__ = ["Assessment", "Scorer", "SharedProduct"]
 
 R = TypeVar("R", np.ndarray, list[Decision])
 
@@ -103,6 +103,12 @@ class Scorer:
                 f"they add up to {int(counts.sum())}"
             )
         score = _max_over_frames(score_images(vectors, self.text).score, counts)
+        return self.judge(score, profile)
+
+    def judge(self, score: np.ndarray, profile: str | None = None) -> Assessment:
+        """Images' scores (ndarray of shape (n_images, n_categories), each the maximum over
+        the image's frames) against the thresholds of ``profile`` (default: the scorer's)."""
+        ids = self.text.category_ids
         table = ThresholdTable.of(self.policy, ids, profile or self.profile)
         severity = category_severities(score, table)
         return Assessment(ids, score, score.astype(np.float64) - table.value, severity,
@@ -139,3 +145,26 @@ class Scorer:
                 categories[cid] = replace(mine[best].categories[cid], frame=names[best])
             decisions.append(assemble(categories))
         return decisions
+
+
+
+class SharedProduct:
+    """Several policies' scores for the same stored images, from one matrix product: the
+    text vectors they need (:class:`moderation.scoring.ScoreColumns`), those the policies
+    share (an edit leaves most alone) once."""
+
+    def __init__(self, scorers: Sequence[Scorer]) -> None:
+        self.scorers = list(scorers)
+        self.columns = ScoreColumns([s.text for s in self.scorers])
+
+    def scores(self, halves: np.ndarray, frame_counts: np.ndarray) -> list[np.ndarray]:
+        """``halves``: ndarray of shape (n_frames, dim), float16 vectors as their uint16 bit
+        patterns (as the decision log stores them), each image's frames contiguous;
+        ``frame_counts``: each image's frames. Returns, per scorer, ndarray of shape
+        (n_images, n_categories): each category's score, the maximum over the image's
+        frames, for :meth:`Scorer.judge`."""
+        counts = np.asarray(frame_counts)
+        if len(counts) == 0:
+            return [np.zeros((0, len(s.text.category_ids)), np.float32) for s in self.scorers]
+        products = float16_dot(halves, self.columns.matrix)
+        return [_max_over_frames(score, counts) for score in self.columns.scores(products)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from .prompts import PolicyEmbeddings
 
-__all__ = ["Scores", "score_images"]
+__all__ = ["Scores", "ScoreColumns", "combine", "float16_dot", "score_images"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ def score_images(images: np.ndarray, text: PolicyEmbeddings) -> Scores:
             closest[:, i] = block.argmax(axis=1)
             exception_similarity[:, i] = block.max(axis=1)
 
-    gap = np.nan_to_num(exception_similarity - similarity, nan=0.0)
-    score = np.clip(similarity - np.maximum(gap, 0.0), -1.0, 1.0)
+    score = combine(similarity, exception_similarity)
     return Scores(
         similarity=similarity.astype(np.float32, copy=False),
         exception_similarity=exception_similarity,
@@ -77,3 +76,85 @@ def score_images(images: np.ndarray, text: PolicyEmbeddings) -> Scores:
         score=score.astype(np.float32, copy=False),
         term_similarity=[t.astype(np.float32, copy=False) for t in term_similarity],
     )
+
+
+def combine(similarity: np.ndarray, exception_similarity: np.ndarray) -> np.ndarray:
+    """The score from the category similarity and the closest exception's (NaN: none), by
+    the rule above; same shapes in and out."""
+    gap = np.nan_to_num(exception_similarity - similarity, nan=0.0)
+    return np.clip(similarity - np.maximum(gap, 0.0), -1.0, 1.0)
+
+
+class ScoreColumns:
+    """What several policies' scores need from a product, in one matrix: each category's
+    ensemble and its exceptions (not the terms, which only explain), rows shared by the
+    policies given once. ``matrix``: ndarray of shape (n_rows, dim). Multiply the images by
+    ``matrix.T`` once (:func:`float16_dot` for stored float16 vectors), then :meth:`scores`
+    gives each policy's scores from that product."""
+
+    def __init__(self, texts: list[PolicyEmbeddings]) -> None:
+        stacked, spans = [], []
+        for text in texts:
+            blocks = [text.categories, *text.exceptions]
+            stacked += blocks
+            spans.append([len(b) for b in blocks])
+        every = np.concatenate(stacked).astype(np.float32)
+        self.matrix, inverse = np.unique(every, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        self._columns: list[tuple[np.ndarray, list[np.ndarray]]] = []
+        at = 0
+        for lengths in spans:
+            n_categories = lengths[0]
+            categories = inverse[at:at + n_categories]
+            at += n_categories
+            exceptions = []
+            for n in lengths[1:]:
+                exceptions.append(inverse[at:at + n])
+                at += n
+            self._columns.append((categories, exceptions))
+
+    def scores(self, products: np.ndarray) -> list[np.ndarray]:
+        """``products``: ndarray of shape (n_images, n_rows), the images times ``matrix.T``.
+        Returns, per policy given, ndarray of shape (n_images, n_categories), float32: the
+        same scores :func:`score_images` gives."""
+        out = []
+        for categories, exceptions in self._columns:
+            similarity = products[:, categories]
+            exception_similarity = np.full(similarity.shape, np.nan, np.float32)
+            for i, columns in enumerate(exceptions):
+                if len(columns):
+                    exception_similarity[:, i] = products[:, columns].max(axis=1)
+            out.append(combine(similarity, exception_similarity).astype(np.float32, copy=False))
+        return out
+
+
+#: float32's exponent bias (127) minus float16's (15): see :func:`float16_dot`.
+_BIAS_GAP = np.float32(2.0**112)
+
+
+def float16_dot(halves: np.ndarray, queries: np.ndarray, block: int = 512) -> np.ndarray:
+    """``halves @ queries.T`` for float16 rows (given as their uint16 bit patterns, shape
+    (n, dim)) and float32 queries (q, dim), without numpy's slow float16 conversion.
+
+    Each float16 is widened with integer operations: its sign moved to bit 31, its exponent
+    and mantissa shifted up by 13 bits. That float32 is the float16's value times 2^-112 (the
+    exponent biases differ by 112; float16 subnormals become float32 subnormals of the same
+    scaled value), so the queries are scaled by 2^112 instead and the products are exact.
+    Works in blocks that stay in cache; about 3× faster than ``astype(float32)`` here.
+    Infinities and NaNs (never in a unit vector) are not preserved."""
+    n = len(halves)
+    out = np.empty((n, len(queries)), np.float32)
+    scaled = np.ascontiguousarray((queries.astype(np.float32) * _BIAS_GAP).T)
+    widened = np.empty((min(block, n), halves.shape[1]), np.uint32)
+    sign = np.empty_like(widened)
+    for start in range(0, n, block):
+        part = halves[start : start + block]
+        w, s = widened[: len(part)], sign[: len(part)]
+        np.copyto(w, part)
+        np.bitwise_and(w, 0x8000, out=s)
+        np.left_shift(s, 16, out=s)
+        np.bitwise_and(w, 0x7FFF, out=w)
+        np.left_shift(w, 13, out=w)
+        np.bitwise_or(w, s, out=w)
+        np.matmul(w.view(np.float32), scaled, out=out[start : start + len(part)])
+    return out
