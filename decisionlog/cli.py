@@ -291,6 +291,25 @@ def decisions_purge(older_than_days: float, database_url: str | None) -> None:
     click.echo(f"purged {removed} decisions older than {older_than_days:g} days")
 
 
+@decisions.command("compact")
+@_database_option
+def decisions_compact(database_url: str | None) -> None:
+    """Merge the small frame blocks written with decisions into blocks for scans (the
+    service does it in the background; a log filled by `moderation scan` or a stopped
+    service can be compacted here). Safe while services write to the log."""
+    import time
+
+    from .blocks import small_blocks
+
+    store = _store(database_url)
+    before = sum(small_blocks(store.engine).values())
+    started = time.perf_counter()
+    moved = store.compact()
+    after = sum(small_blocks(store.engine).values())
+    click.echo(f"merged {moved} decisions' frames: small blocks {before} -> {after} "
+               f"({time.perf_counter() - started:.1f} s)")
+
+
 @decisions.command("replay")
 @click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="MODERATION_DEAD_LETTER_PATH",

@@ -25,6 +25,7 @@ from decisionlog import (
     default_database_url,
     default_dead_letter_path,
 )
+from decisionlog.blocks import BlockMerger
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
@@ -139,6 +140,10 @@ def create_app(
     app.extensions["decisions"] = (store, recorder)
     if recorder is not None:
         atexit.register(recorder.close)  # a worker that stops writes what it has queued
+        # small frame blocks written per commit, merged for scans off the request path
+        merger = BlockMerger(store.engine, interval=settings.block_merge_interval_s)
+        atexit.register(merger.close)
+        app.extensions["block_merger"] = merger
     app.extensions["reviews"] = review_queue = ReviewQueue(store)
     if settings.webhook_url and settings.webhook_secret:
         sender = WebhookSender(
