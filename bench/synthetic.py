@@ -29,11 +29,15 @@ def decision_id(seed: int, i: int) -> str:
 
 
 def fill(url: str, n: int, vectors: Vectors, *, model: str, seed: int = 0,
-         actions: bool = False) -> None:
+         actions: bool = False, block: int | None = None) -> None:
     """Add decisions to the log at ``url`` until it has ``n``. ``actions``: a mix of actions
-    (one in twenty flag, review or block) instead of allow only."""
+    (one in twenty flag, review or block) instead of allow only. The frames go in as the
+    service leaves them: a row per frame, and blocks of ``block`` decisions (default:
+    merged blocks, ``decisionlog.blocks.BLOCK``; a small number: as written per commit,
+    before merging)."""
     from decisionlog import DecisionStore
-    from decisionlog.tables import decision_frames, decisions
+    from decisionlog.blocks import BLOCK, Block
+    from decisionlog.tables import decision_frames, decisions, frame_blocks
 
     store = DecisionStore(url)
     have = store.count()
@@ -66,6 +70,13 @@ def fill(url: str, n: int, vectors: Vectors, *, model: str, seed: int = 0,
             for f in range(int(frames[i])):
                 frame_rows.append((did, f, made[k]))
                 k += 1
+        whole = Block(
+            ids=[r["id"] for r in rows], created_at=times.astype(np.float64),
+            client_ids=[r["client_id"] for r in rows], profiles=["default"] * size,
+            actions=[r["action"] for r in rows], frame_counts=frames.astype(np.int64),
+            frames=np.concatenate([np.arange(int(c)) for c in frames]),
+            halves=made.view(np.uint16),
+        )
         with store.engine.begin() as conn:
             conn.execute(decisions.insert(), rows)
             if store.dialect == "postgresql":
@@ -74,6 +85,8 @@ def fill(url: str, n: int, vectors: Vectors, *, model: str, seed: int = 0,
                 conn.execute(decision_frames.insert(), [
                     {"decision_id": d, "frame": f, "embedding": v} for d, f, v in frame_rows
                 ])
+            conn.execute(frame_blocks.insert(),
+                         [part.row(model) for part in whole.split(block or BLOCK)])
         done = start + size
         if done % 100_000 == 0 or done == n:
             print(f"  filled {done} decisions ({time.perf_counter() - started:.0f} s)",
