@@ -12,6 +12,7 @@ from typing import Any
 
 from moderation.scan import TYPED_RESULT
 
+from . import blocks
 from .database import default_database_url
 from .records import DecisionRecord
 from .store import DecisionStore
@@ -36,3 +37,6 @@ class LogSink:
                 rows[TYPED_RESULT], rows["image_sha256"], rows["image_size"],
                 rows["latency_ms"], strict=True)
         ])
+        # each batch wrote a small frame block: merge them as the service's merger would
+        if sum(blocks.small_blocks(self.store.engine).values()) >= blocks.MERGE_AT:
+            blocks.compact(self.store.engine)
