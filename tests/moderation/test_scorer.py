@@ -98,3 +98,29 @@ def test_assess_checks_the_frame_counts(scorer: Scorer) -> None:
         scorer.assess(np.stack([RIFLE, TOY]), np.array([1, 2]))
     with pytest.raises(ValueError, match="positive"):
         scorer.assess(np.stack([RIFLE, TOY]), np.array([2, 0]))
+
+
+def test_shared_product_gives_each_policy_the_scores_it_would_get_alone(
+        scorer: Scorer, fake_encoder: FakeEncoder) -> None:
+    from moderation.scorer import SharedProduct
+
+    edited = yaml.safe_load(yaml.safe_dump(HAND_POLICY))
+    edited["categories"]["weapons"]["exceptions"] = []  # a category loses its exceptions
+    other = parse_policy(yaml.safe_dump(edited, sort_keys=False))
+    second = Scorer(other, embed_policy(other, fake_encoder))
+    frames = [np.stack([NOTHING, BEER, BETWEEN]), RIFLE[None], TOY[None], BEER[None]]
+    vectors = np.concatenate(frames).astype(np.float16)
+    counts = np.array([len(f) for f in frames])
+    shared = SharedProduct([scorer, second])
+    # rows the two policies share are multiplied once
+    alone = sum(len(s.text.categories) + sum(len(e) for e in s.text.exceptions)
+                for s in (scorer, second))
+    assert len(shared.columns.matrix) < alone
+    together = shared.scores(vectors.view(np.uint16), counts)
+    stored = [f.astype(np.float16).astype(np.float32) for f in frames]
+    for s, score in zip((scorer, second), together, strict=True):
+        np.testing.assert_allclose(score, s.scores(stored), atol=1e-6)
+        # and the same actions as assess, threshold for threshold
+        np.testing.assert_array_equal(s.judge(score).action,
+                                      s.assess(np.concatenate(stored), counts).action)
+    assert [len(x) for x in shared.scores(vectors[:0].view(np.uint16), counts[:0])] == [0, 0]
