@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,8 +48,8 @@ __all__ = [
     "MERGE_AT",
     "SMALL",
     "Block",
-    "BlockMerger",
     "compact",
+    "merge_due",
     "merge_small",
     "purge",
     "scan",
@@ -331,38 +330,17 @@ def purge(conn: Connection, older_than: float) -> None:
         conn.execute(frame_blocks.delete().where(b.id == row.id))
 
 
-class BlockMerger:
-    """A process's background merger: every ``interval`` seconds, when a model has
-    :data:`MERGE_AT` small blocks or more, merges until it has fewer (one transaction of at
-    most :data:`MERGE_DECISIONS` decisions at a time). Several processes may run one: a merge
-    that finds another running skips its turn."""
-
-    def __init__(self, engine: Engine, interval: float = 5.0, at: int = MERGE_AT) -> None:
-        self.engine = engine
-        self.interval = interval
-        self.at = at
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="block-merger", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except Exception:  # never let the thread die; the next turn tries again
-                log.exception("merging frame blocks failed")
-
-    def run_once(self) -> int:
-        moved = 0
-        for model, n in small_blocks(self.engine).items():
-            while n >= self.at and not self._stop.is_set():
-                done = merge_small(self.engine, model=model, wait=False)
-                if not done:
-                    break
-                moved += done
-                n = small_blocks(self.engine).get(model, 0)
-        return moved
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
+def merge_due(engine: Engine, *, at: int = MERGE_AT) -> int:
+    """The background merge: for each model with ``at`` small blocks or more, merge until it
+    has fewer, one transaction of at most :data:`MERGE_DECISIONS` decisions at a time;
+    nothing when another process is merging (it skips its turn). Returns how many decisions
+    moved."""
+    moved = 0
+    for model, n in small_blocks(engine).items():
+        while n >= at:
+            done = merge_small(engine, model=model, wait=False)
+            if not done:
+                break
+            moved += done
+            n = small_blocks(engine).get(model, 0)
+    return moved

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .blocks import merge_due
 from .database import data_dir
 from .records import DecisionRecord
 from .store import DecisionStore
@@ -91,11 +92,20 @@ class Recorder:
     A batch that fails is tried again, then record by record: a record that cannot be written
     alone (or not within ``timeout`` seconds) goes to ``dead_letters`` with the reason, and
     never blocks or drops the records around it.
+
+    Every write adds a small frame block; when nothing waits to be written and ``merge_every``
+    seconds have passed since the last look, the same thread merges them
+    (:func:`decisionlog.blocks.merge_due`): no thread of its own, no request waiting behind
+    a merge it could have skipped (``None``: never; ``moderation decisions compact`` does).
     """
 
     def __init__(self, store: DecisionStore, dead_letters: DeadLetters | None = None,
-                 batch: int = 512, timeout: float = 10.0) -> None:
+                 batch: int = 512, timeout: float = 10.0,
+                 merge_every: float | None = 5.0) -> None:
         self.store = store
+        self.merge_every = merge_every
+        self._written_since_merge = False
+        self._next_merge = time.monotonic() + (merge_every or 0)
         self.dead_letters = dead_letters or DeadLetters(default_dead_letter_path(store.url))
         self.batch = batch
         self.timeout = timeout
@@ -120,7 +130,11 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self.merge_every)
+            except queue.Empty:
+                self._merge_if_due()
+                continue
             taken = [first]
             count = len(first.records) if first is not None else 0
             while first is not None and count < self.batch:
@@ -142,6 +156,19 @@ class Recorder:
                     b.done.set()
             if any(b is None for b in taken):
                 return
+            if self._queue.empty():
+                self._merge_if_due()
+
+    def _merge_if_due(self) -> None:
+        if (self.merge_every is None or not self._written_since_merge
+                or time.monotonic() < self._next_merge):
+            return
+        self._next_merge = time.monotonic() + self.merge_every
+        self._written_since_merge = False
+        try:
+            merge_due(self.store.engine)
+        except Exception:  # merged next time, or by `moderation decisions compact`
+            log.exception("merging frame blocks failed")
 
     def _write(self, records: list[DecisionRecord]) -> None:
         if not records:
@@ -149,6 +176,7 @@ class Recorder:
         for attempt in range(2):
             try:
                 self.store.add_many(records)
+                self._written_since_merge = True
                 return
             except Exception as e:
                 log.warning("writing %d decisions failed (%s)%s", len(records), e,
@@ -158,6 +186,7 @@ class Recorder:
         for r in records:
             try:
                 self.store.add_many([r])
+                self._written_since_merge = True
             except Exception as e:
                 self.dead_letters.add([r], f"{type(e).__name__}: {e}")
 

@@ -25,7 +25,6 @@ from decisionlog import (
     default_database_url,
     default_dead_letter_path,
 )
-from decisionlog.blocks import BlockMerger
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
@@ -134,16 +133,13 @@ def create_app(
     app.extensions["moderation"] = holder
     dead_letters = DeadLetters(settings.dead_letter_path or default_dead_letter_path(store.url))
     recorder = (
-        Recorder(store, dead_letters, timeout=settings.record_timeout_s)
+        Recorder(store, dead_letters, timeout=settings.record_timeout_s,
+                 merge_every=settings.block_merge_interval_s)
         if settings.record_decisions else None
     )
     app.extensions["decisions"] = (store, recorder)
     if recorder is not None:
         atexit.register(recorder.close)  # a worker that stops writes what it has queued
-        # small frame blocks written per commit, merged for scans off the request path
-        merger = BlockMerger(store.engine, interval=settings.block_merge_interval_s)
-        atexit.register(merger.close)
-        app.extensions["block_merger"] = merger
     app.extensions["reviews"] = review_queue = ReviewQueue(store)
     if settings.webhook_url and settings.webhook_secret:
         sender = WebhookSender(

@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     record_timeout_s: float = Field(default=10, gt=0)
     block_merge_interval_s: float = Field(
         default=5, gt=0, le=3600,
-        description="how often each worker merges the small frame blocks written with "
-                    "decisions into blocks for scans (decisionlog.blocks)")
+        description="how often each worker's recorder, when idle, merges the small frame "
+                    "blocks written with decisions into blocks for scans (decisionlog.blocks)")
     retention_days: float = Field(default=90, ge=0)
     # --- set by `moderation serve` for its workers
     state_dir: Path | None = None
