@@ -18,7 +18,7 @@ import numpy as np
 from .decision import Decision, ThresholdTable, assemble, category_severities, decide
 from .policy import Policy
 from .prompts import PolicyEmbeddings
-from .scoring import ScoreColumns, float16_dot, score_images
+from .scoring import ScoreColumns, score_images
 
 __all__ = ["Assessment", "Scorer", "SharedProduct"]
 
@@ -156,6 +156,7 @@ class SharedProduct:
     def __init__(self, scorers: Sequence[Scorer]) -> None:
         self.scorers = list(scorers)
         self.columns = ScoreColumns([s.text for s in self.scorers])
+        self._widened: np.ndarray | None = None
 
     def scores(self, halves: np.ndarray, frame_counts: np.ndarray) -> list[np.ndarray]:
         """``halves``: ndarray of shape (n_frames, dim), float16 vectors as their uint16 bit
@@ -166,5 +167,13 @@ class SharedProduct:
         counts = np.asarray(frame_counts)
         if len(counts) == 0:
             return [np.zeros((0, len(s.text.category_ids)), np.float32) for s in self.scorers]
-        products = float16_dot(halves, self.columns.matrix)
+        n = len(halves)
+        if self._widened is None or len(self._widened) < n or (
+                self._widened.shape[1] != halves.shape[1]):
+            self._widened = np.empty((n, halves.shape[1]), np.float32)
+        # into memory this product reuses: a new array per block costs as much again in
+        # page faults as the conversion (float16_dot pays off for a few columns, not dozens)
+        widened = self._widened[:n]
+        np.copyto(widened, halves.view(np.float16))
+        products = widened @ self.columns.matrix.T
         return [_max_over_frames(score, counts) for score in self.columns.scores(products)]
