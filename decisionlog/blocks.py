@@ -332,9 +332,10 @@ def purge(conn: Connection, older_than: float) -> None:
 
 def merge_due(engine: Engine, *, at: int = MERGE_AT) -> int:
     """The background merge: for each model with ``at`` small blocks or more, merge until it
-    has fewer, one transaction of at most :data:`MERGE_DECISIONS` decisions at a time;
-    nothing when another process is merging (it skips its turn). Returns how many decisions
-    moved."""
+    has fewer, one transaction of at most :data:`MERGE_DECISIONS` decisions at a time. On
+    PostgreSQL, nothing when another process is merging (it skips its turn); on SQLite it
+    waits for the write lock, as any write does, for one such transaction at most. Returns
+    how many decisions moved."""
     moved = 0
     for model, n in small_blocks(engine).items():
         while n >= at:
