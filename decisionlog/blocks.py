@@ -68,6 +68,40 @@ MERGE_AT = 32
 _MERGE_LOCK = 0x626C6B73  # "blks"
 
 
+class _Meta:
+    """A stored block's ``meta`` JSON, decoded on first use: a search reads the ids of the
+    few blocks that hold a candidate only."""
+
+    __slots__ = ("_decoded", "_text")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._decoded: dict[str, list[Any]] | None = None
+
+    def get(self, key: str) -> list[Any]:
+        if self._decoded is None:
+            self._decoded = json.loads(self._text)
+        return self._decoded[key]
+
+
+class _Column(Sequence[Any]):
+    """One list of a block's :class:`_Meta`, as a sequence of known length."""
+
+    __slots__ = ("_key", "_meta", "_n")
+
+    def __init__(self, meta: _Meta, key: str, n: int) -> None:
+        self._meta, self._key, self._n = meta, key, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._meta.get(self._key)[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._meta.get(self._key))
+
+
 @dataclass(frozen=True)
 class Block:
     """Stored decisions of one model with their frames' vectors, in the order they are kept.
@@ -81,17 +115,17 @@ class Block:
     ``vectors``: the same as float32.
     """
 
-    ids: list[str]
+    ids: Sequence[str]
     created_at: np.ndarray
-    client_ids: list[str | None]
-    profiles: list[str]
-    actions: list[str]
+    client_ids: Sequence[str | None]
+    profiles: Sequence[str]
+    actions: Sequence[str]
     frame_counts: np.ndarray
     frames: np.ndarray
     halves: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.created_at)
 
     @property
     def dim(self) -> int:
@@ -182,8 +216,9 @@ class Block:
             "model": model, "dim": self.dim,
             "first_at": float(self.created_at.min()), "last_at": float(self.created_at.max()),
             "decisions": len(self), "frames": len(self.frames),
-            "meta": json.dumps({"ids": self.ids, "client_ids": self.client_ids,
-                                "profiles": self.profiles, "actions": self.actions}),
+            "meta": json.dumps({"ids": list(self.ids), "client_ids": list(self.client_ids),
+                                "profiles": list(self.profiles),
+                                "actions": list(self.actions)}),
             "created_at": self.created_at.astype("<f8").tobytes(),
             "frame_counts": self.frame_counts.astype("<i4").tobytes(),
             "frame_index": self.frames.astype("<i4").tobytes(),
@@ -192,13 +227,13 @@ class Block:
 
     @classmethod
     def of_row(cls, row: Any) -> Block:
-        meta = json.loads(row.meta)
+        meta, n = _Meta(row.meta), int(row.decisions)
         return cls(
-            ids=meta["ids"],
+            ids=_Column(meta, "ids", n),
             created_at=np.frombuffer(bytes(row.created_at), "<f8").astype(np.float64),
-            client_ids=meta["client_ids"],
-            profiles=meta["profiles"],
-            actions=meta["actions"],
+            client_ids=_Column(meta, "client_ids", n),
+            profiles=_Column(meta, "profiles", n),
+            actions=_Column(meta, "actions", n),
             frame_counts=np.frombuffer(bytes(row.frame_counts), "<i4").astype(np.int64),
             frames=np.frombuffer(bytes(row.frame_index), "<i4").astype(np.int64),
             halves=np.frombuffer(bytes(row.vectors), "<u2").reshape(int(row.frames),
@@ -217,35 +252,74 @@ def insert(conn: Connection, blocks: dict[str, Block]) -> None:
 
 
 def scan(engine: Engine, *, model: str, since: float | None = None,
-         until: float | None = None, chunk: int = BLOCK) -> Iterator[Block]:
+         until: float | None = None, chunk: int = BLOCK,
+         shard: tuple[int, int] | None = None) -> Iterator[Block]:
     """The stored decisions of ``model`` made in ``[since, until)``, a block at a time (at
     most ``chunk`` decisions: a larger block is cut), roughly oldest first (blocks are
     clustered by time, not ordered across), only the window's decisions of each. One
-    statement, read as it runs (a server-side cursor on PostgreSQL)."""
+    statement, read as it runs (a server-side cursor on PostgreSQL). ``shard=(i, n)``: only
+    the blocks whose id is ``i`` modulo ``n``, for ``n`` readers in parallel."""
     b = frame_blocks.c
     where = [b.model == model]
+    if shard is not None:
+        where.append(b.id % shard[1] == shard[0])
     if since is not None:
         where.append(b.last_at >= since)
     if until is not None:
         where.append(b.first_at < until)
-    statement = (sa.select(frame_blocks).where(*where).order_by(b.first_at, b.id))
+    statement = sa.select(frame_blocks).where(*where).order_by(b.first_at, b.id)
+    for row in _raw_rows(engine, statement):
+        block = Block.of_row(row)
+        if (since is not None and row.first_at < since) or (
+                until is not None and row.last_at >= until):
+            t = block.created_at
+            inside = np.ones(len(t), bool)
+            if since is not None:
+                inside &= t >= since
+            if until is not None:
+                inside &= t < until
+            block = block.take(np.flatnonzero(inside))
+        if len(block) > chunk:
+            yield from block.split(chunk)
+        elif len(block):
+            yield block
+
+
+class _Row:
+    """A driver's row tuple, by column name."""
+
+    __slots__ = ("_row",)
+    _index = {c.name: i for i, c in enumerate(frame_blocks.c)}
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        self._row = row
+
+    def __getattr__(self, name: str) -> Any:
+        return self._row[self._index[name]]
+
+
+def _raw_rows(engine: Engine, statement: Any) -> Iterator[_Row]:
+    """The statement's rows as the driver gives them, read as they come (a server-side
+    cursor on PostgreSQL): SQLAlchemy's result processing cost as much again as reading a
+    window's blocks, and held the interpreter lock while the scorer waited for it."""
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=4).execute(statement)
-        for row in result:
-            block = Block.of_row(row)
-            if (since is not None and row.first_at < since) or (
-                    until is not None and row.last_at >= until):
-                t = block.created_at
-                inside = np.ones(len(t), bool)
-                if since is not None:
-                    inside &= t >= since
-                if until is not None:
-                    inside &= t < until
-                block = block.take(np.flatnonzero(inside))
-            if len(block) > chunk:
-                yield from block.split(chunk)
-            elif len(block):
-                yield block
+        compiled = statement.compile(dialect=conn.dialect,
+                                     compile_kwargs={"render_postcompile": True})
+        params = compiled.construct_params()
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cursor = (raw.cursor(name="frame_blocks_scan")
+                  if conn.dialect.name == "postgresql" else raw.cursor())
+        try:
+            if compiled.positiontup is not None:  # SQLite: ? placeholders
+                cursor.execute(str(compiled), [params[k] for k in compiled.positiontup])
+            else:
+                cursor.execute(str(compiled), params)
+            while rows := cursor.fetchmany(4):
+                for row in rows:
+                    yield _Row(row)
+        finally:
+            cursor.close()
 
 
 # --- merging ---------------------------------------------------------------------------------

@@ -129,6 +129,12 @@ class _Best:
         if len(self.found) > 4 * self.k:
             self.found = dict(self._ranked()[: self.k])
 
+    def floor(self) -> float:
+        """What a decision must beat to enter the best ``k`` (-inf: fewer found yet)."""
+        if len(self.found) < self.k:
+            return -np.inf
+        return self._ranked()[self.k - 1][1][0]
+
     def add_all(self, ids: Sequence[str] | np.ndarray, frames: Sequence[int] | np.ndarray,
                 similarity: np.ndarray) -> None:
         for decision_id, frame, s in zip(ids, frames, similarity.tolist(), strict=True):
@@ -148,34 +154,68 @@ class _Best:
 
 # --- exact search ------------------------------------------------------------------------
 
+
+class _OfFrames(Sequence[str]):
+    """Each frame's decision id, looked up when asked for (most never are)."""
+
+    def __init__(self, ids: Sequence[str], owner: np.ndarray) -> None:
+        self.ids, self.owner = ids, owner
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.ids[int(self.owner[i])]
+
 class ExactIndex:
     """Every stored frame of the window compared with the queries (see the module)."""
 
     name = "exact"
 
-    def __init__(self, store: DecisionStore, chunk: int = 8192) -> None:
+    def __init__(self, store: DecisionStore, chunk: int = 8192,
+                 readers: int | None = None) -> None:
+        import os
+
         self.store = store
         self.chunk = chunk
+        #: blocks read and compared in parallel, one connection each
+        self.readers = readers or max(1, min(4, os.cpu_count() or 1))
 
     def nearest(self, queries: np.ndarray, *, model: str, filters: SearchFilters,
                 k: int) -> list[Neighbour]:
-        from .lab import read_ahead
+        from concurrent.futures import ThreadPoolExecutor
 
         allowed = self._allowed(model, filters)
         excluded = set(filters.exclude)
-        best = _Best(k)
-        for block in read_ahead(self.store.scan_frames(
-                model=model, since=filters.since, until=filters.until, chunk=self.chunk)):
-            if allowed is not None or excluded:
-                keep = [n for n, i in enumerate(block.ids)
-                        if i not in excluded and (allowed is None or i in allowed)]
-                if not keep:
-                    continue
-                block = block.take(np.asarray(keep))
-            similarity = float16_dot(block.halves, queries).max(axis=1)
-            owner = np.repeat(np.arange(len(block)), block.frame_counts)
-            best.add(np.asarray(block.ids, object)[owner], block.frames, similarity)
-        return best.result()
+
+        def part(shard: tuple[int, int]) -> _Best:
+            """The best of one reader's share of the blocks (numpy and the database
+            drivers release the interpreter lock: readers run on every core)."""
+            best = _Best(k)
+            for block in self.store.scan_frames(model=model, since=filters.since,
+                                                until=filters.until, chunk=self.chunk,
+                                                shard=shard):
+                if allowed is not None or excluded:
+                    keep = [n for n, i in enumerate(block.ids)
+                            if i not in excluded and (allowed is None or i in allowed)]
+                    if not keep:
+                        continue
+                    block = block.take(np.asarray(keep))
+                similarity = float16_dot(block.halves, queries).max(axis=1)
+                if similarity.max() < best.floor():
+                    continue  # nothing here beats the k found: its ids are never decoded
+                owner = np.repeat(np.arange(len(block)), block.frame_counts)
+                best.add(_OfFrames(block.ids, owner), block.frames, similarity)
+            return best
+
+        readers = self.readers
+        with ThreadPoolExecutor(readers, thread_name_prefix="exact-search") as pool:
+            parts = list(pool.map(part, [(i, readers) for i in range(readers)]))
+        merged = _Best(k)
+        for found in parts:
+            for decision_id, (similarity, frame) in found.found.items():
+                merged._offer(decision_id, similarity, frame)
+        return merged.result()
 
     def _allowed(self, model: str, filters: SearchFilters) -> set[str] | None:
         """The decisions the filters other than time let through (``None``: all): the same

@@ -345,11 +345,13 @@ class DecisionStore:
         return [(str(m), bool(e), int(n)) for m, e, n in rows]
 
     def scan_frames(self, *, model: str, since: float | None = None,
-                    until: float | None = None, chunk: int = blocks.BLOCK) -> Iterator[Block]:
+                    until: float | None = None, chunk: int = blocks.BLOCK,
+                    shard: tuple[int, int] | None = None) -> Iterator[Block]:
         """The decisions of ``model`` in the window that have stored frames (errors have
         none), a block of at most ``chunk`` at a time, with every frame's vector: memory
         stays flat in the window's size (:func:`decisionlog.blocks.scan`)."""
-        return blocks.scan(self.engine, model=model, since=since, until=until, chunk=chunk)
+        return blocks.scan(self.engine, model=model, since=since, until=until, chunk=chunk,
+                           shard=shard)
 
     def compact(self, model: str | None = None) -> int:
         """Merge the small frame blocks (:func:`decisionlog.blocks.compact`); returns how
