@@ -25,12 +25,13 @@ from decisionlog import (
     default_database_url,
     default_dead_letter_path,
 )
+from decisionlog.jobs import JobLog
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 from moderation.backends import EncoderSpec
 
-from . import decisions, moderate, ops, pages, policy, reviews, search, security
+from . import decisions, jobs, moderate, ops, pages, policy, reviews, search, security
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .settings import Settings, load_settings
@@ -149,6 +150,12 @@ def create_app(
         )
         sender.start()
         app.extensions["webhook"] = sender
+    # long work (a large dry-run) off the request threads, by the process's job thread
+    # (which, at exit, gives a job in progress back to the queue)
+    runner = jobs.JobRunner(JobLog(store), {policy.DRY_RUN: policy.dry_run_handler(
+        holder, store, settings.policy_limits)})
+    runner.start()
+    app.extensions["jobs"] = runner
 
     @app.before_request
     def start_clock() -> None:
@@ -167,7 +174,7 @@ def create_app(
 
     register_error_handlers(app)
     security.init_app(app)
-    for blueprint in (moderate.bp, policy.bp, decisions.bp, search.bp, reviews.bp, pages.bp,
-                      ops.bp):
+    for blueprint in (moderate.bp, policy.bp, jobs.bp, decisions.bp, search.bp, reviews.bp,
+                      pages.bp, ops.bp):
         app.register_blueprint(blueprint)
     return app

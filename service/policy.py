@@ -5,26 +5,36 @@ reader), and the policy lab: ``POST /v1/policy/dry-run`` (admin), ``GET /v1/poli
 effect; ``/dashboard/lab``: try an edit). A dry-run decides the decision log's stored
 embeddings with this server's encoder; nothing is activated or recorded: prompts the
 text-embedding cache lacks are encoded (at most ``PolicyLimits.max_new_prompts`` per dry-run)
-into the dry-run's memory, never into the cache the replicas share."""
+into the dry-run's memory, never into the cache the replicas share. A dry-run of a large
+window (``MODERATION_DRY_RUN_INLINE_MAX_DECISIONS``), or one asked for with ``async=true``,
+runs as a job (:mod:`service.jobs`): checked first, then answered 202 (the lab page: its
+job's page, ``/dashboard/lab/jobs/<job_id>``)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, redirect, render_template, request, url_for
 
 from decisionlog import DecisionStore
-from decisionlog.lab import DryRun, dry_run_policy
+from decisionlog.jobs import Job
+from decisionlog.lab import DryRun, dry_run_policy, refuse_other_models, window_of
 from decisionlog.lab import stored_policy as read_stored_policy
-from moderation import ModerationError, NotFound
+from moderation import ModelMismatchError, ModerationError, NotFound, PolicyError
 from moderation.diff import diff_policies
-from moderation.policy import Policy, PolicyLimits
+from moderation.errors import PolicyLimitError
+from moderation.policy import Policy, PolicyLimits, excerpt, parse_policy
+from moderation.prompts import missing_prompts
 
 from . import pages
 from .auth import admin_page_required, reader_page_required
 from .contract import Access, Answer, Body, operation, parse_body
+from .jobs import Handler, job_or_404, runner
 from .pages import page
 from .parsing import DryRunRequest, RequestError, load_json, time_field
 from .resources import holder, settings, store
@@ -42,9 +52,11 @@ from .schemas import (
     ReloadResponse,
     VersionPath,
 )
+from .schemas import Job as JobSchema
 from .state import PolicyHolder, read_policy_text
 
-__all__ = ["bp", "history_entries", "run_dry_run", "stored_policy"]
+__all__ = ["DRY_RUN", "bp", "check_dry_run", "dry_run_handler", "history_entries",
+           "run_dry_run", "stored_policy"]
 
 bp = Blueprint("policy", __name__)
 
@@ -169,17 +181,26 @@ def version_file(version: str) -> Any:
            description="Re-decides the stored decisions of the window (their stored frame "
            "embeddings) under the active policy (or `against` a stored version) and under the "
            "proposed one; nothing is activated or recorded. The policy is the YAML body "
-           "(options in the query string), or JSON (options in either; the body's win).",
+           "(options in the query string), or JSON (options in either; the body's win). "
+           "With `async=true` (query string), or when the window holds more than "
+           "MODERATION_DRY_RUN_INLINE_MAX_DECISIONS decisions, it runs as a job: the policy, "
+           "`against` and the model are checked first (the same 4xx as inline), then the "
+           "answer is 202 with the job, and a Location header to poll (GET "
+           "/v1/jobs/{job_id}).",
            query=DryRunQuery,
            body=Body({"application/yaml": POLICY_TEXT, "text/plain": POLICY_TEXT,
                       "application/json": DryRunJSON}),
            answers=(Answer(200, "Counts before and after, the changed decisions and the "
-                                "policies' diff", {"application/json": DryRun}),),
+                                "policies' diff", {"application/json": DryRun}),
+                    Answer(202, "Started as a job (queued): poll GET /v1/jobs/{job_id} (the "
+                                "Location header) for its progress and result",
+                           {"application/json": JobSchema})),
            errors=(404, 422))
 def dry_run(query: DryRunQuery) -> Any:
     """What a proposed policy would decide for the stored decisions of a window, next to the
     active policy (or ``against`` a stored version). Nothing is activated or recorded."""
     options: dict[str, Any] = query.model_dump(exclude_unset=True)
+    asynchronous = bool(options.pop("async_", False))
     body = request.get_data(cache=False)
     if request.mimetype == "application/json":
         given = parse_body(DryRunJSON, load_json(body))
@@ -204,8 +225,14 @@ def dry_run(query: DryRunQuery) -> Any:
             options[name] = repr(options[name])
     if options.get("limit") is None:
         options.pop("limit", None)
-    report = run_dry_run(holder(), store(), DryRunRequest(policy=text, **options),
-                         limits=settings().policy_limits)
+    proposal = DryRunRequest(policy=text, **options)
+    job = start_dry_run(proposal, always=asynchronous)
+    if job is not None:
+        answer = jsonify(job.model_dump(mode="json"))
+        answer.status_code = 202
+        answer.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+        return answer
+    report = run_dry_run(holder(), store(), proposal, limits=settings().policy_limits)
     return jsonify(report.model_dump(mode="json"))
 
 
@@ -249,19 +276,124 @@ def stored_policy(holder: PolicyHolder, version: str) -> Policy:
 
 
 def run_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunRequest, *,
-                limits: PolicyLimits | None = None) -> DryRun:
+                limits: PolicyLimits | None = None,
+                progress: Callable[[int, int], None] | None = None) -> DryRun:
     """The dry-run of ``request`` with this server's encoder against the active policy (or
     the stored version ``request.against``): :func:`decisionlog.lab.dry_run_policy`, whose
     domain errors are the answers (422 ``invalid_policy``, ``policy_too_large``,
     ``model_mismatch``; 404 for an unknown ``against``). A checkpoint path in the proposed
     policy must stay inside the folder of the server's policy file; no message shows a path
-    as the server resolved it."""
+    as the server resolved it. ``progress(read, total)``: called as the stored decisions are
+    read."""
     return dry_run_policy(
         store, holder.current(), request.policy, against=request.against,
         policies=holder.policies, since=time_field("since", request.since),
         until=time_field("until", request.until), limit=request.limit,
-        limits=limits or PolicyLimits(), base_dir=_base_dir(holder),
+        limits=limits or PolicyLimits(), base_dir=_base_dir(holder), progress=progress,
     )
+
+
+# --- the dry-run as a job ---------------------------------------------------------------
+
+#: The kind of a dry-run's job.
+DRY_RUN = "dry-run"
+
+
+def check_dry_run(holder: PolicyHolder, store: DecisionStore, request: DryRunRequest, *,
+                  limits: PolicyLimits) -> None:
+    """Raise what the dry-run of ``request`` would refuse, with the same errors, checked
+    without running it (no prompt is encoded, no embedding read): the proposed policy
+    (valid, under ``limits``, its checkpoint in the policy folder), ``against`` (kept, and
+    valid), both policies' model and calibration, the prompts to encode, and a window with
+    decisions of this model. What a job is started for then runs, barring the unforeseen.
+
+    (The steps of :func:`decisionlog.lab.dry_run_policy` before its scan, minus encoding.)"""
+    current = holder.current()
+    base_dir, model = _base_dir(holder), current.encoder.identity
+    try:
+        proposed = parse_policy(request.policy, source="proposed policy", base_dir=base_dir,
+                                limits=limits, confine=True)
+    except PolicyLimitError as e:
+        raise PolicyLimitError("the proposed policy asks for more than this server allows",
+                               faults=e.faults) from e
+    except PolicyError as e:
+        raise PolicyError("the proposed policy is not valid", faults=e.faults) from e
+    before, before_source = current.policy, "active policy"
+    if request.against:
+        before = stored_policy(holder, request.against)
+        before_source = f"stored version {excerpt(request.against)}"
+    refuse_other_models(current.policy, [("the proposed policy", proposed),
+                                         (before_source, before)],
+                        encoder=model, base_dir=base_dir)
+    for policy in (proposed, before):
+        other = {where: m for where, m in policy.calibrated_models().items()
+                 if m not in current.encoder.accepts}
+        if other:
+            raise ModelMismatchError(
+                f"policy {policy.name!r} has thresholds calibrated with another model than "
+                f"{model!r}: " + ", ".join(f"{where} (calibrated with {m!r})"
+                                                 for where, m in other.items())
+                + ". A threshold on a similarity only holds for the model it was fitted on: "
+                "use that model, or calibrate again with this one.")
+    new = set(missing_prompts(proposed, model, current.cache))
+    if before is not current.policy:
+        new |= set(missing_prompts(before, model, current.cache))
+    if len(new) > limits.max_new_prompts:
+        raise PolicyLimitError(
+            f"the two policies have {len(new):,} prompts (terms and exceptions × templates) "
+            f"that were never encoded with {model}; the limit is {limits.max_new_prompts:,} "
+            f"({PolicyLimits.setting('max_new_prompts')}): propose fewer new terms or "
+            "templates at once, or activate the policy to encode them all")
+    window_of(store, model, time_field("since", request.since),
+              time_field("until", request.until))  # a window of another model's decisions
+
+
+def _unix(t: float | None) -> str | None:
+    """A time fixed as unix seconds, as the contract's pattern reads them (no decision was
+    made before 1970: an earlier time is the same window as 0)."""
+    return None if t is None else f"{max(t, 0.0):.6f}"
+
+
+def start_dry_run(request: DryRunRequest, *, always: bool) -> Job | None:
+    """The dry-run of ``request`` started as a job (checked first: a proposal it would refuse
+    is refused now), when ``always`` or when its window holds more than
+    ``MODERATION_DRY_RUN_INLINE_MAX_DECISIONS`` decisions of this server's model; ``None``:
+    run it here. The job's window is fixed now (an age such as ``7d`` counts from now)."""
+    since, until = time_field("since", request.since), time_field("until", request.until)
+    if not always:
+        model = holder().current().encoder.identity
+        n = sum(k for m, error, k in store().window_counts(since, until)
+                if m == model and not error)
+        if n <= settings().dry_run_inline_max_decisions:
+            return None
+    check_dry_run(holder(), store(), request, limits=settings().policy_limits)
+    fixed = DryRunRequest(policy=request.policy, since=_unix(since), until=_unix(until),
+                          against=request.against, limit=request.limit)
+    jobs = runner()
+    job_id = jobs.jobs.submit(DRY_RUN, asdict(fixed), created_by="admin")
+    jobs.wake()
+    job = jobs.jobs.get(job_id)
+    if job is None:  # deleted at once: only by hand
+        raise NotFound(f"job {job_id} was deleted as it was submitted")
+    return job
+
+
+def dry_run_request(stored: dict[str, Any]) -> DryRunRequest:
+    """A dry-run job's request, as :func:`start_dry_run` stored it."""
+    return DryRunRequest(**{f.name: stored[f.name] for f in fields(DryRunRequest)
+                            if f.name in stored})
+
+
+def dry_run_handler(holder: PolicyHolder, store: DecisionStore, limits: PolicyLimits
+                    ) -> Handler:
+    """What a worker's :class:`~service.jobs.JobRunner` runs for a dry-run's job."""
+
+    def run(stored: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
+        report = run_dry_run(holder, store, dry_run_request(stored), limits=limits,
+                             progress=progress)
+        return report.model_dump(mode="json")
+
+    return run
 
 
 # --- the pages --------------------------------------------------------------------------
@@ -292,15 +424,50 @@ def lab() -> Any:
     except ValueError:
         limit = 20
     shown: dict[str, Any] = {"text": text, "since": since, "until": until, "limit": limit}
+    proposal = DryRunRequest(policy=text, since=since or None, until=until or None,
+                             limit=limit)
     try:
-        report = run_dry_run(holder(), store(), DryRunRequest(
-            policy=text, since=since or None, until=until or None, limit=limit),
-            limits=settings().policy_limits)
+        job = start_dry_run(proposal, always=False)  # a large window: a job, and its page
+        if job is not None:
+            return redirect(url_for("dashboard.lab_job", job_id=job.id), 303)
+        report = run_dry_run(holder(), store(), proposal, limits=settings().policy_limits)
     except ModerationError as e:  # shown on the page, with a policy's faults
-        error = {"code": e.code, "message": e.message,
-                 "faults": e.details().get("faults", [])}
-        return page(render_lab(holder(), error=error, **shown), e.status)
+        return page(render_lab(holder(), error=_shown_error(e.code, e.message, e.details()),
+                               **shown), e.status)
     return page(render_lab(holder(), report=report, **shown))
+
+
+def _shown_error(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    return {"code": code, "message": message, "faults": details.get("faults", [])}
+
+
+def _form_time(value: str | None) -> str:
+    """A job's fixed time (unix seconds) as the lab's form shows it: ISO 8601, UTC."""
+    if value is None:
+        return ""
+    moment = dt.datetime.fromtimestamp(float(value), dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pages.bp.get("/dashboard/lab/jobs/<job_id>")
+@admin_page_required
+def lab_job(job_id: str) -> Any:
+    """A dry-run that runs as a job: its progress (the page refreshes itself every 2 s, no
+    script), then the lab's result under its form, or its error."""
+    job = job_or_404(job_id)
+    stored = runner().jobs.request(job_id)
+    if job.kind != DRY_RUN or stored is None:
+        raise NotFound(f"no dry-run job {job_id!r}")
+    proposal = dry_run_request(stored)
+    shown: dict[str, Any] = {"text": proposal.policy, "since": _form_time(proposal.since),
+                             "until": _form_time(proposal.until), "limit": proposal.limit}
+    if job.state == "done" and job.result is not None:
+        report = DryRun.model_validate(job.result)
+        return page(render_lab(holder(), report=report, job=job, **shown))
+    error = None
+    if job.state == "failed" and job.error is not None:
+        error = _shown_error(job.error.code, job.error.message, job.error.details)
+    return page(render_lab(holder(), error=error, job=job, **shown))
 
 
 # --- policy history: what each activation changed, and what that did ----------------------
@@ -374,11 +541,14 @@ def _span(hours: float) -> str:
 
 
 def render_lab(holder: PolicyHolder, *, text: str, since: str, until: str, limit: int,
-               report: DryRun | None = None, error: dict[str, Any] | None = None) -> str:
+               report: DryRun | None = None, error: dict[str, Any] | None = None,
+               job: Job | None = None) -> str:
+    """The lab page: the form, and a dry-run's result or error; for a dry-run's ``job``,
+    its progress until it has one."""
     active = holder.current()
     return render_template(
         "lab.html", policy=active.policy, model=active.encoder.identity, text=text, since=since,
-        until=until, limit=limit, report=report, error=error, when=pages.when,
+        until=until, limit=limit, report=report, error=error, job=job, when=pages.when,
     )
 
 

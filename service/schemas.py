@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from decisionlog.jobs import Job as StoredJob
 from decisionlog.lab import DryRun, PolicyChange
 from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
 from decisionlog.reviews import ReviewItem, Verdict
@@ -37,6 +38,8 @@ __all__ = [
     "Error",
     "ImageDecision",
     "ImageFailure",
+    "Job",
+    "JobPath",
     "ModerateJSON",
     "ModerateResponse",
     "PolicyChange",
@@ -448,6 +451,24 @@ class DryRunQuery(Query):
     against: Text | None = Field(None, description="a stored policy version (default: the "
                                                    "active policy)")
     limit: int | None = Field(None, ge=0, le=500, description="changed decisions to show (20)")
+    async_: Flag = Field(False, alias="async",
+                         description="run it as a job: answer 202 at once (as a window of "
+                                     "more than MODERATION_DRY_RUN_INLINE_MAX_DECISIONS "
+                                     "decisions always does)")
+
+
+class Job(StoredJob):
+    """Long work off the request thread (a large dry-run): its state, its progress, and its
+    result once done or its error once failed."""
+
+    # the stored JSON, described for the document (and a generated client): today's only
+    # kind of job is a dry-run
+    result: DryRun | None = Field(  # type: ignore[assignment]
+        description="when done: a dry-run's report")
+
+
+class JobPath(BaseModel):
+    job_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="as a 202 answer gave it")
 
 
 class ItemPath(BaseModel):
@@ -484,6 +505,7 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (PolicyVersionText, "serialization"),
     (DryRunJSON, "validation"),
     (DryRun, "serialization"),
+    (Job, "serialization"),
     (PolicyDiff, "serialization"),
     (DecisionRecord, "serialization"),
     (DecisionPage, "serialization"),

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
         description="how often each worker's recorder, when idle, merges the small frame "
                     "blocks written with decisions into blocks for scans (decisionlog.blocks)")
     retention_days: float = Field(default=90, ge=0)
+    dry_run_inline_max_decisions: int = Field(
+        default=250_000, ge=0,
+        description="a dry-run of a window with more decisions (of the server's model) runs "
+                    "as a job: the API answers 202, the lab page shows its progress")
     # --- set by `moderation serve` for its workers
     state_dir: Path | None = None
 
