@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,19 +217,30 @@ def test_concurrent_claims_never_hand_out_an_item_twice(store: DecisionStore) ->
 
 
 CLAIMER = """
-import json, sys, threading
+import json, pathlib, sys, threading, time
 from decisionlog import DecisionStore
 from decisionlog.reviews import ReviewQueue
 from tests.decisionlog.test_reviews import ACTIONS, _claim_until_empty
 queue = ReviewQueue(DecisionStore(sys.argv[1]))
+folder = pathlib.Path(sys.argv[3])
+(folder / sys.argv[2]).touch()  # ready: imported and connected
+while not (folder / "go").exists():  # both start claiming together
+    time.sleep(0.01)
 print(json.dumps(_claim_until_empty(queue, [f"{sys.argv[2]}-{i}" for i in range(4)])))
 """
 
 
-def test_two_processes_claiming_at_once_take_every_item_once(store: DecisionStore) -> None:
+def test_two_processes_claiming_at_once_take_every_item_once(store: DecisionStore,
+                                                            tmp_path: Path) -> None:
     ids = put(store, [RIFLE[None]] * 80, action="review", triggered=["weapons"])
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, store.url, name],
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, store.url, name, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True) for name in ("p1", "p2")]
+    # a process that starts faster must not claim every item before the other has started
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / n).exists() for n in ("p1", "p2")):
+        assert time.monotonic() < deadline, "the claiming processes did not start"
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     taken = [json.loads(o) for o in outputs]
