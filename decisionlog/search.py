@@ -172,14 +172,12 @@ class ExactIndex:
 
     name = "exact"
 
-    def __init__(self, store: DecisionStore, chunk: int = 8192,
-                 readers: int | None = None) -> None:
-        import os
-
+    def __init__(self, store: DecisionStore, chunk: int = 8192, readers: int = 1) -> None:
         self.store = store
         self.chunk = chunk
-        #: blocks read and compared in parallel, one connection each
-        self.readers = readers or max(1, min(4, os.cpu_count() or 1))
+        #: blocks read and compared in parallel, one connection each (2 did not beat 1 on a
+        #: busy 2-core machine, where a service's search shares the cores: BENCHMARKS.md)
+        self.readers = max(1, readers)
 
     def nearest(self, queries: np.ndarray, *, model: str, filters: SearchFilters,
                 k: int) -> list[Neighbour]:
