@@ -5,25 +5,38 @@ exist: topics of ~1,000 uploads, scenes of ~20 in each; ``--flat``: topics only)
 same queries (another copy of a stored scene) through the library's search, top 10 with the
 hits' records, and prints one line per index (and per ``--ef-search`` value):
 
-    index=exact n=N data=… p50_ms=… p95_ms=…
-    index=pgvector n=N data=… build_s=… p50_ms=… p95_ms=… recall_at_10=… ef_search=…
+    index=exact n=N data=… p50_ms=… p95_ms=… load=…
+    index=exact-postgresql n=N data=… p50_ms=… p95_ms=… recall_at_10=… load=…
+    index=pgvector n=N data=… build_s=… p50_ms=… p95_ms=… recall_at_10=… ef_search=… load=…
 
-Exact search runs on SQLite (the embedded default); with ``--postgres`` the same log is filled
-on that server (a scratch database per size), the HNSW index is built (``build_s``) and
-searched, and recall@10 is measured against the exact answers of the SQLite log (the same
-decisions and vectors: the fill is deterministic).
+Exact search runs on SQLite (the embedded default; ``--repeat``: that many lines, each its own
+set of queries timed); with ``--postgres`` the same log is filled on that server (a scratch
+database per size), exact search runs there too (``--postgres-exact``: as many lines as on
+SQLite; it reads the same frame blocks), the HNSW index is built (``build_s``) and searched,
+and recall@10 is measured against the exact answers of the SQLite log (the same decisions and
+vectors: the fill is deterministic). ``load``: the machine's load averages (1/5/15 min) as the
+line is printed. Logs are filled with merged frame blocks (as the service's merger leaves
+them) and, on PostgreSQL, the frame rows by COPY (HNSW indexes those).
+
+``--py-spy DIR``: the first exact search line of each log is recorded by py-spy (raw stacks,
+every thread, idle samples: wall time), for ``bench/profile_split.py``.
 
     .venv/bin/python bench/search.py [--n 100000 1000000] [--postgres URL] [--keep DIR]
         [--queries 50] [--warm 50] [--ef-search 40 100 200] [--m 32] [--ef-construction 128]
-        [--flat] [--reuse]
+        [--flat] [--reuse] [--repeat 1] [--postgres-exact] [--py-spy DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import synthetic  # noqa: E402
-from bench.synthetic import DIM, postgres_database  # noqa: E402
+from bench.synthetic import DIM, load, postgres_database  # noqa: E402
 
 MODEL = "bench/clustered-unit-vectors"
 SEED = 11
@@ -95,6 +108,30 @@ def figures(millis: list[float]) -> str:
     return f"p50_ms={np.percentile(millis, 50):.1f} p95_ms={np.percentile(millis, 95):.1f}"
 
 
+def recall(found: list[list[str]], exact: list[list[str]]) -> float:
+    return float(np.mean([len(set(a) & set(e)) / max(len(e), 1)
+                          for a, e in zip(found, exact, strict=True)]))
+
+
+@contextlib.contextmanager
+def profiled(out: Path | None) -> Iterator[None]:
+    """py-spy records this process meanwhile (``out``: None, nothing)."""
+    if out is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), "record", "--idle", "--threads",
+         "--format", "raw", "--rate", "200", "-o", str(out), "--pid", str(os.getpid())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -112,6 +149,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="PostgreSQL: search the database (and index) a previous run with "
                              "the same --n, --m and --ef-construction left (build_s=nan)")
+    parser.add_argument("--repeat", type=int, default=1, help="exact search lines per log")
+    parser.add_argument("--postgres-exact", action="store_true",
+                        help="exact search on the PostgreSQL log too (--repeat lines)")
+    parser.add_argument("--py-spy", type=Path, help="profile the first exact search line of "
+                                                    "each log into this folder")
     args = parser.parse_args()
     from decisionlog import DecisionStore
     from decisionlog.search import ExactIndex, HnswIndex, ensure_hnsw_index
@@ -125,8 +167,12 @@ def main() -> None:
         qs = queries(n, args.queries, args.flat)
         warm = queries(n, args.warm, args.flat, batch=2)
         store = DecisionStore(url)
-        millis, exact = timed(store, ExactIndex(store), qs, warm[:1])
-        print(f"index=exact n={n} data={shape} {figures(millis)}", flush=True)
+        for i in range(args.repeat):
+            out = args.py_spy / f"search-sqlite-{n}.txt" if args.py_spy and i == 0 else None
+            with profiled(out):
+                millis, exact = timed(store, ExactIndex(store), qs, warm[:1])
+            print(f"index=exact n={n} data={shape} {figures(millis)} load={load()}"
+                  + (f" profile={out}" if out else ""), flush=True)
         if not args.postgres:
             continue
         name = f"bench_search_{shape}_{n}_m{args.m}_efc{args.ef_construction}"
@@ -144,13 +190,19 @@ def main() -> None:
             started = time.perf_counter()
             ensure_hnsw_index(pg.engine, DIM, m=args.m, ef_construction=args.ef_construction)
             build = time.perf_counter() - started
+        for i in range(args.repeat if args.postgres_exact else 0):
+            out = args.py_spy / f"search-postgresql-{n}.txt" if args.py_spy and i == 0 else None
+            with profiled(out):
+                millis, found = timed(pg, ExactIndex(pg), qs, warm[:1])
+            print(f"index=exact-postgresql n={n} data={shape} {figures(millis)} "
+                  f"recall_at_10={recall(found, exact):.3f} load={load()}"
+                  + (f" profile={out}" if out else ""), flush=True)
         for ef_search in args.ef_search:
             millis, approximate = timed(pg, HnswIndex(pg, ef_search=ef_search), qs, warm)
-            recall = np.mean([len(set(a) & set(e)) / max(len(e), 1)
-                              for a, e in zip(approximate, exact, strict=True)])
             print(f"index=pgvector n={n} data={shape} build_s={build:.0f} {figures(millis)} "
-                  f"recall_at_10={recall:.3f} ef_search={ef_search} m={args.m} "
-                  f"ef_construction={args.ef_construction}", flush=True)
+                  f"recall_at_10={recall(approximate, exact):.3f} ef_search={ef_search} "
+                  f"m={args.m} ef_construction={args.ef_construction} load={load()}",
+                  flush=True)
 
 
 if __name__ == "__main__":

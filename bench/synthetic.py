@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 
 DIM = 512
 VERSIONS = ["v-aaaaaaaa", "v-bbbbbbbb", "v-cccccccc"]
@@ -33,21 +34,34 @@ def fill(url: str, n: int, vectors: Vectors, *, model: str, seed: int = 0,
     """Add decisions to the log at ``url`` until it has ``n``. ``actions``: a mix of actions
     (one in twenty flag, review or block) instead of allow only. The frames go in as the
     service leaves them: a row per frame, and blocks of ``block`` decisions (default:
-    merged blocks, ``decisionlog.blocks.BLOCK``; a small number: as written per commit,
-    before merging)."""
+    merged blocks, ``decisionlog.blocks.BLOCK``, all full but the last; a small number: as
+    written per commit, before merging).
+
+    The decisions are made 10,000 at a time, whatever ``block``: logs of the same ``n`` and
+    ``seed`` hold the same decisions and vectors however their blocks are cut. Each
+    transaction writes whole blocks; the decisions past the last whole one wait for the next
+    transaction (the last writes them as a short block). A fill interrupted meanwhile is
+    completed where it stopped: the decisions stored without a block get theirs."""
     from decisionlog import DecisionStore
     from decisionlog.blocks import BLOCK, Block
     from decisionlog.tables import decision_frames, decisions, frame_blocks
 
+    size_of_block = block or BLOCK
     store = DecisionStore(url)
     have = store.count()
-    if have >= n:
+    with store.engine.connect() as conn:
+        blocked = int(conn.execute(sa.select(sa.func.coalesce(
+            sa.func.sum(frame_blocks.c.decisions), 0)).where(
+                frame_blocks.c.model == model)).scalar() or 0)
+    if have >= n and blocked >= have:
         return
     now = time.time()
     batch = 10_000
     started = time.perf_counter()
-    for start in range(have, n, batch):
-        size = min(batch, n - start)
+    pending: list[Block] = []  # made, stored as decisions, not yet in a block
+    first = min(have, blocked) // batch * batch
+    for start in range(first, max(n, have), batch):
+        size = min(batch, max(n, have) - start)
         rng = np.random.default_rng([seed, start])
         # decision i of n at i/n of the last 30 days
         times = now - 30 * 86400 * (1 - (start + np.sort(rng.uniform(0, size, size))) / n)
@@ -77,18 +91,35 @@ def fill(url: str, n: int, vectors: Vectors, *, model: str, seed: int = 0,
             frames=np.concatenate([np.arange(int(c)) for c in frames]),
             halves=made.view(np.uint16),
         )
+        # a resumed fill: the decisions already stored are not written again, those already
+        # in a block not blocked again (their blocks' times are this run's: off by the time
+        # between the runs, as the decisions written now are)
+        new_rows = max(have - start, 0)
+        if blocked > start:
+            whole = whole.take(np.arange(min(blocked - start, size), size))
+        pending.append(whole)
+        ready = Block.concat(pending)
+        last = start + size >= max(n, have)
+        cut = len(ready) if last else len(ready) // size_of_block * size_of_block
+        pending = [ready.take(np.arange(cut, len(ready)))] if cut < len(ready) else []
         with store.engine.begin() as conn:
-            conn.execute(decisions.insert(), rows)
-            if store.dialect == "postgresql":
-                _copy_frames(conn, frame_rows)
-            else:  # FrameVector writes the float16 bytes
-                conn.execute(decision_frames.insert(), [
-                    {"decision_id": d, "frame": f, "embedding": v} for d, f, v in frame_rows
-                ])
-            conn.execute(frame_blocks.insert(),
-                         [part.row(model) for part in whole.split(block or BLOCK)])
+            if new_rows < size:
+                written = {r["id"] for r in rows[new_rows:]}
+                conn.execute(decisions.insert(), rows[new_rows:])
+                frame_rows = [fr for fr in frame_rows if fr[0] in written]
+                if store.dialect == "postgresql":
+                    _copy_frames(conn, frame_rows)
+                else:  # FrameVector writes the float16 bytes
+                    conn.execute(decision_frames.insert(), [
+                        {"decision_id": d, "frame": f, "embedding": v}
+                        for d, f, v in frame_rows
+                    ])
+            if cut:
+                conn.execute(frame_blocks.insert(), [
+                    part.row(model)
+                    for part in ready.take(np.arange(cut)).split(size_of_block)])
         done = start + size
-        if done % 100_000 == 0 or done == n:
+        if done // 100_000 != start // 100_000 or last:
             print(f"  filled {done} decisions ({time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
 
@@ -107,14 +138,28 @@ def _copy_frames(conn: Any, frame_rows: list[tuple[str, int, np.ndarray]]) -> No
             copy.write_row((d, f, HalfVector(v)))
 
 
-def postgres_database(server: str, name: str) -> str:
-    """A new, empty database ``name`` on ``server`` (dropped first if it exists)."""
+def postgres_database(server: str, name: str, *, fresh: bool = True,
+                      template: str | None = None) -> str:
+    """Database ``name`` on ``server``: a new, empty one (dropped first if it exists), or
+    (``fresh`` false) the one a previous run left, created empty if there is none (a fill
+    then completes it). ``template``: a copy of that database instead of an empty one."""
     import psycopg
 
     with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                              (name,)).fetchone()
+        if fresh or not exists:
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            conn.execute(f"CREATE DATABASE {name}"
+                         + (f" TEMPLATE {template}" if template else ""))
     return server.rsplit("/", 1)[0] + f"/{name}"
+
+
+def load() -> str:
+    """The machine's load averages (1, 5, 15 min), as ``uptime`` shows them."""
+    from pathlib import Path
+
+    return "/".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def high_water_mb() -> float:

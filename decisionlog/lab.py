@@ -31,6 +31,7 @@ from moderation.errors import ModelMismatchError, NotFound, PolicyError, PolicyL
 from moderation.policy import Action, Policy, PolicyLimits, parse_policy
 from moderation.prompts import OverlayCache
 from moderation.scorer import Assessment, Scorer, SharedProduct
+from moderation.scoring import one_blas_thread
 
 from .blocks import BLOCK, Block
 from .policies import PolicyLog
@@ -353,24 +354,25 @@ def dry_run(
     profile_missing: dict[str, int] = {}
     if progress is not None:
         progress(0, mine)
-    for part in read_ahead(store.scan_frames(model=model, since=since, until=until,
-                                             chunk=chunk)):
-        scores = product.scores(part.halves, part.frame_counts)  # both sides, one product
-        read += len(part)
-        profiles = np.array(part.profiles)
-        for profile in np.unique(profiles):
-            profile = str(profile)
-            rows = np.flatnonzero(profiles == profile)
-            if not all(side.has(profile) for side in sides):
-                profile_missing[profile] = profile_missing.get(profile, 0) + len(rows)
-                continue
-            before_, after_ = (
-                side.spread(side.scorer.judge(score if len(rows) == len(profiles)
-                                              else score[rows], profile))
-                for side, score in zip(sides, scores, strict=True))
-            tally.add(part, rows, profile, before_, after_)
-        if progress is not None:
-            progress(read, max(mine, read))
+    with one_blas_thread():  # a product per block; the read-ahead thread shares the cores
+        for part in read_ahead(store.scan_frames(model=model, since=since, until=until,
+                                                 chunk=chunk)):
+            scores = product.scores(part.halves, part.frame_counts)  # both sides, one product
+            read += len(part)
+            profiles = np.array(part.profiles)
+            for profile in np.unique(profiles):
+                profile = str(profile)
+                rows = np.flatnonzero(profiles == profile)
+                if not all(side.has(profile) for side in sides):
+                    profile_missing[profile] = profile_missing.get(profile, 0) + len(rows)
+                    continue
+                before_, after_ = (
+                    side.spread(side.scorer.judge(score if len(rows) == len(profiles)
+                                                  else score[rows], profile))
+                    for side, score in zip(sides, scores, strict=True))
+                tally.add(part, rows, profile, before_, after_)
+            if progress is not None:
+                progress(read, max(mine, read))
     # decisions of the model without a stored frame (counted, never in a block); decisions
     # recorded while the window was read may make ``read`` the larger
     without_frames = max(mine - read, 0)

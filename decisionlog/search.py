@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
 from moderation import ModerationError, NotFound
-from moderation.scoring import float16_dot
+from moderation.scoring import float16_dot, one_blas_thread
 
 from .records import spreadsheet_safe
 from .store import DecisionFilters, DecisionStore
@@ -207,7 +207,8 @@ class ExactIndex:
             return best
 
         readers = self.readers
-        with ThreadPoolExecutor(readers, thread_name_prefix="exact-search") as pool:
+        with one_blas_thread(), ThreadPoolExecutor(
+                readers, thread_name_prefix="exact-search") as pool:
             parts = list(pool.map(part, [(i, readers) for i in range(readers)]))
         merged = _Best(k)
         for found in parts:

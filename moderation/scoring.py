@@ -16,13 +16,18 @@ cosine units, in [-1, 1], and a threshold is in the same units.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .prompts import PolicyEmbeddings
 
-__all__ = ["Scores", "ScoreColumns", "combine", "float16_dot", "score_images"]
+__all__ = ["Scores", "ScoreColumns", "combine", "float16_dot", "one_blas_thread",
+           "score_images"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +163,31 @@ def float16_dot(halves: np.ndarray, queries: np.ndarray, block: int = 512) -> np
         np.bitwise_or(w, s, out=w)
         np.matmul(w.view(np.float32), scaled, out=out[start : start + len(part)])
     return out
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limits: Any = None
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread meanwhile (threadpoolctl; the process's limit, restored
+    when the last of the overlapping users leaves). For scans of stored blocks: each block's
+    product is small, and a reading thread shares the cores; the BLAS's own threads spun
+    waiting for work and took a third of a dry-run's time (BENCHMARKS.md)."""
+    global _blas_users, _blas_limits
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limits = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None

@@ -69,3 +69,26 @@ def test_score_never_leaves_minus_one_to_one(text) -> None:  # type: ignore[no-u
 def test_wrong_embedding_width_is_refused(text) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=r"must have shape \(n_images, 3\); got \(2, 4\)"):
         score_images(np.zeros((2, 4), dtype=np.float32), text)
+
+
+def test_one_blas_thread_limits_while_any_user_is_inside_and_restores_after():
+    """Overlapping scans (two requests' searches) share the limit: the first to leave does not
+    lift it under the other, the last restores the BLAS's own setting."""
+    from threadpoolctl import threadpool_info
+
+    from moderation.scoring import one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy is linked to no BLAS threadpoolctl can see")
+    outer = one_blas_thread()
+    outer.__enter__()
+    assert set(blas_threads()) == {1}
+    with one_blas_thread():
+        assert set(blas_threads()) == {1}
+    assert set(blas_threads()) == {1}  # the outer user is still scanning
+    outer.__exit__(None, None, None)
+    assert blas_threads() == before
