@@ -96,6 +96,8 @@ class DecodedImage:
 
     ``frames`` are RGB images; ``frame_indices[i]`` is the index of ``frames[i]`` in the
     original file (always ``[0]`` for a still image). ``n_frames`` is the file's frame count.
+    ``frame_times[i]``: the time of ``frames[i]`` in seconds from the start, for a video
+    (``None`` for images and animations).
     """
 
     frames: list[Image.Image]
@@ -104,6 +106,7 @@ class DecodedImage:
     format: str
     width: int
     height: int
+    frame_times: list[float] | None = None
 
 
 def sample_frame_indices(n_frames: int, max_frames: int) -> list[int]:
