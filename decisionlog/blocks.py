@@ -149,13 +149,15 @@ class Block:
 
     @classmethod
     def of_records(cls, records: Sequence[DecisionRecord]) -> dict[str, Block]:
-        """The records that carry embeddings, one block per model, in the given order."""
+        """The records that carry embeddings, one block per model, in time order (as a
+        merged block is: a small block no merge ever rewrites is in order too)."""
         mine: dict[str, list[DecisionRecord]] = {}
         for r in records:
             if r.embeddings is not None and len(r.frames):
                 mine.setdefault(r.model, []).append(r)
         blocks = {}
         for model, rs in mine.items():
+            rs.sort(key=lambda r: (r.created_at, r.id))
             blocks[model] = cls(
                 ids=[r.id for r in rs],
                 created_at=np.array([r.created_at for r in rs], np.float64),
