@@ -33,6 +33,7 @@ class ReviewedImage(Protocol):
     labels: frozenset[str]
     weight: float  # how many images of the traffic it stands for
     judged: frozenset[str] | None  # the categories its reviewer was asked about (None: all)
+    keys: Sequence[int]  # each row's stored key (a frame's index; negative: a crop)
 
 
 class ReviewedImages(Protocol):
@@ -120,20 +121,31 @@ def image_scores(
         except OSError as e:
             left_out.append(f"{item.path}: cannot read: {e.strerror or e}")
             continue
-        key = f"image:{hashlib.sha256(data).hexdigest()}:frames<={moderator.limits.max_frames}"
-        cached = cache.get(encoder.identity, [key]).get(key) if cache is not None else None
-        if cached is None:
+        grid = moderator.policy.crop_grid
+        key = (f"image:{hashlib.sha256(data).hexdigest()}:frames<={moderator.limits.max_frames}"
+               + (f":crops={grid}/{grid.overlap}/{grid.min_side}" if grid else ""))
+        found = (cache.get(encoder.identity, [key, key + ":whole"])
+                 if cache is not None else {})
+        cached, whole = found.get(key), found.get(key + ":whole")
+        if cached is None or (grid is not None and whole is None):
             try:
                 decoded = moderator.decode(data)
             except ImageError as e:
                 left_out.append(f"{item.path}: {e.message}")
                 continue
-            vectors = encoder.encode_images(decoded.frames)
+            vectors = encoder.encode_images(decoded.view_images())
+            n_whole = len(decoded.frames)
             if cache is not None:
-                cache.put(encoder.identity, {key: vectors.reshape(-1)})
+                cache.put(encoder.identity, {
+                    key: vectors.reshape(-1),
+                    key + ":whole": np.array([n_whole], np.float32)})
         else:
             vectors = cached.reshape(-1, dim)
-        rows.append(scorer.scores([vectors])[0])  # the service's rule, per category
+            n_whole = int(whole[0]) if whole is not None else len(vectors)
+        # the service's rule, per category: the crops (rows past the whole frames) only
+        # for the categories that take them
+        views = [*range(n_whole), *(-1 - k for k in range(len(vectors) - n_whole))]
+        rows.append(scorer.scores([vectors], [views])[0])
         kept.append(index)
     n_categories = len(moderator.text.category_ids)
     scores = np.stack(rows) if rows else np.zeros((0, n_categories), np.float32)
@@ -369,7 +381,8 @@ def calibrate_from_reviews(
             f"no usable verdicts in {reviewed.name}"
             + ("; " + "; ".join(reviewed.left_out) if reviewed.left_out else "")
             + ": review more items (or widen --since)")
-    scores = moderator.scorer().scores([i.vectors for i in images])  # the service's rule
+    scores = moderator.scorer().scores(  # the service's rule: the views each category takes
+        [i.vectors for i in images], [i.keys or range(len(i.vectors)) for i in images])
     truth = np.array([[c in i.labels for c in categories] for i in images], dtype=bool)
     weights = np.array([i.weight for i in images], dtype=np.float64)
     keys = [",".join(sorted(set(i.labels) & set(categories))) or "none" for i in images]

@@ -32,6 +32,7 @@ from moderation.policy import Action, Policy, PolicyLimits, parse_policy
 from moderation.prompts import OverlayCache
 from moderation.scorer import Assessment, Scorer, SharedProduct
 from moderation.scoring import one_blas_thread
+from moderation.views import View
 
 from .blocks import BLOCK, Block
 from .policies import PolicyLog
@@ -184,7 +185,7 @@ class _Side:
         margin[:, present] = a.margin[:, self.columns[present]]
         return severity, margin
 
-    def decide(self, vectors: np.ndarray, frames: list[int], profile: str) -> Outcome:
+    def decide(self, vectors: np.ndarray, frames: list[View | int], profile: str) -> Outcome:
         scorer = Scorer(self.scorer.policy, self.scorer.text, profile)
         [decision] = scorer.decide([vectors], [frames])
         return Outcome(action=decision.action.value, triggered=decision.triggered,
@@ -357,7 +358,8 @@ def dry_run(
     with one_blas_thread():  # a product per block; the read-ahead thread shares the cores
         for part in read_ahead(store.scan_frames(model=model, since=since, until=until,
                                                  chunk=chunk)):
-            scores = product.scores(part.halves, part.frame_counts)  # both sides, one product
+            scores = product.scores(part.halves, part.frame_counts,
+                                    part.frames)  # both sides, one product
             read += len(part)
             profiles = np.array(part.profiles)
             for profile in np.unique(profiles):
@@ -379,9 +381,12 @@ def dry_run(
 
     top = sorted(tally.top, reverse=True)
     stored = store.frames_of([t[3] for t in top])
+    described = store.views_of([t[3] for t in top])
     changed = []
     for _, _, created_at, decision_id, client_id, profile, kind in top:
-        frames, vectors = stored[decision_id]
+        keys, vectors = stored[decision_id]
+        named = described.get(decision_id, {})
+        frames: list[View | int] = [named.get(k, k) for k in keys]
         changed.append(ChangedDecision(
             decision_id=decision_id, created_at=created_at, client_id=client_id or None,
             change=kind,

@@ -226,6 +226,8 @@ class ReviewedImage:
     #: the categories the reviewer judged (those of the decision's policy version; ``None``:
     #: unknown, that version's text is not in the log): a verdict says nothing of the others
     judged: frozenset[str] | None = None
+    #: each row's stored key (a frame's index; negative: a crop), for the crops rule
+    keys: tuple[int, ...] = ()
 
 
 @dataclass
@@ -265,7 +267,8 @@ def reviewed_set(url: str, *, model: str, since: float | None = None,
     judged = _categories_of_versions(url, {sample.policy_versions[n] for n in mine})
     images = [ReviewedImage(ids[n], frames[ids[n]][1], sample.violations[n],
                             float(1 / sample.probability[n]),
-                            judged.get(sample.policy_versions[n]))
+                            judged.get(sample.policy_versions[n]),
+                            tuple(frames[ids[n]][0]))
               for n in mine if ids[n] in frames]
     left_out = []
     other = Counter(m for d, m in models.items())

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from moderation import ModerationResult
 from moderation.decision import CategoryDecision
+from moderation.views import View
 
 __all__ = [
     "CSV_COLUMNS",
@@ -37,6 +38,23 @@ class TermScore(BaseModel):
     similarity: float
 
 
+class ViewOut(BaseModel):
+    """A view of an upload: a frame (its index in the file; its time for a video), whole or
+    a crop (``box``: left, top, right, bottom in source pixels, the image upright)."""
+
+    frame: int = Field(ge=0, description="the frame's index in the file")
+    time: float | None = Field(None, description="the frame's time in seconds (a video)")
+    box: list[int] | None = Field(
+        None, min_length=4, max_length=4,
+        description="the crop's box [left, top, right, bottom] in source pixels (null: the "
+        "whole frame)")
+
+    @classmethod
+    def of(cls, v: View) -> ViewOut:
+        return cls(frame=v.frame, time=None if v.time is None else round(v.time, 6),
+                   box=None if v.box is None else list(v.box))
+
+
 class CategoryOutcome(BaseModel):
     """One category's outcome, as the response gave it."""
 
@@ -50,6 +68,9 @@ class CategoryOutcome(BaseModel):
     top_terms: list[TermScore]
     closest_exception: TermScore | None = None
     frame: int = Field(0, ge=0, description="the frame the score came from")
+    view: ViewOut | None = Field(
+        None, description="the view the score came from (null: a decision stored before "
+        "views were named)")
 
     @classmethod
     def of(cls, c: CategoryDecision) -> CategoryOutcome:
@@ -67,6 +88,7 @@ class CategoryOutcome(BaseModel):
             top_terms=[term(t) for t in c.top_terms],
             closest_exception=term(c.closest_exception) if c.closest_exception else None,
             frame=c.frame,
+            view=ViewOut.of(c.view or View(c.frame)),
         )
 
 
@@ -103,7 +125,12 @@ class DecisionRecord(BaseModel):
     )
     frames_scored: int | None = None
     frames: list[int] = Field(
-        default_factory=list, description="the sampled frames whose embeddings are stored"
+        default_factory=list, description="the stored key of each view whose embedding is "
+        "stored: a frame's index in the file, or -1 - k for the k-th crop"
+    )
+    views: list[ViewOut] = Field(
+        default_factory=list, description="what each entry of frames is (frame, time, crop "
+        "box), when the upload had crops or was a video (empty: whole frames only)"
     )
     embeddings: np.ndarray | None = Field(default=None, exclude=True, repr=False)
 
@@ -141,6 +168,9 @@ class DecisionRecord(BaseModel):
             frame=result.frame if decision is not None else None,
             frames_scored=result.frames_scored if decision is not None else None,
             frames=list(result.frames) if embeddings is not None else [],
+            views=([ViewOut.of(v) for v in result.views]
+                   if embeddings is not None and any(
+                       v.is_crop or v.time is not None for v in result.views) else []),
             embeddings=embeddings,
         )
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from moderation.views import View, keyed_views
+
 from . import blocks
 from .blocks import Block
 from .database import connect, migrate
@@ -114,6 +116,8 @@ class DecisionStore:
                 ),
                 "latency_ms": r.latency_ms, "error_code": r.error_code, "frame": r.frame,
                 "frames_scored": r.frames_scored,
+                "views": json.dumps([v.model_dump(mode="json") for v in r.views])
+                if r.views else None,
             })
             for category in r.triggered:
                 outcome = r.categories.get(category)
@@ -178,7 +182,8 @@ class DecisionStore:
             error_code=row.error_code,
             frame=row.frame,
             frames_scored=row.frames_scored,
-            frames=[int(f) for f in row.frames.split(",")] if row.frames else [],
+            frames=sorted(int(f) for f in row.frames.split(",")) if row.frames else [],
+            views=json.loads(row.views) if row.views else [],
         )
 
     def _select(self) -> Any:
@@ -376,4 +381,15 @@ class DecisionStore:
             for decision_id, mine in grouped.items():
                 found[decision_id] = ([int(r.frame) for r in mine],
                                       np.stack([r.embedding for r in mine]))
+        return found
+
+    def views_of(self, decision_ids: Sequence[str]) -> dict[str, dict[int, View]]:
+        """What each stored key of each decision is (:mod:`moderation.views`), for the
+        decisions that had crops or were videos (the others' keys are frame indices)."""
+        found: dict[str, dict[int, View]] = {}
+        ids = list(decision_ids)
+        for start in range(0, len(ids), 500):
+            for row in self._rows(sa.select(decisions.c.id, decisions.c.views).where(
+                    decisions.c.id.in_(ids[start:start + 500]), decisions.c.views.is_not(None))):
+                found[row.id] = keyed_views([View.of_dict(v) for v in json.loads(row.views)])
         return found

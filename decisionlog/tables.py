@@ -106,6 +106,9 @@ decisions = sa.Table(
     sa.Column("error_code", sa.Text),
     sa.Column("frame", sa.Integer),  # the decided frame (NULL: an error, or an older row)
     sa.Column("frames_scored", sa.Integer),
+    # JSON: what each stored key is (frame, time, crop box), for crops and videos (NULL:
+    # whole frames only)
+    sa.Column("views", sa.Text),
     sa.Index("decisions_time", "created_at", "id"),
     sa.Index("decisions_version", "policy_version", "created_at"),
     sa.Index("decisions_client", "client_id", "created_at"),

@@ -10,6 +10,7 @@ import numpy as np
 from .policy import Action, Policy
 from .prompts import PolicyEmbeddings
 from .scoring import Scores
+from .views import View
 
 __all__ = [
     "CategoryDecision",
@@ -53,6 +54,8 @@ class CategoryDecision:
     top_terms: list[TermMatch]
     closest_exception: TermMatch | None
     frame: int = 0
+    #: the view the score came from (the frame, its time, a crop's box)
+    view: View | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class CategoryDecision:
                 self.closest_exception.to_dict() if self.closest_exception else None
             ),
             "frame": self.frame,
+            "view": (self.view or View(self.frame)).to_dict(),
         }
 
 

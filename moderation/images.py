@@ -24,9 +24,11 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import ImageError
+from .views import CropGrid, View, crop_boxes, cut, draft_size_for
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "Crop",
     "DecodedImage",
     "ImageLimits",
     "check_pixels",
@@ -107,6 +109,30 @@ class DecodedImage:
     width: int
     height: int
     frame_times: list[float] | None = None
+    #: crops of the frames (the policy's grid), each from ``frames[crop.position]``
+    crops: tuple[Crop, ...] = ()
+
+    def views(self) -> list[View]:
+        """Every view, in the order their images are encoded: the frames whole, then the
+        crops."""
+        times: list[float | None] = (list(self.frame_times) if self.frame_times is not None
+                                     else [None] * len(self.frames))
+        return [View(i, t) for i, t in zip(self.frame_indices, times, strict=True)] + [
+            View(self.frame_indices[c.position], times[c.position], c.box) for c in self.crops
+        ]
+
+    def view_images(self) -> list[Image.Image]:
+        """The images of :meth:`views`, in the same order."""
+        return [*self.frames, *(c.image for c in self.crops)]
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A crop of ``frames[position]``: ``box`` in source pixels (upright), ready to encode."""
+
+    position: int
+    box: tuple[int, int, int, int]
+    image: Image.Image
 
 
 def sample_frame_indices(n_frames: int, max_frames: int) -> list[int]:
@@ -239,11 +265,14 @@ def decode_image(
     *,
     limits: ImageLimits | None = None,
     draft_size: int | None = 224,
+    crops: CropGrid | None = None,
 ) -> DecodedImage:
     """Decode one image from bytes or a file path, within ``limits`` (default: the defaults).
 
     ``draft_size`` lets JPEGs decode at a reduced scale that keeps both sides at least this
-    many pixels (``None`` decodes at full size). Raises :class:`ImageError`.
+    many pixels (``None`` decodes at full size). ``crops``: also cut this grid from each
+    frame, from the decoded image before any resize (a JPEG is decoded at the scale that
+    keeps each crop ``draft_size`` wide). Raises :class:`ImageError`.
     """
     limits = limits or ImageLimits()
     if isinstance(source, (str, Path)):
@@ -274,13 +303,14 @@ def decode_image(
         raise ImageError("corrupt_image", f"the {_guess(data)} data is corrupt: {e}") from e
 
     try:
-        return _decode_opened(image, data, limits, draft_size)
+        return _decode_opened(image, data, limits, draft_size, crops)
     finally:
         image.close()
 
 
 def _decode_opened(
-    image: Image.Image, data: bytes, limits: ImageLimits, draft_size: int | None
+    image: Image.Image, data: bytes, limits: ImageLimits, draft_size: int | None,
+    grid: CropGrid | None = None,
 ) -> DecodedImage:
     width, height = image.size
     check_pixels(width, height, limits.max_pixels)
@@ -320,24 +350,39 @@ def _decode_opened(
             )
     try:
         orientation = image.getexif().get(0x0112)
+        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        boxes = crop_boxes(*upright, grid) if grid is not None else []
+        crop_size = draft_size_for(draft_size, grid) if draft_size and boxes else draft_size
+        crops: list[Crop] = []
+
+        def views_of(frame: Image.Image, position: int) -> Image.Image:
+            """The whole frame to encode, and its crops into ``crops``."""
+            if not boxes:
+                return prepare_frame(frame, draft_size, orientation)
+            whole = to_rgb(orient(shrink(frame, crop_size) if crop_size else frame,
+                                  orientation))
+            for box, part in zip(boxes, cut(whole, boxes, upright), strict=True):
+                crops.append(Crop(position, box, prepare_frame(part, draft_size)))
+            return prepare_frame(whole, draft_size)
+
         if n_frames == 1:
-            if draft_size is not None and fmt in ("JPEG", "MPO"):
-                image.draft("RGB", (draft_size, draft_size))
+            if crop_size is not None and fmt in ("JPEG", "MPO"):
+                image.draft("RGB", (crop_size, crop_size))
             image.load()
-            frame = prepare_frame(image, draft_size, orientation)
+            frame = views_of(image, 0)
             if frame is image:  # ``image`` is closed on return: keep a copy of its pixels
                 frame = image.copy()
             frames = [frame]
         else:
             frames = []
-            for index in indices:  # in increasing order: each seek only moves forward
+            for position, index in enumerate(indices):  # increasing: seeks move forward
                 image.seek(index)
-                frames.append(prepare_frame(image.convert("RGBA"), draft_size, orientation))
+                frames.append(views_of(image.convert("RGBA"), position))
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(
             "corrupt_image", f"the {fmt} image is truncated or corrupt: {e}"
         ) from e
-    return DecodedImage(frames, indices, n_frames, fmt, width, height)
+    return DecodedImage(frames, indices, n_frames, fmt, width, height, crops=tuple(crops))
 
 
 _SIGNATURES = {

@@ -25,6 +25,7 @@ from .prompts import (
     missing_prompts,
 )
 from .scorer import Scorer
+from .views import View, crop_key
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
 
@@ -52,11 +53,14 @@ class ModerationResult:
     frame: int | None = None
     frames_scored: int = 0
     image: dict[str, Any] | None = None
-    #: the indices (in the file) of the sampled frames, in the order of ``embeddings``
+    #: the stored key of each view, in the order of ``embeddings``: a whole frame's index
+    #: in the file, ``-1 - k`` for the k-th crop (:mod:`moderation.views`)
     frames: tuple[int, ...] = ()
-    #: every sampled frame's image embedding, ndarray of shape (len(frames), dim), float32
+    #: every view's image embedding, ndarray of shape (len(frames), dim), float32
     #: (not in to_dict)
     embeddings: np.ndarray | None = None
+    #: every scored view (frame, time, crop box), in the order of ``frames``
+    views: tuple[View, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -91,6 +95,7 @@ class ModerationResult:
             triggered=self.decision.triggered,
             frame=self.frame,
             frames_scored=self.frames_scored,
+            views_scored=len(self.views) or self.frames_scored,
             image=self.image,
             categories={k: v.to_dict() for k, v in self.decision.categories.items()},
         )
@@ -224,7 +229,8 @@ class Moderator:
                 source.width,
                 source.height,
             )
-        return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size)
+        return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size,
+                            crops=self.policy.crop_grid)
 
     def moderate(
         self,
@@ -259,13 +265,13 @@ class Moderator:
         if len(ids) != len(decoded):
             raise ValueError(f"got {len(decoded)} images but {len(ids)} ids")
         images = [d for d in decoded if isinstance(d, DecodedImage)]
-        frames = [f for d in images for f in d.frames]
+        views = [d.views() for d in images]  # the frames whole, then the crops
+        frames = [f for d in images for f in d.view_images()]
         vectors = self.encoder.encode_images(frames) if frames else np.zeros((0, 0), np.float32)
-        bounds = np.cumsum([0] + [len(d.frames) for d in images])
+        bounds = np.cumsum([0] + [len(v) for v in views])
         per_image = [vectors[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-        decisions = iter(
-            self.scorer(profile).decide(per_image, [d.frame_indices for d in images])
-        )
+        decisions = iter(self.scorer(profile).decide(per_image, views))
+        image_views = iter(views)
         version, scores_version = self.policy.version, self.policy.scores_version
 
         def result(item_id: str | None, **fields: Any) -> ModerationResult:
@@ -285,12 +291,15 @@ class Moderator:
             if isinstance(item, ImageError):
                 results.append(result(item_id, error=item))
                 continue
-            decision, image_vectors = next(decisions), next(embeddings)
+            decision, image_vectors, mine = next(decisions), next(embeddings), next(image_views)
+            crops = iter(range(len(mine)))
             results.append(
                 result(
                     item_id,
                     decision=decision,
-                    frames=tuple(item.frame_indices),
+                    frames=tuple(crop_key(next(crops)) if v.is_crop else v.frame
+                                 for v in mine),
+                    views=tuple(mine),
                     embeddings=image_vectors,
                     frame=decision.frame,
                     frames_scored=len(item.frames),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,6 +33,9 @@ from pydantic import (
 
 from .errors import PolicyError, PolicyLimitError, UnknownProfile
 
+if TYPE_CHECKING:
+    from .views import CropGrid
+
 __all__ = [
     "Action",
     "Goal",
@@ -42,6 +45,7 @@ __all__ = [
     "Policy",
     "PolicyLimits",
     "Threshold",
+    "Views",
     "load_policy",
     "parse_policy",
 ]
@@ -282,6 +286,40 @@ class Target(Goal):
     review: Goal | None = None
 
 
+class Views(_Strict):
+    """What views of an upload are scored, besides each sampled frame whole (always one)."""
+
+    crops: str = Field(
+        "none",
+        description="a grid of crops of each frame, columns x rows (1 to 4 each), such as "
+        "2x2; 'none': whole frames only. Each crop is encoded on its own: a 2x2 grid "
+        "costs 5 encodings per frame instead of 1",
+    )
+    overlap: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
+        0.2, description="the share of a crop's side its neighbour also covers"
+    )
+    min_side: Annotated[int, Field(ge=32, le=100_000)] = Field(
+        256, description="no crops are cut from an image whose crops would be narrower than "
+        "this many source pixels (the whole image is still scored)"
+    )
+
+    @field_validator("crops")
+    @classmethod
+    def _grid(cls, v: str) -> str:
+        from .views import CropGrid
+
+        if v.strip().lower() == "none":
+            return "none"
+        return str(CropGrid.parse(v))
+
+    def grid(self) -> CropGrid | None:
+        from .views import CropGrid
+
+        if self.crops == "none":
+            return None
+        return CropGrid.parse(self.crops, self.overlap, self.min_side)
+
+
 class Category(_Strict):
     description: Text
     terms: Annotated[list[Text], Field(min_length=1)]
@@ -291,6 +329,10 @@ class Category(_Strict):
     threshold: Threshold
     target: Target | None = Field(
         default=None, description="calibration target for this category's threshold"
+    )
+    crops: bool | None = Field(
+        default=None, description="whether this category's score also takes the policy's "
+        "crops (views.crops) into its maximum; default: when the policy has crops"
     )
 
     @field_validator("terms", "exceptions")
@@ -335,6 +377,10 @@ class Policy(_Strict):
         description="named calibration profiles (e.g. marketplace, avatars): per category, a "
         "threshold that replaces the category's own when a request names the profile",
     )
+    views: Views | None = Field(
+        default=None, description="the views of an upload that are scored: crops of each "
+        "frame for small objects (default: whole frames only)",
+    )
 
     @field_validator("templates")
     @classmethod
@@ -360,9 +406,44 @@ class Policy(_Strict):
                         "action "
                         f"'block' (the category's action is '{category.action}')"
                     )
+        for cid, category in self.categories.items():
+            if category.crops and self.crop_grid is None:
+                faults.append(
+                    f"categories.{_key(cid)}.crops: the policy cuts no crops; set views.crops "
+                    "(such as 2x2) for the crops this category would take"
+                )
         if faults:
             raise ValueError("; ".join(faults))
         return self
+
+    @property
+    def crop_grid(self) -> CropGrid | None:
+        """The crops cut from each frame (``None``: whole frames only)."""
+        return self.views.grid() if self.views is not None else None
+
+    def uses_crops(self, category_id: str) -> bool:
+        """Whether a category's score is its maximum over the crops as well as the frames."""
+        if self.crop_grid is None:
+            return False
+        own = self.categories[category_id].crops
+        return True if own is None else own
+
+    def views_cost(self, category_id: str | None = None) -> int:
+        """Encodings per frame: 1 (the frame) plus the crops (of ``category_id``: 0 when it
+        takes none), when the image is large enough to be cut."""
+        grid = self.crop_grid
+        if grid is None or (category_id is not None and not self.uses_crops(category_id)):
+            return 1
+        return 1 + (grid.tiles if grid.tiles > 1 else 0)
+
+    def _views_decisive(self) -> dict[str, Any]:
+        """What the views change in decisions and scores (nothing when there are no crops, so
+        that a policy without them keeps the version it always had)."""
+        grid = self.crop_grid
+        if grid is None:
+            return {}
+        return {"views": [str(grid), grid.overlap, grid.min_side,
+                          sorted(c for c in self.categories if self.uses_crops(c))]}
 
     def profile_names(self) -> list[str]:
         """``default`` (the categories' own thresholds), then the named profiles."""
@@ -409,6 +490,7 @@ class Policy(_Strict):
                 name: {cid: [t.value, t.review_from] for cid, t in sorted(thresholds.items())}
                 for name, thresholds in sorted(self.profiles.items())
             },
+            **self._views_decisive(),
         }
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -423,6 +505,7 @@ class Policy(_Strict):
                 cid: [c.terms, c.exceptions, self.templates_for(cid)]
                 for cid, c in sorted(self.categories.items())
             },
+            **self._views_decisive(),
         }
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

@@ -19,6 +19,7 @@ from .decision import Decision, ThresholdTable, assemble, category_severities, d
 from .policy import Policy
 from .prompts import PolicyEmbeddings
 from .scoring import ScoreColumns, score_images
+from .views import View
 
 __all__ = ["Assessment", "Scorer", "SharedProduct"]
 
@@ -50,10 +51,28 @@ class Assessment:
     action: np.ndarray
 
 
-def _max_over_frames(rows: np.ndarray, frame_counts: np.ndarray) -> np.ndarray:
-    """Rows of all frames (images' frames contiguous) → each image's column-wise maximum."""
+def _max_over_frames(rows: np.ndarray, frame_counts: np.ndarray,
+                     crop_rows: np.ndarray | None = None,
+                     whole_only: np.ndarray | None = None) -> np.ndarray:
+    """Rows of all views (images' views contiguous) → each image's column-wise maximum.
+    ``crop_rows`` (bool per row) and ``whole_only`` (bool per column): the columns of
+    categories that take no crops ignore the crops' rows (every image has a whole frame)."""
     starts = np.concatenate([[0], np.cumsum(frame_counts)[:-1]]).astype(np.intp)
+    if crop_rows is not None and whole_only is not None and crop_rows.any() and whole_only.any():
+        rows = rows.copy()
+        rows[np.ix_(crop_rows, whole_only)] = -np.inf
     return np.maximum.reduceat(rows, starts, axis=0)
+
+
+def _as_views(items: Sequence[View | int]) -> list[View]:
+    """Views, or stored keys: a whole frame's index (``>= 0``), a crop's ``-1 - k`` (named
+    as a crop of an unknown box when the caller has no description of it)."""
+    return [v if isinstance(v, View) else View(v) if v >= 0 else View(0, None, UNKNOWN_BOX)
+            for v in items]
+
+
+#: the box of a stored crop whose description was not kept
+UNKNOWN_BOX = (0, 0, 0, 0)
 
 
 class Scorer:
@@ -70,26 +89,37 @@ class Scorer:
         self.text = text
         self.profile = profile
 
-    def scores(self, frames: Sequence[np.ndarray]) -> np.ndarray:
-        """Each image's score per category, the maximum over its frames.
+    @property
+    def whole_only(self) -> np.ndarray:
+        """Per category (in ``text.category_ids`` order): whether its score ignores crops."""
+        return np.array([not self.policy.uses_crops(c) for c in self.text.category_ids], bool)
 
-        ``frames[i]``: ndarray of shape (n_frames_i, dim), unit rows. Returns ndarray of shape
-        (n_images, n_categories), float32: what calibration fits thresholds on, and what
-        :meth:`decide` compares with them.
+    def scores(self, frames: Sequence[np.ndarray],
+               views: Sequence[Sequence[View | int]] | None = None) -> np.ndarray:
+        """Each image's score per category, the maximum over the views it takes.
+
+        ``frames[i]``: ndarray of shape (n_views_i, dim), unit rows; ``views[i]``: what each
+        row is (a :class:`View`, or a stored key: negative for a crop; default: whole frames).
+        Returns ndarray of shape (n_images, n_categories), float32: what calibration fits
+        thresholds on, and what :meth:`decide` compares with them.
         """
         if not frames:
             return np.zeros((0, len(self.text.category_ids)), np.float32)
         score = score_images(np.concatenate(frames), self.text).score
-        return _max_over_frames(score, np.array([len(f) for f in frames]))
+        crops = None if views is None else np.array(
+            [v.is_crop for image in views for v in _as_views(image)], bool)
+        return _max_over_frames(score, np.array([len(f) for f in frames]), crops,
+                                self.whole_only)
 
     def assess(self, vectors: np.ndarray, frame_counts: np.ndarray,
-               profile: str | None = None) -> Assessment:
+               profile: str | None = None, keys: np.ndarray | None = None) -> Assessment:
         """Decide many images at once, by the rule of :meth:`decide` (the same scores, the
         same thresholds), as arrays.
 
         ``vectors``: ndarray of shape (n_frames, dim), unit rows, each image's frames
         contiguous; ``frame_counts``: ndarray of shape (n_images,), each image's number of
-        frames (at least 1). ``profile`` overrides the scorer's.
+        frames (at least 1). ``profile`` overrides the scorer's. ``keys``: each row's stored
+        key (negative: a crop; default: all whole frames).
         """
         counts = np.asarray(frame_counts)
         ids = self.text.category_ids
@@ -102,7 +132,9 @@ class Scorer:
                 f"frame_counts must be positive and add up to the {len(vectors)} vectors; "
                 f"they add up to {int(counts.sum())}"
             )
-        score = _max_over_frames(score_images(vectors, self.text).score, counts)
+        score = _max_over_frames(score_images(vectors, self.text).score, counts,
+                                 None if keys is None else np.asarray(keys) < 0,
+                                 self.whole_only)
         return self.judge(score, profile)
 
     def judge(self, score: np.ndarray, profile: str | None = None) -> Assessment:
@@ -117,13 +149,15 @@ class Scorer:
     def decide(
         self,
         frames: Sequence[np.ndarray],
-        frame_indices: Sequence[Sequence[int]] | None = None,
+        frame_indices: Sequence[Sequence[View | int]] | None = None,
     ) -> list[Decision]:
         """One :class:`Decision` per image.
 
-        ``frames[i]``: ndarray of shape (n_frames_i, dim) with unit rows, at least one frame.
-        ``frame_indices[i][k]`` is the index in the file of frame k (default: 0, 1, …); each
-        category's decision names the frame its score came from.
+        ``frames[i]``: ndarray of shape (n_views_i, dim) with unit rows, at least one.
+        ``frame_indices[i][k]`` is what row k is: a :class:`View` (a frame, whole or a crop),
+        or a stored key (a frame's index in the file; negative: a crop); default: frames 0,
+        1, …. A category's score is its maximum over the views it takes (crops only when
+        the policy gives it crops); its decision names the view (and frame) it came from.
         """
         if not frames:
             return []
@@ -135,14 +169,16 @@ class Scorer:
         )
         decisions = []
         for i, mine in enumerate(_per_image(per_frame, frames)):
-            names = list(frame_indices[i]) if frame_indices is not None else list(
-                range(len(mine))
-            )
+            views = _as_views(frame_indices[i]) if frame_indices is not None else [
+                View(k) for k in range(len(mine))]
+            whole = [k for k, v in enumerate(views) if not v.is_crop]
             categories = {}
             for cid in self.text.category_ids:
-                # the frame with the highest score (the first among equals)
-                best = max(range(len(mine)), key=lambda k: (mine[k].categories[cid].score, -k))
-                categories[cid] = replace(mine[best].categories[cid], frame=names[best])
+                taken = range(len(mine)) if self.policy.uses_crops(cid) else whole
+                # the view with the highest score (the first among equals)
+                best = max(taken, key=lambda k: (mine[k].categories[cid].score, -k))
+                categories[cid] = replace(mine[best].categories[cid], frame=views[best].frame,
+                                          view=views[best])
             decisions.append(assemble(categories))
         return decisions
 
@@ -158,7 +194,8 @@ class SharedProduct:
         self.columns = ScoreColumns([s.text for s in self.scorers])
         self._widened: np.ndarray | None = None
 
-    def scores(self, halves: np.ndarray, frame_counts: np.ndarray) -> list[np.ndarray]:
+    def scores(self, halves: np.ndarray, frame_counts: np.ndarray,
+               keys: np.ndarray | None = None) -> list[np.ndarray]:
         """``halves``: ndarray of shape (n_frames, dim), float16 vectors as their uint16 bit
         patterns (as the decision log stores them), each image's frames contiguous;
         ``frame_counts``: each image's frames. Returns, per scorer, ndarray of shape
@@ -176,4 +213,7 @@ class SharedProduct:
         widened = self._widened[:n]
         np.copyto(widened, halves.view(np.float16))
         products = widened @ self.columns.matrix.T
-        return [_max_over_frames(score, counts) for score in self.columns.scores(products)]
+        crops = None if keys is None else np.asarray(keys) < 0
+        return [_max_over_frames(score, counts, crops, scorer.whole_only)
+                for scorer, score in zip(self.scorers, self.columns.scores(products),
+                                         strict=True)]

@@ -84,6 +84,8 @@ class ImageDecision(BaseModel):
     triggered: list[str] = Field(description="categories that fired, most severe first")
     frame: int = Field(description="the frame of the most severe category that fired")
     frames_scored: int
+    views_scored: int = Field(description="views encoded: the frames whole, and their crops "
+                                          "when the policy cuts them")
     image: ImageInfo
     categories: dict[str, CategoryOutcome]
     processing_ms: float

@@ -118,3 +118,49 @@ def image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", size: tuple[int,
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, fmt, **save)
     return buffer.getvalue()
+
+
+class MarkerEncoder(FakeEncoder):
+    """Hand-made vectors for small objects: an image's vector is ``unit(r, 1 - r, 0)`` where
+    ``r`` is its share of red (the mean of ``(R - (G + B) / 2) / 255``, clipped at 0: grey is
+    0, pure red is 1). Linear in the pixels, so averaging an image down keeps it, and a red
+    marker that fills a twentieth of a photo fills four times more of a 2x2 crop around it.
+    With the texts of :data:`MARKER_TEXTS` ("a marker" = (1, 0, 0)), an image's similarity to
+    the marker category is ``r / sqrt(r² + (1 - r)²)``."""
+
+    identity = "fake/marker"
+
+    def __init__(self) -> None:
+        super().__init__(dict(MARKER_TEXTS))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        self.image_calls += 1
+        out = []
+        for image in images:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+            r = float(np.clip((rgb[..., 0] - (rgb[..., 1] + rgb[..., 2]) / 2) / 255, 0, 1).mean())
+            out.append(unit(r, 1 - r, 0))
+        return np.stack(out).astype(np.float32)
+
+
+MARKER_TEXTS = {"a marker": unit(1, 0, 0), "a grey wall": unit(0, 1, 0)}
+MARKER_POLICY: dict[str, Any] = {
+    "name": "markers",
+    "model": {"name": "fake", "pretrained": "marker"},
+    "templates": ["a {}"],
+    "categories": {
+        "marker": {"description": "a small red marker", "terms": ["marker"],
+                   "action": "block", "threshold": {"value": 0.07}},
+    },
+}
+
+
+def marker_photo(size: tuple[int, int] = (1200, 900), box: tuple[int, int, int, int] = (
+        900, 600, 1060, 760), fmt: str = "JPEG") -> bytes:
+    """A grey photo with a red square marker at ``box`` (a 160-px square fills 2.4 % of a
+    1200x900 photo: ``r`` ≈ 0.024 whole, ≈ 0.1 in a 2x2 crop around it)."""
+    image = Image.new("RGB", size, (128, 128, 128))
+    image.paste((255, 0, 0), box)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
