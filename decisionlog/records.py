@@ -71,6 +71,10 @@ class CategoryOutcome(BaseModel):
     view: ViewOut | None = Field(
         None, description="the view the score came from (null: a decision stored before "
         "views were named)")
+    span: list[float] | None = Field(
+        None, min_length=2, max_length=2,
+        description="a video's category with a persistence rule: the seconds [start, end] of "
+        "the sampled frames that crossed (null: no rule, an image, or it did not hold)")
 
     @classmethod
     def of(cls, c: CategoryDecision) -> CategoryOutcome:
@@ -89,6 +93,7 @@ class CategoryOutcome(BaseModel):
             closest_exception=term(c.closest_exception) if c.closest_exception else None,
             frame=c.frame,
             view=ViewOut.of(c.view or View(c.frame)),
+            span=None if c.span is None else [round(t, 6) for t in c.span],
         )
 
 

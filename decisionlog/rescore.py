@@ -83,6 +83,7 @@ def rescore(
     for part in store.scan_frames(model=model, since=since, until=until, chunk=chunk):
         read += len(part)
         bounds = part.bounds
+        described = store.views_of(part.ids)  # crops' boxes and videos' times, where kept
         rows = []
         for profile in dict.fromkeys(part.profiles):
             mine_ = [i for i, p in enumerate(part.profiles) if p == profile]
@@ -91,7 +92,8 @@ def rescore(
                 continue
             decided = scorers[profile].decide(
                 [part.vectors[bounds[i]:bounds[i + 1]] for i in mine_],
-                [part.frames[bounds[i]:bounds[i + 1]].tolist() for i in mine_],
+                [[described.get(part.ids[i], {}).get(k, k)
+                  for k in part.frames[bounds[i]:bounds[i + 1]].tolist()] for i in mine_],
             )
             for i, decision in zip(mine_, decided, strict=True):
                 changed += decision.action.value != part.actions[i]

@@ -141,6 +141,19 @@ def policy_check(path: Path) -> None:
         f"{n_terms} terms, {n_exceptions} exceptions, model {p.model.name}/{p.model.pretrained}, "
         f"{calibrated} of {len(p.categories)} thresholds calibrated"
     )
+    grid = p.crop_grid
+    if grid is not None:
+        takes = [cid for cid in p.categories if p.uses_crops(cid)]
+        click.echo(
+            f"views: each frame whole and a {grid} grid of crops (overlap {grid.overlap:g}, "
+            f"none for images whose crops would be under {grid.min_side} px): "
+            f"{p.views_cost()} encodings per frame instead of 1, for an image large enough "
+            "to cut"
+        )
+        for cid in p.categories:
+            cost = p.views_cost(cid)
+            click.echo(f"  {cid}: " + (f"{cost} views per frame (the frame and its crops)"
+                                       if cid in takes else "1 view per frame (no crops)"))
 
 
 @main.command()

@@ -56,6 +56,9 @@ class CategoryDecision:
     frame: int = 0
     #: the view the score came from (the frame, its time, a crop's box)
     view: View | None = None
+    #: a video's persistence rule held over these seconds (start, end of the frames that
+    #: crossed); ``None`` without a rule or for images
+    span: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +75,7 @@ class CategoryDecision:
             ),
             "frame": self.frame,
             "view": (self.view or View(self.frame)).to_dict(),
+            "span": None if self.span is None else [round(t, 6) for t in self.span],
         }
 
 

@@ -74,7 +74,9 @@ class ImageError(ModerationError, ValueError):
     """One image could not be decoded. ``code`` says why, in a word a client can branch on.
 
     Codes: ``empty``, ``unreadable``, ``unsupported_format``, ``corrupt_image``,
-    ``too_many_pixels``, ``too_many_frames``, ``animation_too_large``, ``too_many_scans``.
+    ``too_many_pixels``, ``too_many_frames``, ``animation_too_large``, ``too_many_scans``;
+    videos: ``corrupt_video``, ``video_unsupported``, ``video_too_long``,
+    ``video_too_large``, ``video_time_budget`` (and the image codes above).
     """
 
     #: The status of a request whose only image failed, by the image's error code (else 400).
@@ -84,6 +86,10 @@ class ImageError(ModerationError, ValueError):
         "too_many_frames": 413,
         "animation_too_large": 413,
         "too_many_scans": 413,
+        "video_unsupported": 415,
+        "video_too_long": 413,
+        "video_too_large": 413,
+        "video_time_budget": 413,
     }
 
     def __init__(self, code: str, message: str) -> None:

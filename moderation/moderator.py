@@ -25,6 +25,7 @@ from .prompts import (
     missing_prompts,
 )
 from .scorer import Scorer
+from .video import VideoLimits, VideoSampling, decode_video, is_video
 from .views import View, crop_key
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
@@ -116,6 +117,7 @@ class Moderator:
         cache: VectorCache | None = None,
         *,
         limits: ImageLimits | None = None,
+        video_limits: VideoLimits | None = None,
     ) -> None:
         accepted = encoder.accepts
         mismatched = {
@@ -135,6 +137,7 @@ class Moderator:
         self.encoder = encoder
         self.cache = cache
         self.limits = limits or ImageLimits()
+        self.video_limits = video_limits or VideoLimits()
         self.text: PolicyEmbeddings = embed_policy(policy, encoder, cache)
 
     @classmethod
@@ -145,6 +148,7 @@ class Moderator:
         *,
         cache: VectorCache | None = None,
         limits: ImageLimits | None = None,
+        video_limits: VideoLimits | None = None,
     ) -> Moderator:
         """Load the policy at ``path`` (or take it, parsed) and the model it names, with what
         ``spec`` overrides (an :class:`~moderation.backends.EncoderSpec`: another model or
@@ -152,7 +156,8 @@ class Moderator:
 
         ``cache``: a text-embedding cache a layer above provides (default: the folder cache
         in ``spec.cache_dir``, see :func:`moderation.prompts.default_cache_path`);
-        ``limits``: what a decoded image may be (default: :class:`ImageLimits`'s).
+        ``limits``: what a decoded image may be (default: :class:`ImageLimits`'s);
+        ``video_limits``: what a video may cost (default: :class:`VideoLimits`'s).
         """
         policy = path if isinstance(path, Policy) else load_policy(path)
         spec = EncoderSpec.for_policy(policy, spec)
@@ -161,7 +166,7 @@ class Moderator:
             cache = EmbeddingCache(
                 Path(spec.cache_dir) / "embeddings" if spec.cache_dir is not None else None
             )
-        return cls(policy, encoder, cache, limits=limits)
+        return cls(policy, encoder, cache, limits=limits, video_limits=video_limits)
 
     def with_encoder(self, encoder: ImageTextEncoder) -> Moderator:
         """The same policy with another encoder of the same model (e.g. a batching one)."""
@@ -170,6 +175,7 @@ class Moderator:
             encoder,
             self.cache,
             limits=self.limits,
+            video_limits=self.video_limits,
         )
 
     def with_policy(
@@ -199,6 +205,7 @@ class Moderator:
             self.encoder,
             cache,
             limits=self.limits,
+            video_limits=self.video_limits,
         )
 
     def scorer(self, profile: str | None = None) -> Scorer:
@@ -229,6 +236,17 @@ class Moderator:
                 source.width,
                 source.height,
             )
+        if isinstance(source, (str, Path)):
+            path = source
+            try:
+                source = Path(path).read_bytes()
+            except OSError as e:
+                raise ImageError("unreadable", f"cannot read {path}: {e.strerror or e}") from e
+        if is_video(source):  # sampled frames with their times (crops: images only)
+            sampling = self.policy.video_views
+            return decode_video(source, limits=self.video_limits, sampling=VideoSampling(
+                rate_fps=sampling.rate, max_frames=sampling.max_frames),
+                draft_size=self.encoder.image_size)
         return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size,
                             crops=self.policy.crop_grid)
 

@@ -45,6 +45,8 @@ __all__ = [
     "Policy",
     "PolicyLimits",
     "Threshold",
+    "Persistence",
+    "VideoViews",
     "Views",
     "load_policy",
     "parse_policy",
@@ -290,17 +292,17 @@ class Views(_Strict):
     """What views of an upload are scored, besides each sampled frame whole (always one)."""
 
     crops: str = Field(
-        "none",
+        default="none",
         description="a grid of crops of each frame, columns x rows (1 to 4 each), such as "
         "2x2; 'none': whole frames only. Each crop is encoded on its own: a 2x2 grid "
         "costs 5 encodings per frame instead of 1",
     )
     overlap: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
-        0.2, description="the share of a crop's side its neighbour also covers"
+        default=0.2, description="the share of a crop's side its neighbour also covers"
     )
     min_side: Annotated[int, Field(ge=32, le=100_000)] = Field(
-        256, description="no crops are cut from an image whose crops would be narrower than "
-        "this many source pixels (the whole image is still scored)"
+        default=256, description="no crops are cut from an image whose crops would be "
+        "narrower than this many source pixels (the whole image is still scored)"
     )
 
     @field_validator("crops")
@@ -320,6 +322,27 @@ class Views(_Strict):
         return CropGrid.parse(self.crops, self.overlap, self.min_side)
 
 
+class VideoViews(_Strict):
+    """Which frames of a video are scored."""
+
+    rate: float = Field(
+        default=1.0, gt=0.0, le=30.0,
+        description="frames a second sampled (at 0, 1/rate, 2/rate, … s), the last frame "
+        "included")
+    max_frames: int = Field(
+        default=32, ge=1, le=256,
+        description="frames scored at most; a longer video has this many spread evenly over "
+        "its length, first and last included")
+
+
+class Persistence(_Strict):
+    """A video's category fires only when at least ``frames`` sampled frames within
+    ``within_s`` seconds cross its threshold (one blurry frame is not a clip)."""
+
+    frames: Annotated[int, Field(ge=1, le=256)] = 1
+    within_s: Annotated[float, Field(ge=0.0, le=86_400.0)] = 0.0
+
+
 class Category(_Strict):
     description: Text
     terms: Annotated[list[Text], Field(min_length=1)]
@@ -333,6 +356,10 @@ class Category(_Strict):
     crops: bool | None = Field(
         default=None, description="whether this category's score also takes the policy's "
         "crops (views.crops) into its maximum; default: when the policy has crops"
+    )
+    persistence: Persistence | None = Field(
+        default=None, description="videos: fire only when at least this many sampled frames "
+        "within this many seconds cross the threshold (default: any one frame)"
     )
 
     @field_validator("terms", "exceptions")
@@ -380,6 +407,10 @@ class Policy(_Strict):
     views: Views | None = Field(
         default=None, description="the views of an upload that are scored: crops of each "
         "frame for small objects (default: whole frames only)",
+    )
+    video: VideoViews | None = Field(
+        default=None, description="which frames of a video are scored (default: 1 a second, "
+        "at most 32)",
     )
 
     @field_validator("templates")
@@ -436,14 +467,33 @@ class Policy(_Strict):
             return 1
         return 1 + (grid.tiles if grid.tiles > 1 else 0)
 
-    def _views_decisive(self) -> dict[str, Any]:
-        """What the views change in decisions and scores (nothing when there are no crops, so
-        that a policy without them keeps the version it always had)."""
+    def _views_decisive(self, *, decisions: bool = False) -> dict[str, Any]:
+        """What the views change in scores (and, with ``decisions``, in decisions: the
+        persistence rules); nothing for what a policy leaves at its default, so that a policy
+        without views keeps the version it always had."""
+        out: dict[str, Any] = {}
         grid = self.crop_grid
-        if grid is None:
-            return {}
-        return {"views": [str(grid), grid.overlap, grid.min_side,
-                          sorted(c for c in self.categories if self.uses_crops(c))]}
+        if grid is not None:
+            out["views"] = [str(grid), grid.overlap, grid.min_side,
+                            sorted(c for c in self.categories if self.uses_crops(c))]
+        if self.video is not None:
+            out["video"] = [self.video.rate, self.video.max_frames]
+        persistence = {cid: [c.persistence.frames, c.persistence.within_s]
+                       for cid, c in sorted(self.categories.items())
+                       if c.persistence is not None and c.persistence.frames > 1}
+        if decisions and persistence:
+            out["persistence"] = persistence
+        return out
+
+    def persistence_of(self, category_id: str) -> Persistence | None:
+        """A category's persistence rule for videos (``None``: any one frame fires)."""
+        rule = self.categories[category_id].persistence
+        return rule if rule is not None and rule.frames > 1 else None
+
+    @property
+    def video_views(self) -> VideoViews:
+        """Which frames of a video are scored."""
+        return self.video or VideoViews()
 
     def profile_names(self) -> list[str]:
         """``default`` (the categories' own thresholds), then the named profiles."""
@@ -490,7 +540,7 @@ class Policy(_Strict):
                 name: {cid: [t.value, t.review_from] for cid, t in sorted(thresholds.items())}
                 for name, thresholds in sorted(self.profiles.items())
             },
-            **self._views_decisive(),
+            **self._views_decisive(decisions=True),
         }
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

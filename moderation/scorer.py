@@ -15,8 +15,16 @@ from typing import TypeVar
 
 import numpy as np
 
-from .decision import Decision, ThresholdTable, assemble, category_severities, decide
-from .policy import Policy
+from .decision import (
+    CategoryDecision,
+    Decision,
+    ThresholdTable,
+    assemble,
+    category_severities,
+    decide,
+)
+from .persistence import persistence_span
+from .policy import Action, Policy
 from .prompts import PolicyEmbeddings
 from .scoring import ScoreColumns, score_images
 from .views import View
@@ -177,10 +185,35 @@ class Scorer:
                 taken = range(len(mine)) if self.policy.uses_crops(cid) else whole
                 # the view with the highest score (the first among equals)
                 best = max(taken, key=lambda k: (mine[k].categories[cid].score, -k))
-                categories[cid] = replace(mine[best].categories[cid], frame=views[best].frame,
-                                          view=views[best])
+                categories[cid] = self._persisting(
+                    cid, replace(mine[best].categories[cid], frame=views[best].frame,
+                                 view=views[best]),
+                    [(views[k], mine[k].categories[cid].score) for k in taken])
             decisions.append(assemble(categories))
         return decisions
+
+    def _persisting(self, cid: str, decided: CategoryDecision,
+                    scored: list[tuple[View, float]]) -> CategoryDecision:
+        """A video's category under its persistence rule: it keeps its action only when at
+        least k sampled frames within w seconds cross the threshold (a frame crosses when
+        any view of it that the category takes does); else it is decided as a score below
+        the threshold (review in a review band, else allow). ``span``: the seconds of the
+        frames that fired. Images and animations (no times) keep the any-frame rule."""
+        rule = self.policy.persistence_of(cid)
+        if rule is None or not decided.flagged or decided.score < decided.threshold or any(
+                view.time is None for view, _ in scored):
+            return decided
+        crossing: dict[float, bool] = {}
+        for view, score in scored:
+            assert view.time is not None
+            crossing[view.time] = crossing.get(view.time, False) or score >= decided.threshold
+        times = sorted(crossing)
+        span = persistence_span(times, [crossing[t] for t in times], rule.frames, rule.within_s)
+        if span is not None:
+            return replace(decided, span=span)
+        in_band = decided.review_from is not None and decided.score >= decided.review_from
+        action = Action.REVIEW if in_band else Action.ALLOW
+        return replace(decided, action=action, flagged=action is not Action.ALLOW)
 
 
 

@@ -59,6 +59,7 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
         # text embeddings in the log as well: what one replica encodes, the others read
         cache=SharedEmbeddingCache.with_folder(database_url, settings.cache_dir),
         limits=settings.image_limits,
+        video_limits=settings.video_limits,
     )
     if settings.trace:
         moderator.encoder.trace_image_tower()  # torch: a TorchScript trace

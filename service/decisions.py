@@ -154,4 +154,5 @@ def render_dashboard(moderator: Moderator, store: DecisionStore, quality: dict[s
         policy=policy, model=moderator.encoder.identity, thresholds=thresholds,
         chart=chart, width=WIDTH, height=HEIGHT, pad=PAD, latest=latest, actions=actions,
         hours=hours, bucket=bucket, when=pages.when, quality=quality,
+        view_text=pages.view_text,
     )

@@ -13,7 +13,7 @@ from flask import Blueprint, Response
 
 from .auth import sign_in
 
-__all__ = ["bp", "page", "when"]
+__all__ = ["bp", "page", "view_text", "when"]
 
 bp = Blueprint("dashboard", __name__)
 
@@ -24,6 +24,19 @@ def page(html: str, status: int = 200) -> Response:
 
 def when(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def view_text(view: Any) -> str:
+    """A view (a record's ``view``: frame, time, box) in words: "frame 3 at 12.0 s, crop
+    (900, 600)–(1060, 760)"."""
+    get = view.get if isinstance(view, dict) else lambda k: getattr(view, k, None)
+    text = f"frame {get('frame')}"
+    if get("time") is not None:
+        text += f" at {get('time'):.1f} s"
+    box = get("box")
+    if box:
+        text += f", crop ({box[0]}, {box[1]})–({box[2]}, {box[3]})"
+    return text
 
 
 @bp.post("/dashboard/sign-in")

@@ -268,4 +268,5 @@ def review_decide(item_id: str) -> Any:
 def render_review(reviewer: str, item: dict[str, Any] | None, counts: dict[str, Any], *,
                   done: Any = None, error: dict[str, Any] | None = None) -> str:
     return render_template("review.html", reviewer=reviewer, item=item, counts=counts,
-                           done=done, error=error, when=pages.when)
+                           done=done, error=error, when=pages.when,
+                           view_text=pages.view_text)

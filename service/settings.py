@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from moderation import ModerationError
 from moderation.images import ImageLimits
 from moderation.policy import PolicyLimits
+from moderation.video import VideoLimits
 
 __all__ = ["Settings", "SettingsError", "current_settings", "load_settings"]
 
@@ -80,6 +81,12 @@ class Settings(BaseSettings):
     max_animation_frames: int = Field(default=ImageLimits.max_animation_frames, ge=1)
     max_animation_pixels: int = Field(default=ImageLimits.max_animation_pixels, ge=1)
     max_jpeg_scans: int = Field(default=ImageLimits.max_jpeg_scans, ge=1)
+    # --- what a video may cost (moderation.video.VideoLimits): video_ + its field's name
+    video_max_duration_s: float = Field(default=VideoLimits.max_duration_s, gt=0)
+    video_max_pixels: int = Field(default=VideoLimits.max_pixels, ge=1)
+    video_max_decoded_pixels: int = Field(default=VideoLimits.max_decoded_pixels, ge=1)
+    video_time_budget_s: float = Field(default=VideoLimits.time_budget_s, gt=0)
+    video_max_stream_frames: int = Field(default=VideoLimits.max_stream_frames, ge=1)
     # --- what a policy may cost (a reload, a dry-run's proposal): moderation.policy.PolicyLimits
     policy_max_bytes: int = Field(default=PolicyLimits.max_bytes, ge=1)
     policy_max_depth: int = Field(default=PolicyLimits.max_depth, ge=1)
@@ -222,6 +229,12 @@ class Settings(BaseSettings):
         """Every field of :class:`PolicyLimits` is a setting, ``policy_`` + its name."""
         return PolicyLimits(**{f.name: getattr(self, f"policy_{f.name}")
                                for f in fields(PolicyLimits)})
+
+    @property
+    def video_limits(self) -> VideoLimits:
+        """Every field of :class:`VideoLimits` is a setting, ``video_`` + its name."""
+        return VideoLimits(**{f.name: getattr(self, f"video_{f.name}")
+                              for f in fields(VideoLimits)})
 
     @property
     def image_limits(self) -> ImageLimits:

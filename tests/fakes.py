@@ -164,3 +164,26 @@ def marker_photo(size: tuple[int, int] = (1200, 900), box: tuple[int, int, int, 
     buffer = io.BytesIO()
     image.save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def video_bytes(seconds: Sequence[tuple[int, int, int]], fps: int = 5,
+                size: tuple[int, int] = (64, 48), fmt: str = "mp4",
+                codec: str = "libx264") -> bytes:
+    """A clip (PyAV, made here: never downloaded) whose second s is solid ``seconds[s]``."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(len(seconds) * fps):
+            pixels = np.empty((size[1], size[0], 3), np.uint8)
+            pixels[:] = seconds[i // fps]
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -48,6 +48,21 @@ def test_policy_check_lists_every_fault(runner: CliRunner, tmp_path: Path) -> No
     assert "bad.yaml: templates: template 'nothing' must contain" in result.output
 
 
+def test_policy_check_says_what_crops_cost_per_category(runner: CliRunner,
+                                                      tmp_path: Path) -> None:
+    data = copy.deepcopy(HAND_POLICY)
+    data["views"] = {"crops": "3x2", "overlap": 0.1}
+    data["categories"]["alcohol"]["crops"] = False
+    path = tmp_path / "crops.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = runner.invoke(main, ["policy", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "a 3x2 grid of crops (overlap 0.1" in result.output
+    assert "7 encodings per frame instead of 1" in result.output
+    assert "weapons: 7 views per frame" in result.output
+    assert "alcohol: 1 view per frame (no crops)" in result.output
+
+
 def test_score_prints_one_json_object_per_image(
     runner: CliRunner, tiny_policy: Path, tmp_path: Path
 ) -> None:

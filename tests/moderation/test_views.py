@@ -203,3 +203,56 @@ def test_calibration_from_files_fits_on_the_crop_maximum_the_service_decides_wit
     assert scores[0, marker] == pytest.approx(result.decision.categories["marker"].score,
                                               abs=1e-6)
     assert scores[0, marker] > 0.07
+
+
+# --- videos: the persistence rule ------------------------------------------------------------
+
+
+def persistent_scorer(frames: int, within_s: float, review_from: float | None = None) -> Scorer:
+    policy = policy_with(None, persistence={"frames": frames, "within_s": within_s},
+                         threshold={"value": 0.07, "review_from": review_from})
+    return Scorer(policy, Moderator(policy, MarkerEncoder()).text)
+
+
+def clip_vectors(crossing: list[bool]) -> np.ndarray:
+    """One vector per sampled second: similarity ~0.5 where crossing, ~0.01 elsewhere."""
+    return np.stack([unit(1, 1, 0) if c else unit(0.01, 1, 0) for c in crossing]).astype(
+        np.float32)
+
+
+def timed(n: int) -> list[View]:
+    return [View(i, float(i)) for i in range(n)]
+
+
+def test_persistence_fires_on_three_consecutive_crossing_frames_and_names_the_span() -> None:
+    crossing = [False, False, True, True, True, False, False, False]
+    [decision] = persistent_scorer(3, 2.0).decide([clip_vectors(crossing)], [timed(8)])
+    marker = decision.categories["marker"]
+    assert decision.action.value == "block" and marker.span == (2.0, 4.0)
+    assert marker.to_dict()["span"] == [2.0, 4.0]
+    assert marker.view == View(2, 2.0)  # the first of the equal maxima
+
+
+def test_persistence_does_not_fire_on_two_scattered_crossing_frames() -> None:
+    crossing = [True, False, False, False, True, False, False, False]
+    [decision] = persistent_scorer(3, 2.0).decide([clip_vectors(crossing)], [timed(8)])
+    marker = decision.categories["marker"]
+    assert decision.action.value == "allow" and not marker.flagged and marker.span is None
+    assert marker.score > marker.threshold  # the score is still the maximum: it says why
+    # with a review band, a score over the threshold that did not persist goes to review
+    [banded] = persistent_scorer(3, 2.0, review_from=0.05).decide(
+        [clip_vectors(crossing)], [timed(8)])
+    assert banded.action.value == "review"
+
+
+def test_images_and_animations_keep_the_any_frame_rule() -> None:
+    """No times: a persistence rule never stops an image (it could never hold)."""
+    [decision] = persistent_scorer(3, 2.0).decide([clip_vectors([True])], [[View(0)]])
+    assert decision.action.value == "block" and decision.categories["marker"].span is None
+
+
+def test_persistence_changes_the_decision_version_not_the_scores_version() -> None:
+    plain = policy_with()
+    rule = policy_with(None, persistence={"frames": 3, "within_s": 5})
+    assert rule.version != plain.version and rule.scores_version == plain.scores_version
+    assert policy_with(None, persistence={"frames": 1, "within_s": 0}).version == plain.version

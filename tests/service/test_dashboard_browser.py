@@ -368,3 +368,82 @@ def test_the_review_form_works_as_a_plain_post(make_app: Any) -> None:
     assert "Nothing waits" in client.get(answer.headers["Location"]).text
     again = client.post(f"/dashboard/review/{item_id}", data={"do": "decide"})
     assert again.status_code == 409 and "already_decided" in again.text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
+def test_the_review_page_draws_the_crop_and_the_dashboard_a_videos_time(
+        thumbnails: tuple[str, Path], tmp_path: Path) -> None:
+    """A small marker found in a crop goes to review: the review page draws the crop's box
+    over the image, where the marker is; a video decision's decided time and span are on the
+    dashboard."""
+    import copy
+    import io
+
+    import yaml
+    from playwright.sync_api import sync_playwright
+
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+    from service.app import create_app
+    from tests.fakes import MARKER_POLICY, MarkerEncoder, marker_photo
+
+    data = copy.deepcopy(MARKER_POLICY)
+    data["views"] = {"crops": "2x2", "overlap": 0.2, "min_side": 256}
+    data["categories"]["marker"]["action"] = "review"
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    store_url, folder = thumbnails
+    app = create_app(
+        {"POLICY": str(path), "ADMIN_TOKEN": ADMIN, "READER_TOKEN": READER,
+         "REVIEWERS": "ann:ann-token", "AUDIT_RATE": "0",
+         "IMAGE_URL_TEMPLATE": f"{store_url}/{{client_id}}",
+         "DATABASE_URL": f"sqlite:///{tmp_path / 'decisions.sqlite3'}"},
+        moderator=Moderator(parse_policy(path.read_text()), MarkerEncoder()))
+    photo = marker_photo()
+    (folder / "photo.jpg").write_bytes(photo)
+    r = app.test_client().post("/v1/moderate", data={"image": [(io.BytesIO(photo), "photo.jpg")],
+                                                     "id": ["photo.jpg"]})
+    [result] = r.get_json()["results"]
+    assert result["action"] == "review", result
+    box = result["categories"]["marker"]["view"]["box"]
+    store, recorder = app.extensions["decisions"]
+    recorder.flush()
+    video = DecisionRecord(
+        id=uuid.uuid4().hex, created_at=time.time(), client_id="clip.mp4",
+        image={"sha256": "1" * 64, "size": 1000}, policy={"name": "markers", "version": "v"},
+        model="fake/marker", profile="default", action="block", triggered=["marker"],
+        categories={"marker": {
+            "score": 0.3, "similarity": 0.3, "threshold": 0.07, "margin": 0.23,
+            "flagged": True, "action": "block", "top_terms": [], "frame": 42,
+            "view": {"frame": 42, "time": 12.5, "box": None}, "span": [11.0, 14.0]}},
+        latency_ms=5.0)
+    store.add_many([video])
+    problems: list[str] = []
+    shots = Path(os.environ.get("MODERATION_SCREENSHOT_DIR", tmp_path))
+    with serving(app) as served, sync_playwright() as p:
+        browser, page = open_page(p, problems, height=900)
+        assert page.goto(f"{served}/dashboard?token={READER}").status == 200
+        latest = page.locator("table#latest").inner_text()
+        assert "frame 42 at 12.5 s" in latest and "crossed from 11.0 to 14.0 s" in latest
+        page = browser.new_page(viewport={"width": 1280, "height": 900})  # ann's own session
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        assert page.goto(f"{served}/dashboard/review?token=ann-token").status == 200
+        assert page.locator("#decision-id").inner_text() == result["decision_id"]
+        page.wait_for_function("document.querySelector('img#image').naturalWidth > 0")
+        crop = page.locator("#crop-box")
+        crop.wait_for(state="visible")
+        image_box, crop_box = page.locator("img#image").bounding_box(), crop.bounding_box()
+        assert image_box is not None and crop_box is not None
+        # the image is 1200x900, shown "contain"ed at the image element's width
+        scale = min(image_box["width"] / 1200, image_box["height"] / 900)
+        left = image_box["x"] + (image_box["width"] - 1200 * scale) / 2
+        top = image_box["y"] + (image_box["height"] - 900 * scale) / 2
+        assert crop_box["x"] == pytest.approx(left + box[0] * scale, abs=2)
+        assert crop_box["y"] == pytest.approx(top + box[1] * scale, abs=2)
+        assert crop_box["width"] == pytest.approx((box[2] - box[0]) * scale, abs=2)
+        assert "crop (" in page.locator("#decided-view").inner_text()
+        assert "crop (" in page.locator("table#scores").inner_text()
+        page.screenshot(path=str(shots / "review-crop.png"), full_page=True)
+        browser.close()
+    assert problems == []

@@ -20,6 +20,7 @@ def test_defaults_are_declared_once_and_typed(monkeypatch: pytest.MonkeyPatch) -
     assert settings.batch_max == 16 and settings.trace is True
     assert settings.max_content_length == 64 * 1024 * 1024
     assert settings.image_limits.max_jpeg_scans == 100
+    assert settings.video_limits.max_duration_s == 600.0
     assert settings.policy == Path("policies/default.yaml")
 
 

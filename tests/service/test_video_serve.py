@@ -1,0 +1,100 @@
+"""Videos through the app: sampled at the policy's rate, decided by the one scorer with the
+persistence rule, the decided time and the span that crossed in the response and the log;
+hostile videos refused with their code in the documented error shape."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flask.testing import FlaskClient
+
+from moderation import Moderator
+from moderation.policy import parse_policy
+from moderation.video import VideoLimits
+from service.app import create_app
+from tests.fakes import MARKER_POLICY, MarkerEncoder, video_bytes
+from tests.service.conftest import ADMIN, READER
+
+pytest.importorskip("av")
+
+READER_H = {"Authorization": f"Bearer {READER}"}
+GREY, RED = (128, 128, 128), (255, 0, 0)
+
+
+def make_client(tmp_path: Path, limits: VideoLimits | None = None,
+                **settings: Any) -> tuple[Any, FlaskClient]:
+    data = copy.deepcopy(MARKER_POLICY)
+    data["video"] = {"rate": 1.0, "max_frames": 32}
+    data["categories"]["marker"]["persistence"] = {"frames": 3, "within_s": 2.0}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    app = create_app(
+        {"POLICY": str(path), "ADMIN_TOKEN": ADMIN, "READER_TOKEN": READER,
+         "DATABASE_URL": f"sqlite:///{tmp_path / 'decisions.sqlite3'}", **settings},
+        moderator=Moderator(parse_policy(path.read_text()), MarkerEncoder(),
+                            video_limits=limits),
+    )
+    return app, app.test_client()
+
+
+def upload(client: FlaskClient, data: bytes, name: str) -> Any:
+    return client.post("/v1/moderate", data={"image": [(io.BytesIO(data), name)],
+                                             "id": [name]},
+                       content_type="multipart/form-data")
+
+
+def test_three_seconds_of_marker_fire_and_two_scattered_ones_do_not(tmp_path: Path) -> None:
+    app, client = make_client(tmp_path)
+    steady = video_bytes([GREY, GREY, GREY, RED, RED, RED, GREY, GREY])
+    scattered = video_bytes([GREY, RED, GREY, GREY, GREY, GREY, RED, GREY])
+
+    r = upload(client, steady, "steady.mp4")
+    assert r.status_code == 200, r.get_data(as_text=True)
+    [result] = r.get_json()["results"]
+    assert result["action"] == "block" and result["image"]["format"] == "MP4"
+    assert result["frames_scored"] == 9  # 0 … 7 s and the last frame
+    marker = result["categories"]["marker"]
+    assert marker["view"]["time"] == pytest.approx(3.0) and marker["view"]["box"] is None
+    assert marker["span"] == pytest.approx([3.0, 5.0])
+
+    r = upload(client, scattered, "scattered.mp4")
+    [result] = r.get_json()["results"]
+    assert result["action"] == "allow", result
+    assert result["categories"]["marker"]["span"] is None
+    assert result["categories"]["marker"]["score"] > 0.9  # crossed, but not for long
+
+    app.extensions["decisions"][1].flush()
+    page = client.get("/v1/decisions", headers=READER_H,
+                      query_string={"client_id": "steady.mp4"}).get_json()
+    [record] = page["decisions"]
+    assert record["categories"]["marker"]["span"] == pytest.approx([3.0, 5.0])
+    assert [v["time"] for v in record["views"]][:4] == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert len(record["frames"]) == 9
+
+
+@pytest.mark.parametrize(("name", "make", "code", "status"), [
+    ("truncated.mp4", lambda: video_bytes([GREY] * 4)[:700], "corrupt_video", 400),
+    ("noise.mp4", lambda: b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8,
+     "corrupt_video", 400),
+])
+def test_a_hostile_video_gets_its_code_in_the_error_shape(tmp_path: Path, name: str, make: Any,
+                                                          code: str, status: int) -> None:
+    _, client = make_client(tmp_path)
+    r = upload(client, make(), name)
+    assert r.status_code == status, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_a_video_over_the_duration_setting_is_refused_with_413(tmp_path: Path) -> None:
+    _, client = make_client(tmp_path, VideoLimits(max_duration_s=3.0))
+    r = upload(client, video_bytes([GREY] * 6), "long.mp4")
+    assert r.status_code == 413, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert error["code"] == "video_too_long" and "MODERATION_VIDEO_MAX_DURATION_S" in (
+        error["message"])
