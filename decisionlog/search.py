@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
@@ -172,12 +173,14 @@ class ExactIndex:
 
     name = "exact"
 
-    def __init__(self, store: DecisionStore, chunk: int = 8192, readers: int = 1) -> None:
+    def __init__(self, store: DecisionStore, chunk: int = 8192,
+                 readers: int | None = None) -> None:
         self.store = store
         self.chunk = chunk
-        #: blocks read and compared in parallel, one connection each (2 did not beat 1 on a
-        #: busy 2-core machine, where a service's search shares the cores: BENCHMARKS.md)
-        self.readers = max(1, readers)
+        #: blocks read and compared in parallel, one connection each (default: one per core,
+        #: at most 4). With numpy's BLAS on one thread meanwhile, two readers took a million
+        #: decisions from 1.3 s to 0.88 s on 2 cores (BENCHMARKS.md)
+        self.readers = max(1, readers if readers is not None else min(4, os.cpu_count() or 1))
 
     def nearest(self, queries: np.ndarray, *, model: str, filters: SearchFilters,
                 k: int) -> list[Neighbour]:
