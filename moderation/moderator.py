@@ -237,15 +237,19 @@ class Moderator:
                 source.height,
             )
         if isinstance(source, (str, Path)):
-            path = source
             try:
-                source = Path(path).read_bytes()
+                with open(source, "rb") as f:
+                    head = f.read(64)
             except OSError as e:
-                raise ImageError("unreadable", f"cannot read {path}: {e.strerror or e}") from e
-        if is_video(source):  # sampled frames with their times (crops: images only)
-            sampling = self.policy.video_views
+                raise ImageError("unreadable",
+                                 f"cannot read {source}: {e.strerror or e}") from e
+        else:
+            head = source[:64]
+        if is_video(head):  # sampled frames with their times (crops: images only); a path
+            sampling = self.policy.video_views  # is streamed, not read whole
             return decode_video(source, limits=self.video_limits, sampling=VideoSampling(
-                rate_fps=sampling.rate, max_frames=sampling.max_frames),
+                rate_fps=sampling.rate, max_frames=sampling.max_frames,
+                keyframe_snap_s=sampling.keyframe_snap_s),
                 draft_size=self.encoder.image_size)
         return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size,
                             crops=self.policy.crop_grid)

@@ -30,7 +30,7 @@ NEAR = [unit(1, 0, 0), unit(0.96, 0.28, 0), unit(0.8, 0.6, 0), unit(0.6, 0.8, 0)
 
 def indexes(store: DecisionStore) -> list[object]:
     """Every index of this log: exact search, and pgvector's on PostgreSQL."""
-    found: list[object] = [ExactIndex(store, chunk=2, readers=1),  # small chunks: decisions span them
+    found: list[object] = [ExactIndex(store, chunk=2, readers=1),  # decisions span chunks
                            ExactIndex(store, readers=3)]  # blocks shared out to 3 readers
     if store.dialect == "postgresql":
         ensure_hnsw_index(store.engine, 3)
