@@ -310,7 +310,7 @@ def _raw_rows(engine: Engine, statement: Any) -> Iterator[_Row]:
         params = compiled.construct_params()
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        cursor = (raw.cursor(name="frame_blocks_scan")
+        cursor = (raw.cursor(name="frame_blocks_scan", binary=True)
                   if conn.dialect.name == "postgresql" else raw.cursor())
         try:
             if compiled.positiontup is not None:  # SQLite: ? placeholders
