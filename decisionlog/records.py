@@ -55,6 +55,29 @@ class ViewOut(BaseModel):
                    box=None if v.box is None else list(v.box))
 
 
+class BankMatchOut(BaseModel):
+    """A hash-bank entry the upload matched (README: hash banks)."""
+
+    bank: str
+    action: Literal["allow", "flag", "review", "block"]
+    kind: Literal["pdq", "sha256"]
+    hash: str = Field(description="the bank's hash (PDQ or SHA-256, hex)")
+    distance: int = Field(ge=0, description="Hamming distance of the upload's frame (0: "
+                                            "SHA-256, an exact copy)")
+    frame: int = Field(0, ge=0, description="the upload's frame that matched")
+    note: str | None = None
+    source: str | None = None
+
+
+class FrameHashOut(BaseModel):
+    """The PDQ hash of one sampled frame (ThreatExchange/HMA hex)."""
+
+    frame: int = Field(ge=0)
+    pdq: str
+    quality: int = Field(ge=0, le=100, description="PDQ's quality; under 50, too "
+                                                   "featureless to match on")
+
+
 class CategoryOutcome(BaseModel):
     """One category's outcome, as the response gave it."""
 
@@ -137,6 +160,12 @@ class DecisionRecord(BaseModel):
         default_factory=list, description="what each entry of frames is (frame, time, crop "
         "box), when the upload had crops or was a video (empty: whole frames only)"
     )
+    pdq: list[FrameHashOut] = Field(
+        default_factory=list, description="each sampled frame's PDQ hash (empty: not hashed, "
+        "a video, or a decision from before hashes)")
+    matches: list[BankMatchOut] = Field(
+        default_factory=list, description="the hash-bank entries the upload matched, which "
+        "joined the classifier's action")
     embeddings: np.ndarray | None = Field(default=None, exclude=True, repr=False)
 
     @classmethod
@@ -176,6 +205,11 @@ class DecisionRecord(BaseModel):
             views=([ViewOut.of(v) for v in result.views]
                    if embeddings is not None and any(
                        v.is_crop or v.time is not None for v in result.views) else []),
+            pdq=([FrameHashOut(frame=f, pdq=h.pdq, quality=h.quality) for f, h in zip(
+                [v.frame for v in result.views if not v.is_crop], result.hashes.frames,
+                strict=False)] if result.hashes is not None and decision is not None else []),
+            matches=([BankMatchOut(**m.to_dict()) for m in decision.matches]
+                     if decision is not None else []),
             embeddings=embeddings,
         )
 

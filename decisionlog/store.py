@@ -118,6 +118,9 @@ class DecisionStore:
                 "frames_scored": r.frames_scored,
                 "views": json.dumps([v.model_dump(mode="json") for v in r.views])
                 if r.views else None,
+                "pdq": json.dumps([h.model_dump(mode="json") for h in r.pdq]) if r.pdq else None,
+                "matches": json.dumps([m.model_dump(mode="json") for m in r.matches])
+                if r.matches else None,
             })
             for category in r.triggered:
                 outcome = r.categories.get(category)
@@ -184,6 +187,8 @@ class DecisionStore:
             frames_scored=row.frames_scored,
             frames=sorted(int(f) for f in row.frames.split(",")) if row.frames else [],
             views=json.loads(row.views) if row.views else [],
+            pdq=json.loads(row.pdq) if row.pdq else [],
+            matches=json.loads(row.matches) if row.matches else [],
         )
 
     def _select(self) -> Any:

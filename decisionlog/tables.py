@@ -109,6 +109,9 @@ decisions = sa.Table(
     # JSON: what each stored key is (frame, time, crop box), for crops and videos (NULL:
     # whole frames only)
     sa.Column("views", sa.Text),
+    # JSON: each sampled frame's PDQ hash, and the hash-bank entries the upload matched
+    sa.Column("pdq", sa.Text),
+    sa.Column("matches", sa.Text),
     sa.Index("decisions_time", "created_at", "id"),
     sa.Index("decisions_version", "policy_version", "created_at"),
     sa.Index("decisions_client", "client_id", "created_at"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -11,6 +11,9 @@ from .policy import Action, Policy
 from .prompts import PolicyEmbeddings
 from .scoring import Scores
 from .views import View
+
+if TYPE_CHECKING:
+    from .banks import BankMatch
 
 __all__ = [
     "CategoryDecision",
@@ -90,6 +93,9 @@ class Decision:
     action: Action
     categories: dict[str, CategoryDecision]
     triggered: list[str] = field(default_factory=list)
+    #: the hash-bank entries the upload matched (:mod:`moderation.banks`), which joined the
+    #: classifier's action into ``action``
+    matches: list[BankMatch] = field(default_factory=list)
 
     @property
     def flagged(self) -> bool:

@@ -15,10 +15,13 @@ them, so a 20000×1 image never becomes a 4,480,000×224 intermediate.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -111,6 +114,11 @@ class DecodedImage:
     frame_times: list[float] | None = None
     #: crops of the frames (the policy's grid), each from ``frames[crop.position]``
     crops: tuple[Crop, ...] = ()
+    #: what ``hasher`` made of each frame (upright, RGB, before the aspect cut), in the
+    #: order of ``frames``: the PDQ hashes for hash banks (:mod:`moderation.hashing`)
+    hashes: tuple[Any, ...] = ()
+    #: the SHA-256 of the upload's bytes (hex), where the decoder had them
+    sha256: str | None = None
 
     def views(self) -> list[View]:
         """Every view, in the order their images are encoded: the frames whole, then the
@@ -266,13 +274,18 @@ def decode_image(
     limits: ImageLimits | None = None,
     draft_size: int | None = 224,
     crops: CropGrid | None = None,
+    hasher: Callable[[Image.Image], Any] | None = None,
+    hash_size: int = 512,
 ) -> DecodedImage:
     """Decode one image from bytes or a file path, within ``limits`` (default: the defaults).
 
     ``draft_size`` lets JPEGs decode at a reduced scale that keeps both sides at least this
     many pixels (``None`` decodes at full size). ``crops``: also cut this grid from each
     frame, from the decoded image before any resize (a JPEG is decoded at the scale that
-    keeps each crop ``draft_size`` wide). Raises :class:`ImageError`.
+    keeps each crop ``draft_size`` wide). ``hasher``: called on each frame upright and RGB,
+    before its cut to :data:`MAX_ASPECT`, decoded at ``hash_size`` or more (a perceptual hash
+    of the whole picture); its results are the image's ``hashes``. Raises
+    :class:`ImageError`.
     """
     limits = limits or ImageLimits()
     if isinstance(source, (str, Path)):
@@ -303,14 +316,16 @@ def decode_image(
         raise ImageError("corrupt_image", f"the {_guess(data)} data is corrupt: {e}") from e
 
     try:
-        return _decode_opened(image, data, limits, draft_size, crops)
+        decoded = _decode_opened(image, data, limits, draft_size, crops, hasher, hash_size)
+        return replace(decoded, sha256=hashlib.sha256(data).hexdigest())
     finally:
         image.close()
 
 
 def _decode_opened(
     image: Image.Image, data: bytes, limits: ImageLimits, draft_size: int | None,
-    grid: CropGrid | None = None,
+    grid: CropGrid | None = None, hasher: Callable[[Image.Image], Any] | None = None,
+    hash_size: int = 512,
 ) -> DecodedImage:
     width, height = image.size
     check_pixels(width, height, limits.max_pixels)
@@ -353,14 +368,19 @@ def _decode_opened(
         upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         boxes = crop_boxes(*upright, grid) if grid is not None else []
         crop_size = draft_size_for(draft_size, grid) if draft_size and boxes else draft_size
+        if hasher is not None and crop_size is not None:
+            crop_size = max(crop_size, hash_size)
         crops: list[Crop] = []
+        hashes: list[Any] = []
 
         def views_of(frame: Image.Image, position: int) -> Image.Image:
-            """The whole frame to encode, and its crops into ``crops``."""
-            if not boxes:
+            """The whole frame to encode; its crops into ``crops``, its hash into ``hashes``."""
+            if not boxes and hasher is None:
                 return prepare_frame(frame, draft_size, orientation)
             whole = to_rgb(orient(shrink(frame, crop_size) if crop_size else frame,
                                   orientation))
+            if hasher is not None:
+                hashes.append(hasher(whole))
             for box, part in zip(boxes, cut(whole, boxes, upright), strict=True):
                 crops.append(Crop(position, box, prepare_frame(part, draft_size)))
             return prepare_frame(whole, draft_size)
@@ -382,7 +402,8 @@ def _decode_opened(
         raise ImageError(
             "corrupt_image", f"the {fmt} image is truncated or corrupt: {e}"
         ) from e
-    return DecodedImage(frames, indices, n_frames, fmt, width, height, crops=tuple(crops))
+    return DecodedImage(frames, indices, n_frames, fmt, width, height, crops=tuple(crops),
+                        hashes=tuple(hashes))
 
 
 _SIGNATURES = {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import numpy as np
 from PIL import Image
 
 from .backends import EncoderSpec, ImageTextEncoder, load_encoder
+from .banks import HashMatcher, with_matches
 from .decision import Decision
 from .errors import ImageError, ModelMismatchError, PolicyLimitError
+from .hashing import PDQ_MIN_SIDE, UploadHashes, pdq_of
 from .images import DecodedImage, ImageLimits, check_pixels, decode_image, prepare_frame
 from .policy import DEFAULT_PROFILE, Policy, PolicyLimits, excerpt, load_policy
 from .prompts import (
@@ -27,6 +30,17 @@ from .prompts import (
 from .scorer import Scorer
 from .video import VideoLimits, VideoSampling, decode_video, is_video
 from .views import View, crop_key
+
+
+def _sha256(source: bytes | str | Path) -> str:
+    """The SHA-256 (hex) of bytes, or of a file read in pieces."""
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 __all__ = ["ImageInput", "ModerationResult", "Moderator"]
 
@@ -62,6 +76,8 @@ class ModerationResult:
     embeddings: np.ndarray | None = None
     #: every scored view (frame, time, crop box), in the order of ``frames``
     views: tuple[View, ...] = ()
+    #: the upload's SHA-256 and each frame's PDQ (hash banks; ``None``: not hashed)
+    hashes: UploadHashes | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,6 +114,7 @@ class ModerationResult:
             frames_scored=self.frames_scored,
             views_scored=len(self.views) or self.frames_scored,
             image=self.image,
+            matches=[m.to_dict() for m in self.decision.matches],
             categories={k: v.to_dict() for k, v in self.decision.categories.items()},
         )
         return out
@@ -118,6 +135,7 @@ class Moderator:
         *,
         limits: ImageLimits | None = None,
         video_limits: VideoLimits | None = None,
+        hashes: bool = True,
     ) -> None:
         accepted = encoder.accepts
         mismatched = {
@@ -138,6 +156,8 @@ class Moderator:
         self.cache = cache
         self.limits = limits or ImageLimits()
         self.video_limits = video_limits or VideoLimits()
+        #: hash every upload (SHA-256 of its bytes, PDQ of each frame) for hash banks
+        self.hashes = hashes
         self.text: PolicyEmbeddings = embed_policy(policy, encoder, cache)
 
     @classmethod
@@ -149,6 +169,7 @@ class Moderator:
         cache: VectorCache | None = None,
         limits: ImageLimits | None = None,
         video_limits: VideoLimits | None = None,
+        hashes: bool = True,
     ) -> Moderator:
         """Load the policy at ``path`` (or take it, parsed) and the model it names, with what
         ``spec`` overrides (an :class:`~moderation.backends.EncoderSpec`: another model or
@@ -166,7 +187,8 @@ class Moderator:
             cache = EmbeddingCache(
                 Path(spec.cache_dir) / "embeddings" if spec.cache_dir is not None else None
             )
-        return cls(policy, encoder, cache, limits=limits, video_limits=video_limits)
+        return cls(policy, encoder, cache, limits=limits, video_limits=video_limits,
+                   hashes=hashes)
 
     def with_encoder(self, encoder: ImageTextEncoder) -> Moderator:
         """The same policy with another encoder of the same model (e.g. a batching one)."""
@@ -176,6 +198,7 @@ class Moderator:
             self.cache,
             limits=self.limits,
             video_limits=self.video_limits,
+            hashes=self.hashes,
         )
 
     def with_policy(
@@ -206,6 +229,7 @@ class Moderator:
             cache,
             limits=self.limits,
             video_limits=self.video_limits,
+            hashes=self.hashes,
         )
 
     def scorer(self, profile: str | None = None) -> Scorer:
@@ -247,18 +271,21 @@ class Moderator:
             head = source[:64]
         if is_video(head):  # sampled frames with their times (crops: images only); a path
             sampling = self.policy.video_views  # is streamed, not read whole
-            return decode_video(source, limits=self.video_limits, sampling=VideoSampling(
+            decoded = decode_video(source, limits=self.video_limits, sampling=VideoSampling(
                 rate_fps=sampling.rate, max_frames=sampling.max_frames,
                 keyframe_snap_s=sampling.keyframe_snap_s),
                 draft_size=self.encoder.image_size)
+            return replace(decoded, sha256=_sha256(source))  # no PDQ of a video's frames
         return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size,
-                            crops=self.policy.crop_grid)
+                            crops=self.policy.crop_grid,
+                            hasher=pdq_of if self.hashes else None, hash_size=PDQ_MIN_SIDE)
 
     def moderate(
         self,
         images: Sequence[ImageInput],
         ids: Sequence[str | None] | None = None,
         profile: str | None = None,
+        banks: HashMatcher | None = None,
     ) -> list[ModerationResult]:
         """Moderate a batch. Always a list in, a list out, one result per input, in order.
 
@@ -273,15 +300,18 @@ class Moderator:
                 decoded.append(self.decode(source))
             except ImageError as e:
                 decoded.append(e)
-        return self.moderate_decoded(decoded, ids, profile)
+        return self.moderate_decoded(decoded, ids, profile, banks)
 
     def moderate_decoded(
         self,
         decoded: Sequence[DecodedImage | ImageError],
         ids: Sequence[str | None] | None = None,
         profile: str | None = None,
+        banks: HashMatcher | None = None,
     ) -> list[ModerationResult]:
-        """Moderate inputs already decoded (or failed) with :meth:`decode`."""
+        """Moderate inputs already decoded (or failed) with :meth:`decode`. ``banks``: hash
+        banks to match each upload against (:mod:`moderation.banks`): a match joins the
+        classifier's decision."""
         if ids is None:
             ids = [None] * len(decoded)
         if len(ids) != len(decoded):
@@ -314,6 +344,10 @@ class Moderator:
                 results.append(result(item_id, error=item))
                 continue
             decision, image_vectors, mine = next(decisions), next(embeddings), next(image_views)
+            hashes = (UploadHashes(item.sha256, list(item.hashes))
+                      if item.sha256 is not None else None)
+            if banks is not None and hashes is not None:
+                decision = with_matches(decision, banks.match(hashes, item.frame_indices))
             crops = iter(range(len(mine)))
             results.append(
                 result(
@@ -322,6 +356,7 @@ class Moderator:
                     frames=tuple(crop_key(next(crops)) if v.is_crop else v.frame
                                  for v in mine),
                     views=tuple(mine),
+                    hashes=hashes,
                     embeddings=image_vectors,
                     frame=decision.frame,
                     frames_scored=len(item.frames),

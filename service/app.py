@@ -60,6 +60,7 @@ def _load_moderator(settings: Settings, database_url: str) -> Moderator:
         cache=SharedEmbeddingCache.with_folder(database_url, settings.cache_dir),
         limits=settings.image_limits,
         video_limits=settings.video_limits,
+        hashes=settings.hashes,
     )
     if settings.trace:
         moderator.encoder.trace_image_tower()  # torch: a TorchScript trace

@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from decisionlog.jobs import Job as StoredJob
 from decisionlog.lab import DryRun, PolicyChange
-from decisionlog.records import CategoryOutcome, DecisionRecord, PolicyRef
+from decisionlog.records import BankMatchOut, CategoryOutcome, DecisionRecord, PolicyRef
 from decisionlog.reviews import ReviewItem, Verdict
 from decisionlog.search import SearchHit
 
@@ -87,6 +87,9 @@ class ImageDecision(BaseModel):
     views_scored: int = Field(description="views encoded: the frames whole, and their crops "
                                           "when the policy cuts them")
     image: ImageInfo
+    matches: list[BankMatchOut] = Field(
+        default_factory=list, description="the hash-bank entries the upload matched (README: "
+        "hash banks): an allow-bank match clears the classifier, the others join its action")
     categories: dict[str, CategoryOutcome]
     processing_ms: float
 

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     max_animation_frames: int = Field(default=ImageLimits.max_animation_frames, ge=1)
     max_animation_pixels: int = Field(default=ImageLimits.max_animation_pixels, ge=1)
     max_jpeg_scans: int = Field(default=ImageLimits.max_jpeg_scans, ge=1)
+    hashes: bool = Field(default=True, description="hash every upload (SHA-256, PDQ of each "
+                                                   "frame) for hash banks and hash search")
     # --- what a video may cost (moderation.video.VideoLimits): video_ + its field's name
     video_max_duration_s: float = Field(default=VideoLimits.max_duration_s, gt=0)
     video_max_pixels: int = Field(default=VideoLimits.max_pixels, ge=1)
