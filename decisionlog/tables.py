@@ -13,6 +13,9 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 __all__ = [
     "FrameVector",
+    "bank_changes",
+    "bank_hashes",
+    "banks",
     "decision_flags",
     "decision_frames",
     "decisions",
@@ -325,4 +328,48 @@ webhook_outbox = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Index("webhook_outbox_due", "status", "next_attempt_at"),
     sa.Index("webhook_outbox_verdict", "verdict_id"),
+)
+
+#: Known-image hash banks (:mod:`decisionlog.banks`): what a match in each does, and how near
+#: a PDQ hash must be to match.
+banks = sa.Table(
+    "banks",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),  # [a-z0-9][a-z0-9_.-]{0,63}
+    sa.Column("action", sa.Text, nullable=False),  # allow | flag | review | block
+    sa.Column("distance", sa.Integer, nullable=False, server_default=sa.text("31")),
+    sa.Column("min_quality", sa.Integer, nullable=False, server_default=sa.text("50")),
+    sa.Column("description", sa.Text),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    # changed by every write to the bank or its hashes (matchers rebuild a bank when it moves)
+    sa.Column("updated_at", sa.Float(precision=53), nullable=False),
+    sa.CheckConstraint("action IN ('allow', 'flag', 'review', 'block')", name="banks_action"),
+    sa.CheckConstraint("distance BETWEEN 0 AND 128", name="banks_distance"),
+    sa.CheckConstraint("min_quality BETWEEN 0 AND 100", name="banks_min_quality"),
+)
+
+#: The hashes of each bank: PDQ (64 hex digits, as ThreatExchange writes them) or the SHA-256
+#: of an exact copy. Deleting a bank deletes its rows in the same transaction.
+bank_hashes = sa.Table(
+    "bank_hashes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("bank", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # pdq | sha256
+    sa.Column("hash", sa.Text, nullable=False),  # 64 lower-case hex digits
+    sa.Column("note", sa.Text),
+    sa.Column("source", sa.Text),
+    sa.Column("added_at", sa.Float(precision=53), nullable=False),
+    sa.Column("added_by", sa.Text),
+    sa.UniqueConstraint("bank", "kind", "hash", name="bank_hashes_once"),
+    sa.Index("bank_hashes_bank", "bank", "id"),
+)
+
+#: One row (id 1): a counter every write to the banks moves, in the writing transaction (its
+#: row lock also serializes bank writers on PostgreSQL). Matchers poll it (a point read).
+bank_changes = sa.Table(
+    "bank_changes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.Integer, nullable=False),
 )

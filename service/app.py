@@ -25,13 +25,14 @@ from decisionlog import (
     default_database_url,
     default_dead_letter_path,
 )
+from decisionlog.banks import BankMatcher, BankStore
 from decisionlog.jobs import JobLog
 from decisionlog.reviews import AuditRates, AuditSampler, ReviewQueue
 from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 from moderation.backends import EncoderSpec
 
-from . import decisions, jobs, moderate, ops, pages, policy, reviews, search, security
+from . import banks, decisions, jobs, moderate, ops, pages, policy, reviews, search, security
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .settings import Settings, load_settings
@@ -141,6 +142,9 @@ def create_app(
         if settings.record_decisions else None
     )
     app.extensions["decisions"] = (store, recorder)
+    # hash banks: in the log, followed by every worker and replica within ~1 s
+    bank_store = BankStore(store.engine, migrate_schema=False)
+    app.extensions["banks"] = (bank_store, BankMatcher(bank_store, follow_s=1.0))
     if recorder is not None:
         atexit.register(recorder.close)  # a worker that stops writes what it has queued
     app.extensions["reviews"] = review_queue = ReviewQueue(store)
@@ -176,7 +180,7 @@ def create_app(
 
     register_error_handlers(app)
     security.init_app(app)
-    for blueprint in (moderate.bp, policy.bp, jobs.bp, decisions.bp, search.bp, reviews.bp,
-                      pages.bp, ops.bp):
+    for blueprint in (moderate.bp, banks.bp, policy.bp, jobs.bp, decisions.bp, search.bp,
+                      reviews.bp, pages.bp, ops.bp):
         app.register_blueprint(blueprint)
     return app

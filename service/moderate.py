@@ -6,7 +6,7 @@ import hashlib
 import time
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from decisionlog import DecisionRecord
 from moderation import ImageError, Moderator
@@ -87,7 +87,8 @@ def respond(active: Moderator, parsed: ModerateRequest) -> Any:
         decode_ms.append(1000 * (time.perf_counter() - started))
     started = time.perf_counter()
     results = active.moderate_decoded(
-        decoded, ids=[u.id for u in parsed.uploads], profile=parsed.profile
+        decoded, ids=[u.id for u in parsed.uploads], profile=parsed.profile,
+        banks=current_app.extensions["banks"][1],
     )
     model_ms = 1000 * (time.perf_counter() - started)
 

@@ -23,10 +23,13 @@ __all__ = ["openapi_document", "schemas"]
 
 TAGS = {
     "moderate": "Uploads in, decisions out",
+    "banks": "Known-image hash banks (PDQ, SHA-256): lists, their hashes, hashing and "
+             "matching uploads",
     "policy": "The active policy, its history, and the policy lab",
     "decisions": "The decision log",
     "search": "The decision log searched by text, by decision or by image",
     "reviews": "Appeals, the review queue, verdicts and measured quality",
+    "jobs": "Long work off the request threads (a large dry-run): state, progress, result",
     "ops": "Health, readiness, metrics and this document",
 }
 

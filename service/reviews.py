@@ -22,7 +22,7 @@ from decisionlog.reviews import (
 from moderation import ModerationError, PolicyError
 from moderation.policy import Policy
 
-from . import pages
+from . import banks, pages
 from .auth import reviewer_page_required
 from .contract import Access, Answer, Body, json_body, operation
 from .pages import page
@@ -163,8 +163,12 @@ def claim() -> Any:
 def decide(item_id: int) -> Any:
     given = json_body(VerdictJSON)
     note = given.note.strip() or None if given.note else None
+    if given.add_to_bank is not None:
+        banks.bank_store().bank(given.add_to_bank)  # 404 before anything is recorded
     verdict = record_verdict(queue(), holder(), sender(), item_id, g.reviewer,
                              given.violations, note)
+    if given.add_to_bank is not None:
+        banks.add_decision(given.add_to_bank, verdict.decision_id, g.reviewer, note)
     return jsonify(verdict.model_dump(mode="json")), 201
 
 
@@ -255,9 +259,14 @@ def review_decide(item_id: str) -> Any:
         if form.get("do") == "skip":
             queue().release(found_id, g.reviewer)
             return redirect(url_for("dashboard.review"), 303)
+        bank = form.get("bank") or None
+        if bank is not None:
+            banks.bank_store().bank(bank)  # an unknown bank: shown, nothing recorded
+        note = free_text(form.get("note"), "note")
         verdict = record_verdict(queue(), holder(), sender(), found_id,
-                                 g.reviewer, form.getlist("violation"),
-                                 free_text(form.get("note"), "note"))
+                                 g.reviewer, form.getlist("violation"), note)
+        if bank is not None:
+            banks.add_decision(bank, verdict.decision_id, g.reviewer, note)
     except ModerationError as e:  # shown on the page
         error = {"code": e.code, "message": e.message}
         return page(render_review(g.reviewer, None, queue().counts(), error=error),
@@ -269,4 +278,4 @@ def render_review(reviewer: str, item: dict[str, Any] | None, counts: dict[str, 
                   done: Any = None, error: dict[str, Any] | None = None) -> str:
     return render_template("review.html", reviewer=reviewer, item=item, counts=counts,
                            done=done, error=error, when=pages.when,
-                           view_text=pages.view_text)
+                           view_text=pages.view_text, banks=banks.bank_store().banks())

@@ -278,6 +278,10 @@ class VerdictJSON(BaseModel):
     violations: list[Annotated[Text, Field(max_length=100)]] = Field(
         max_length=100, description="category ids; [] when nothing is violated")
     note: Note | None = None
+    add_to_bank: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="also add the decision's hashes (its SHA-256 and each frame's PDQ) to this "
+        "hash bank, so that the next upload of the image matches it")
 
 
 class AppealJSON(BaseModel):
@@ -500,6 +504,159 @@ class QualityQuery(Query):
 
 #: Every model the document names, and whether it describes a request (validation) or a
 #: response (serialization).
+BankActionName = Literal["allow", "flag", "review", "block"]
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not true or false")
+    return value
+
+
+#: A bank's distance and minimum quality: integers as JSON Schema has them (2.0 is one),
+#: never booleans.
+Distance = Annotated[int, Field(ge=0, le=128), BeforeValidator(_not_a_bool)]
+Quality = Annotated[int, Field(ge=0, le=100), BeforeValidator(_not_a_bool)]
+
+
+# --- hash banks ------------------------------------------------------------------------------
+
+
+class BankOut(BaseModel):
+    name: str
+    action: BankActionName
+    distance: int = Field(description="PDQ Hamming distance within which a hash matches")
+    min_quality: int = Field(description="frames of a lower PDQ quality are not matched")
+    description: str | None
+    created_at: float
+    updated_at: float
+    hashes: int = Field(description="hashes in the bank")
+
+
+class BankList(BaseModel):
+    banks: list[BankOut]
+
+
+class BankCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+                      description="lower-case letters, digits, '_', '.', '-'")
+    action: BankActionName
+    distance: Distance = 31
+    min_quality: Quality = 50
+    description: str | None = Field(None, max_length=2000)
+
+
+class BankUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: BankActionName | None = Field(None, description="null or absent: unchanged")
+    distance: Distance | None = Field(None, description="null or absent: unchanged")
+    min_quality: Quality | None = Field(None, description="null or absent: unchanged")
+    description: str | None = Field(None, max_length=2000, description="null: cleared")
+
+
+class BankPath(BaseModel):
+    name: Text
+
+
+class HashIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pdq", "sha256"] = "pdq"
+    hash: str = Field(pattern=r"^\s*[0-9a-fA-F]{64}\s*$", description="64 hex digits")
+    note: str | None = Field(None, max_length=2000)
+    source: str | None = Field(None, max_length=2000)
+
+
+class HashesAdd(BaseModel):
+    """Hashes to add, or a stored decision whose hashes to add (its frames' PDQ and its
+    SHA-256), or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hashes: list[HashIn] = Field(default_factory=list, max_length=10_000)
+    decision_id: str | None = Field(None, max_length=64)
+    note: str | None = Field(None, max_length=2000, description="for the decision's hashes")
+
+
+class BankImport(BaseModel):
+    """A file of hashes, as text: ``csv`` (ThreatExchange/HMA's PDQ layout, or ours) or
+    ``jsonl``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["csv", "jsonl"] = "csv"
+    text: str = Field(description="the file's text (UTF-8)")
+
+
+class HashesRemove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hashes: list[Annotated[str, Field(pattern=r"^\s*[0-9a-fA-F]{64}\s*$")]] = Field(
+        min_length=1, max_length=10_000, description="PDQ or SHA-256 hashes, 64 hex digits")
+
+
+class HashesAdded(BaseModel):
+    added: int
+    already_present: int
+
+
+class HashesRemoved(BaseModel):
+    removed: int
+
+
+class BankDeleted(BaseModel):
+    deleted: str
+    hashes: int
+
+
+class HashOut(BaseModel):
+    id: int
+    bank: str
+    kind: Literal["pdq", "sha256"]
+    hash: str
+    note: str | None
+    source: str | None
+    added_at: float
+    added_by: str | None
+
+
+class HashPageOut(BaseModel):
+    hashes: list[HashOut]
+    next_after_id: int | None = Field(description="pass as after_id for the next page")
+
+
+class HashPageQuery(Query):
+    after_id: int | None = Field(None, ge=0)
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class ExportQuery(Query):
+    format: Literal["csv", "jsonl"] = "csv"
+
+
+class FrameHashes(BaseModel):
+    frame: int
+    pdq: str
+    quality: int
+
+
+class UploadHashOut(BaseModel):
+    id: str | None
+    sha256: str | None = None
+    frames: list[FrameHashes] = Field(default_factory=list)
+    matches: list[dict[str, Any]] | None = Field(
+        None, description="POST /v1/match: the bank entries the upload matched")
+    error: dict[str, str] | None = None
+
+
+class UploadHashesResponse(BaseModel):
+    results: list[UploadHashOut]
+
+
+
 MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (Error, "serialization"),
     (ModerateJSON, "validation"),
@@ -524,6 +681,18 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (VerdictPage, "serialization"),
     (QueueCounts, "serialization"),
     (QualityResponse, "serialization"),
+    (BankList, "serialization"),
+    (BankOut, "serialization"),
+    (BankCreate, "validation"),
+    (BankUpdate, "validation"),
+    (BankDeleted, "serialization"),
+    (HashesAdd, "validation"),
+    (HashesAdded, "serialization"),
+    (HashesRemove, "validation"),
+    (BankImport, "validation"),
+    (HashesRemoved, "serialization"),
+    (HashPageOut, "serialization"),
+    (UploadHashesResponse, "serialization"),
     (Health, "serialization"),
     (Ready, "serialization"),
 ]

@@ -70,6 +70,9 @@ STATELESS_ONLY = ("use_after_free", "ensure_resource_availability", "object_leve
 BODY_ONLY_A_SERVER_CAN_JUDGE = {
     "POST /v1/moderate", "POST /v1/search", "POST /v1/policy/dry-run",
     "POST /v1/reviews/{item_id}",
+    # an upload's bytes again, and a decision id or a file of hashes only the log can judge
+    "POST /v1/hash", "POST /v1/match", "POST /v1/banks/{name}/hashes",
+    "POST /v1/banks/{name}/import",
 }
 ONE_OF_TWO_PARAMETERS = {"GET /v1/search", "GET /v1/search.csv", "GET /v1/search.jsonl"}
 
