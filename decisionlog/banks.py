@@ -1069,3 +1069,100 @@ def _read_rows(conn: Connection, bank: str, after_id: int
         ids.append(np.array(pdq_ids, np.int64))
         bits.append(pdqs_to_bits(hexes))
     return np.concatenate(ids), np.concatenate(bits), sha
+
+
+# --- what a list would have done ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportDryRun:
+    """What importing a file into a bank of ``action`` would have done to the stored decisions
+    of a window: ``decisions`` read (those with hashes), ``matched`` (an upload a hash of the
+    file matches), ``changed`` (whose action the bank would have changed), ``by_change``
+    (``"allow->block"`` → count), and up to ``limit`` matched decision ids (newest first)."""
+
+    hashes: int
+    decisions: int
+    matched: int
+    changed: int
+    by_change: dict[str, int]
+    examples: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hashes": self.hashes, "decisions": self.decisions, "matched": self.matched,
+                "changed": self.changed, "by_change": self.by_change,
+                "examples": self.examples}
+
+
+def import_dry_run(engine: Engine, text: str, fmt: str = "csv", *, action: str = "block",
+                   distance: int = DEFAULT_DISTANCE, min_quality: int = 50,
+                   since: float | None = None, until: float | None = None,
+                   limit: int = 20) -> ImportDryRun:
+    """"This list would have blocked 312 past uploads": a file of hashes (as
+    :meth:`BankStore.import_csv` / ``import_jsonl`` read it, refused the same way) matched
+    against every stored decision of ``[since, until)`` (their SHA-256 and each frame's PDQ,
+    as recorded), joined with each decision's action by the rule of
+    :mod:`moderation.banks`. Nothing is written. One pass over the decisions, the file's
+    hashes in a :class:`~moderation.hashindex.HashIndex`."""
+    from .tables import decisions
+
+    faults = list(_setting_faults(action, distance, min_quality))
+    if faults:
+        raise BankError("; ".join(faults), faults)
+    now = time.time()
+    parse = _parse_csv if fmt == "csv" else _parse_jsonl
+    pdqs: list[str] = []
+    shas: set[str] = set()
+    bad = []
+    for line, entry in parse(text, now):
+        if isinstance(entry, str):
+            bad.append(f"line {line}: {entry}")
+            if len(bad) >= MAX_FAULTS:
+                break
+        elif entry.kind == "pdq":
+            pdqs.append(entry.hash)
+        else:
+            shas.add(entry.hash)
+    if bad:
+        raise HashesRefused(f"the file has {len(bad)} bad rows (nothing was matched):\n"
+                            + "\n".join(f"  {f}" for f in bad[:5]), bad)
+    index = HashIndex()
+    if pdqs:
+        index.add(np.arange(len(pdqs)), pdqs_to_bits(pdqs))
+    d = decisions.c
+    where = [d.action != "error"]
+    if since is not None:
+        where.append(d.created_at >= since)
+    if until is not None:
+        where.append(d.created_at < until)
+    read = matched = changed = 0
+    by_change: dict[str, int] = {}
+    examples: list[tuple[float, str]] = []
+    bank_action = Action(action) if action != "allow" else Action.ALLOW
+    with engine.connect() as conn:
+        rows = conn.execution_options(yield_per=2000).execute(
+            sa.select(d.id, d.created_at, d.action, d.image_sha256, d.pdq).where(*where))
+        for row in rows:
+            read += 1
+            hit = row.image_sha256 in shas
+            if not hit and row.pdq and len(index):
+                for frame in json.loads(row.pdq):
+                    if frame.get("quality", 0) >= min_quality and index.match(
+                            pdq_to_bits(frame["pdq"]), distance):
+                        hit = True
+                        break
+            if not hit:
+                continue
+            matched += 1
+            old = Action(row.action)
+            new = (Action.ALLOW if action == "allow"
+                   else old if old.severity >= bank_action.severity else bank_action)
+            if new is not old:
+                changed += 1
+                key = f"{old.value}->{new.value}"
+                by_change[key] = by_change.get(key, 0) + 1
+            examples.append((float(row.created_at), str(row.id)))
+            if len(examples) > 4 * limit:
+                examples = sorted(examples, reverse=True)[:limit]
+    return ImportDryRun(len(pdqs) + len(shas), read, matched, changed, by_change,
+                        [i for _, i in sorted(examples, reverse=True)[:limit]])

@@ -260,6 +260,44 @@ def banks_import(bank: str, file: Path, fmt: str | None, added_by: str | None,
     click.echo(f"bank {bank}: {added} added, {present} already there")
 
 
+@banks.command("dry-run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(_FORMATS),
+              help="as import reads it (default: from the file name)")
+@click.option("--action", type=click.Choice(["allow", "flag", "review", "block"]),
+              default="block", show_default=True, help="the bank's action")
+@click.option("--distance", type=int, default=31, show_default=True)
+@click.option("--min-quality", type=int, default=50, show_default=True)
+@click.option("--since", default=None, help="unix seconds, an age (30d) or ISO 8601")
+@_database_option
+def banks_dry_run(file: Path, fmt: str | None, action: str, distance: int, min_quality: int,
+                  since: str | None, database_url: str | None) -> None:
+    """What FILE's hashes, as a bank of ACTION, would have done to the stored decisions:
+    how many past uploads they match and whose action they would have changed. Writes
+    nothing."""
+    from .banks import import_dry_run
+    from .database import default_database_url
+    from .windows import parse_time
+
+    fmt = _format_of(file, fmt)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"cannot read {file} as UTF-8 text: {e}") from e
+    from . import DecisionStore
+
+    engine = DecisionStore(database_url or default_database_url()).engine
+    try:
+        report = import_dry_run(engine, text, fmt, action=action, distance=distance,
+                                min_quality=min_quality,
+                                since=parse_time(since) if since else None)
+    except (ModerationError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    changes = ", ".join(f"{k} {v}" for k, v in sorted(report.by_change.items())) or "none"
+    click.echo(f"{report.hashes} hashes against {report.decisions} stored decisions: "
+               f"{report.matched} matched, {report.changed} would change ({changes})")
+
+
 @banks.command("export")
 @click.argument("bank")
 @click.option("--format", "fmt", type=click.Choice(_FORMATS), default="csv",

@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from decisionlog.banks import BankMatcher, BankStore, HashEntry
+from decisionlog.banks import BankMatcher, BankStore, HashEntry, import_dry_run
 from moderation import ImageError
 from moderation.banks import BankMatch
 from moderation.hashing import UploadHashes
@@ -21,6 +21,8 @@ from .resources import holder, store
 from .schemas import (
     BankCreate,
     BankDeleted,
+    BankDryRunJSON,
+    BankDryRunOut,
     BankImport,
     BankList,
     BankOut,
@@ -74,6 +76,21 @@ def create_bank() -> Any:
     bank = bank_store().create_bank(given.name, given.action, given.distance,
                                     given.min_quality, given.description)
     return jsonify(_bank(bank)), 201
+
+
+@operation(bp, "/v1/banks/dry-run", "POST", operation_id="dry_run_bank_import",
+           access=Access.ADMIN, summary="What a list of hashes would have done to past "
+           "uploads: the stored decisions it matches, and whose action a bank of it would "
+           "have changed (nothing is written)",
+           body=Body({"application/json": BankDryRunJSON}),
+           answers=(Answer(200, "The counts", {"application/json": BankDryRunOut}),),
+           errors=(415, 422))
+def dry_run_bank() -> Any:
+    given = json_body(BankDryRunJSON)
+    report = import_dry_run(store().engine, given.text, given.format, action=given.action,
+                            distance=given.distance, min_quality=given.min_quality,
+                            since=given.since, until=given.until, limit=given.limit)
+    return jsonify(report.to_dict())
 
 
 @operation(bp, "/v1/banks/<name>", "GET", operation_id="get_bank", access=Access.READER,

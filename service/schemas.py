@@ -591,6 +591,31 @@ class BankImport(BaseModel):
     text: str = Field(description="the file's text (UTF-8)")
 
 
+class BankDryRunJSON(BaseModel):
+    """A file of hashes to try against the stored decisions of a window, as a bank of
+    ``action`` would have matched them (nothing is written)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["csv", "jsonl"] = "csv"
+    text: str = Field(description="the file's text (UTF-8), as /import takes it")
+    action: BankActionName = "block"
+    distance: Distance = 31
+    min_quality: Quality = 50
+    since: Time | None = None
+    until: Time | None = None
+    limit: int = Field(20, ge=0, le=500, description="matched decision ids listed")
+
+
+class BankDryRunOut(BaseModel):
+    hashes: int = Field(description="hashes in the file")
+    decisions: int = Field(description="stored decisions read (the window's, errors aside)")
+    matched: int = Field(description="decisions a hash of the file matches")
+    changed: int = Field(description="matched decisions whose action the bank would change")
+    by_change: dict[str, int] = Field(description='"allow->block": how many')
+    examples: list[str] = Field(description="matched decision ids, newest first")
+
+
 class HashesRemove(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -690,6 +715,8 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (HashesAdded, "serialization"),
     (HashesRemove, "validation"),
     (BankImport, "validation"),
+    (BankDryRunJSON, "validation"),
+    (BankDryRunOut, "serialization"),
     (HashesRemoved, "serialization"),
     (HashPageOut, "serialization"),
     (UploadHashesResponse, "serialization"),

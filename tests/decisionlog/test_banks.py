@@ -659,3 +659,22 @@ def test_moderation_banks_through_the_entry_point(url: str,
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli.main, ["banks", "list", "--database-url", url])
     assert result.exit_code == 0 and result.output.splitlines()[1].startswith("b ")
+
+
+def test_the_cli_dry_run_of_a_list_writes_nothing(tmp_path: Path) -> None:
+    """``moderation banks dry-run``: a list against an empty log matches nothing, and makes
+    no bank."""
+    from click.testing import CliRunner
+
+    from decisionlog.banks_cli import banks as banks_group
+
+    url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
+    listed = tmp_path / "list.csv"
+    listed.write_text("f" * 64 + "\n")
+    result = CliRunner().invoke(banks_group, ["dry-run", str(listed), "--database-url", url])
+    assert result.exit_code == 0, result.output
+    assert "1 hashes against 0 stored decisions: 0 matched, 0 would change" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("nope\n")
+    result = CliRunner().invoke(banks_group, ["dry-run", str(bad), "--database-url", url])
+    assert result.exit_code == 1 and "line 1" in result.output

@@ -229,3 +229,25 @@ def test_a_reviewers_verdict_adds_to_a_bank_and_another_replica_matches_next(
         moderate(two.test_client(), data)))
     assert blocked is not None and blocked["matches"][0]["bank"] == "confirmed"
     assert blocked["matches"][0]["source"] == f"decision:{first['decision_id']}"
+
+
+def test_a_lists_dry_run_counts_the_past_uploads_it_would_have_changed(
+        client: FlaskClient, app: Flask) -> None:
+    """Three past uploads, two of them the same photo (one recompressed) and one another:
+    a list holding the photo's PDQ would have blocked two."""
+    for data, name in ((photo(11), "a"), (photo(11, quality=50), "b"), (photo(12), "c")):
+        assert moderate(client, data, name)["action"] == "allow"
+    app.extensions["decisions"][1].flush()
+    r = client.post("/v1/hash", data={"image": [(io.BytesIO(photo(11)), "x.jpg")]},
+                    content_type="multipart/form-data")
+    pdq = r.get_json()["results"][0]["frames"][0]["pdq"]
+    r = client.post("/v1/banks/dry-run", headers=ADMIN_H,
+                    json={"text": f"{pdq},,,mine,spam\n", "action": "block", "since": "1h"})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    report = r.get_json()
+    assert report["hashes"] == 1 and report["decisions"] == 3
+    assert report["matched"] == 2 and report["changed"] == 2
+    assert report["by_change"] == {"allow->block": 2} and len(report["examples"]) == 2
+    assert client.get("/v1/banks", headers=READER_H).get_json()["banks"] == []  # nothing made
+    r = client.post("/v1/banks/dry-run", headers=ADMIN_H, json={"text": "zz\n"})
+    assert r.status_code == 422 and "line 1" in r.get_data(as_text=True)
