@@ -185,6 +185,36 @@ class _Side:
         margin[:, present] = a.margin[:, self.columns[present]]
         return severity, margin
 
+    @property
+    def persistent(self) -> bool:
+        """Whether a category of this policy has a persistence rule (videos)."""
+        policy = self.scorer.policy
+        return any(policy.persistence_of(c) is not None for c in policy.categories)
+
+    def persist(self, spread: tuple[np.ndarray, np.ndarray], part: Block, rows: np.ndarray,
+                described: dict[str, dict[int, View]],
+                profile: str) -> tuple[np.ndarray, np.ndarray]:
+        """``spread`` with the videos among ``rows`` re-decided one by one (the persistence
+        rule needs each frame's time, which the block's product does not carry): the one
+        rule of :meth:`moderation.scorer.Scorer.decide`."""
+        severity, margin = spread
+        bounds = part.bounds
+        scorer = Scorer(self.scorer.policy, self.scorer.text, profile)
+        for r, i in enumerate(rows):
+            named = described.get(part.ids[int(i)])
+            if not named:
+                continue
+            keys = part.frames[bounds[i]:bounds[i + 1]].tolist()
+            views: list[View | int] = [named.get(k, k) for k in keys]
+            if all(isinstance(v, int) or v.time is None for v in views):
+                continue
+            [decision] = scorer.decide([part.vectors[bounds[i]:bounds[i + 1]]], [views])
+            for j, column in enumerate(self.columns):
+                if column != _MISSING:
+                    cid = self.scorer.text.category_ids[column]
+                    severity[r, j] = decision.categories[cid].action.severity
+        return severity, margin
+
     def decide(self, vectors: np.ndarray, frames: list[View | int], profile: str) -> Outcome:
         scorer = Scorer(self.scorer.policy, self.scorer.text, profile)
         [decision] = scorer.decide([vectors], [frames])
@@ -350,6 +380,7 @@ def dry_run(
     union = list(dict.fromkeys([*before.text.category_ids, *after.text.category_ids]))
     sides = (_Side(before, union), _Side(after, union))
     product = SharedProduct([before, after])
+    persistent = any(side.persistent for side in sides)
     tally = _Tally(union, limit)
     read = 0
     profile_missing: dict[str, int] = {}
@@ -361,6 +392,8 @@ def dry_run(
             scores = product.scores(part.halves, part.frame_counts,
                                     part.frames)  # both sides, one product
             read += len(part)
+            # videos under a persistence rule: their frames' times, kept with the decision
+            described = store.views_of(part.ids) if persistent else {}
             profiles = np.array(part.profiles)
             for profile in np.unique(profiles):
                 profile = str(profile)
@@ -372,6 +405,11 @@ def dry_run(
                     side.spread(side.scorer.judge(score if len(rows) == len(profiles)
                                                   else score[rows], profile))
                     for side, score in zip(sides, scores, strict=True))
+                if described:
+                    before_, after_ = (
+                        side.persist(spread, part, rows, described, profile)
+                        if side.persistent else spread
+                        for side, spread in ((sides[0], before_), (sides[1], after_)))
                 tally.add(part, rows, profile, before_, after_)
             if progress is not None:
                 progress(read, max(mine, read))

@@ -346,8 +346,9 @@ class Moderator:
             decision, image_vectors, mine = next(decisions), next(embeddings), next(image_views)
             hashes = (UploadHashes(item.sha256, list(item.hashes))
                       if item.sha256 is not None else None)
-            if banks is not None and hashes is not None:
-                decision = with_matches(decision, banks.match(hashes, item.frame_indices))
+            if banks is not None and hashes is not None:  # a video: its SHA-256 only
+                hashed = item.frame_indices[:len(hashes.frames)]
+                decision = with_matches(decision, banks.match(hashes, hashed))
             crops = iter(range(len(mine)))
             results.append(
                 result(
