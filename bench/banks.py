@@ -195,6 +195,58 @@ def store_lines(args: argparse.Namespace) -> None:
               f"load={load()}", flush=True)
 
 
+def throughput_lines(args: argparse.Namespace) -> None:
+    """Moderation with banks on (every upload hashed, matched against a bank of
+    ``--bank-hashes`` in the decision log) and off (no hashing), same model, same uploads
+    (2-MP and 12-MP photo-like JPEGs, requests of 8), alternating, in this process:
+
+        throughput banks=off images_per_s=… / banks=on images_per_s=… ratio=… load=L
+    """
+    import tempfile
+    import warnings
+
+    import yaml
+
+    from decisionlog.banks import BankMatcher, BankStore
+    from moderation import Moderator
+    from moderation.backends import RandomWeightsWarning
+    from moderation.backends.torch import Encoder
+    from moderation.policy import parse_policy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        encoder = Encoder.load(args.model, random_weights=True)
+    data = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    data["model"] = {"name": args.model, "pretrained": "random"}
+    for category in data["categories"].values():
+        category["threshold"].pop("provenance", None)
+    policy = parse_policy(yaml.safe_dump(data))
+    off = Moderator(policy, encoder, hashes=False)
+    on = Moderator(policy, encoder, hashes=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-banks-"))
+    store = BankStore(f"sqlite:///{folder / 'log.sqlite3'}")
+    store.create_bank("bench", "block")
+    rng = np.random.default_rng(args.seed)
+    rows = "".join(bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() + "\n"
+                   for _ in range(args.bank_hashes))
+    store.import_csv("bench", rows)
+    matcher = BankMatcher(store, follow_s=None)
+    for size, count in (("2mp", 24), ("12mp", 8)):
+        uploads = photo_like_jpegs(count, (1600, 1200) if size == "2mp" else (4000, 3000))
+        off.moderate(uploads[:2])
+        for _ in range(args.rounds):
+            rates = {}
+            for name, moderator, banks in (("off", off, None), ("on", on, matcher)):
+                started = time.perf_counter()
+                for start in range(0, len(uploads), 8):
+                    results = moderator.moderate(uploads[start:start + 8], banks=banks)
+                    assert all(r.ok for r in results)
+                rates[name] = len(uploads) / (time.perf_counter() - started)
+            print(f"throughput {size} banks=off images_per_s={rates['off']:.2f} banks=on "
+                  f"images_per_s={rates['on']:.2f} ratio={rates['on'] / rates['off']:.3f} "
+                  f"bank_hashes={args.bank_hashes} load={load()}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hashes", type=int, default=1_000_000)
@@ -206,9 +258,13 @@ def main() -> None:
     parser.add_argument("--no-model", action="store_true", help="PDQ time only")
     parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bank-hashes", type=int, default=100_000,
+                        help="throughput: the bank's size")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput: on/off pairs")
     parser.add_argument("--parts", default="pdq,index,store",
                         help="which lines: pdq (hashing), index (HashIndex), store (the "
-                             "decision log's banks: import, matcher)")
+                             "decision log's banks: import, matcher), throughput "
+                             "(moderation with banks on and off)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if args.draft_size is None:
@@ -221,6 +277,8 @@ def main() -> None:
         bank_lines(args)
     if "store" in parts:
         store_lines(args)
+    if "throughput" in parts:
+        throughput_lines(args)
 
 
 if __name__ == "__main__":
