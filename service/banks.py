@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
 
 from decisionlog.banks import BankMatcher, BankStore, HashEntry, import_dry_run
 from moderation import ImageError
 from moderation.banks import BankMatch
 from moderation.hashing import UploadHashes
 
+from . import pages
+from .auth import reader_page_required
 from .contract import Access, Answer, Body, json_body, operation
 from .moderate import MULTIPART, parse_moderate
 from .parsing import RequestError
@@ -276,3 +278,16 @@ def hash_images() -> Any:
                            {"application/json": UploadHashesResponse}),))
 def match_images() -> Any:
     return _hash_results(match=True)
+
+
+# --- the dashboard page ------------------------------------------------------------------------
+
+
+@pages.bp.get("/dashboard/banks")
+@reader_page_required
+def banks_page() -> Any:
+    """Every bank, and the first hashes of each (20; the API pages through all)."""
+    banks = bank_store().banks()
+    recent = [h for b in banks for h in bank_store().hashes(b.name, limit=20).hashes]
+    return pages.page(render_template("banks.html", banks=banks, recent=recent,
+                                      when=pages.when))

@@ -251,3 +251,15 @@ def test_a_lists_dry_run_counts_the_past_uploads_it_would_have_changed(
     assert client.get("/v1/banks", headers=READER_H).get_json()["banks"] == []  # nothing made
     r = client.post("/v1/banks/dry-run", headers=ADMIN_H, json={"text": "zz\n"})
     assert r.status_code == 422 and "line 1" in r.get_data(as_text=True)
+
+
+def test_the_banks_page_lists_banks_and_their_hashes(client: FlaskClient) -> None:
+    assert client.get("/dashboard/banks").status_code == 401
+    page = client.get("/dashboard/banks", headers=READER_H)
+    assert page.status_code == 200 and 'id="no-banks"' in page.get_data(as_text=True)
+    create(client, "spam-memes", "review", description="a brigade's memes")
+    client.post("/v1/banks/spam-memes/hashes", headers=ADMIN_H,
+                json={"hashes": [{"hash": "ab" * 32, "note": "from a report"}]})
+    html = client.get("/dashboard/banks", headers=READER_H).get_data(as_text=True)
+    assert 'data-bank="spam-memes"' in html and "a brigade&#39;s memes" in html
+    assert "abababababababab…" in html and "from a report" in html
