@@ -71,6 +71,7 @@ __all__ = [
     "ACCEPTED_CODECS",
     "VideoLimits",
     "VideoSampling",
+    "declared_duration",
     "decode_video",
     "is_video",
     "persistence_span",
@@ -477,6 +478,28 @@ def _check_header(container: InputContainer, stream: VideoStream, fmt: str,
             "video_max_duration_s",
         )
     return width, height
+
+
+def declared_duration(data: bytes, limits: VideoLimits | None = None) -> float | None:
+    """The duration a video's header declares, in seconds (``None``: it declares none, or
+    this is no video we read), from the header alone: how a request decides whether a video
+    is answered inline or as a job. Cheap and bounded (the demuxer's probe only)."""
+    container_kind = _container(data[:64])
+    if container_kind is None:
+        return None
+    limits = limits or VideoLimits()
+    try:
+        with _opened(data, *container_kind, time.monotonic() + limits.time_budget_s,
+                     limits) as container:
+            stream = _video_stream(container, container_kind[1])
+            declared = []
+            if stream.duration is not None and stream.time_base is not None:
+                declared.append(float(stream.duration * stream.time_base))
+            if container.duration is not None:
+                declared.append(container.duration / 1_000_000)
+            return max(declared) if declared else None
+    except ImageError:
+        return None  # decoding will say what is wrong with it
 
 
 def _clock(seconds: float) -> str:

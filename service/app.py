@@ -158,8 +158,10 @@ def create_app(
         app.extensions["webhook"] = sender
     # long work (a large dry-run) off the request threads, by the process's job thread
     # (which, at exit, gives a job in progress back to the queue)
-    runner = jobs.JobRunner(JobLog(store), {policy.DRY_RUN: policy.dry_run_handler(
-        holder, store, settings.policy_limits)})
+    runner = jobs.JobRunner(JobLog(store), {
+        policy.DRY_RUN: policy.dry_run_handler(holder, store, settings.policy_limits),
+        moderate.MODERATE: moderate.moderate_handler(app),
+    })
     runner.start()
     app.extensions["jobs"] = runner
 

@@ -80,21 +80,6 @@ def create_bank() -> Any:
     return jsonify(_bank(bank)), 201
 
 
-@operation(bp, "/v1/banks/dry-run", "POST", operation_id="dry_run_bank_import",
-           access=Access.ADMIN, summary="What a list of hashes would have done to past "
-           "uploads: the stored decisions it matches, and whose action a bank of it would "
-           "have changed (nothing is written)",
-           body=Body({"application/json": BankDryRunJSON}),
-           answers=(Answer(200, "The counts", {"application/json": BankDryRunOut}),),
-           errors=(415, 422))
-def dry_run_bank() -> Any:
-    given = json_body(BankDryRunJSON)
-    report = import_dry_run(store().engine, given.text, given.format, action=given.action,
-                            distance=given.distance, min_quality=given.min_quality,
-                            since=given.since, until=given.until, limit=given.limit)
-    return jsonify(report.to_dict())
-
-
 @operation(bp, "/v1/banks/<name>", "GET", operation_id="get_bank", access=Access.READER,
            summary="A hash bank", path=BankPath,
            answers=(Answer(200, "The bank", {"application/json": BankOut}),))
@@ -175,6 +160,23 @@ def import_hashes(name: str) -> Any:
     importer = banks.import_csv if given.format == "csv" else banks.import_jsonl
     added, present = importer(name, given.text, added_by="admin")
     return jsonify(added=added, already_present=present)
+
+
+@operation(bp, "/v1/banks/<name>/dry-run", "POST", operation_id="dry_run_bank_import",
+           access=Access.ADMIN, summary="What importing a list of hashes into this bank "
+           "would have done to past uploads: the stored decisions it matches, and whose action "
+           "the bank (its action, distance and minimum quality) would have changed; nothing "
+           "is written", path=BankPath,
+           body=Body({"application/json": BankDryRunJSON}),
+           answers=(Answer(200, "The counts", {"application/json": BankDryRunOut}),),
+           errors=(415, 422))
+def dry_run_bank(name: str) -> Any:
+    bank = bank_store().bank(name)
+    given = json_body(BankDryRunJSON)
+    report = import_dry_run(store().engine, given.text, given.format, action=bank.action,
+                            distance=bank.distance, min_quality=bank.min_quality,
+                            since=given.since, until=given.until, limit=given.limit)
+    return jsonify(report.to_dict())
 
 
 @operation(bp, "/v1/banks/<name>/hashes", "DELETE", operation_id="remove_bank_hashes",

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Flask, current_app, g, has_request_context, jsonify, request, url_for
 
 from decisionlog import DecisionRecord
-from moderation import ImageError, Moderator
+from moderation import ImageError, Moderator, NotFound
 from moderation.images import DecodedImage
+from moderation.video import declared_duration, is_video
 
+from . import jobs
 from .contract import Access, Answer, Body, operation
+from .jobs import Handler
 from .parsing import (
     IMAGE_FIELD,
     ModerateRequest,
     RequestError,
+    Upload,
     load_json,
     parse_json,
     parse_multipart,
 )
-from .resources import holder, metrics, recorder, settings
-from .schemas import ModerateJSON, ModerateResponse
+from .resources import holder, metrics, recorder, settings, store
+from .schemas import Job as JobSchema
+from .schemas import ModerateJSON, ModerateQuery, ModerateResponse
 
 #: The multipart form of ``POST /v1/moderate`` (files are read by werkzeug, checked by
 #: :func:`service.parsing.parse_multipart`).
@@ -61,18 +69,93 @@ def parse_moderate() -> ModerateRequest:
            description="A request with several images always answers 200, with a per-image "
            "error for any image that cannot be read. A request with one image that cannot be "
            "read answers with that error's status.",
+           query=ModerateQuery,
            body=Body({"multipart/form-data": MULTIPART, "application/json": ModerateJSON}),
            answers=(Answer(200, "Decisions, one per image",
-                           {"application/json": ModerateResponse}),))
-def moderate() -> Any:
+                           {"application/json": ModerateResponse}),
+                    Answer(202, "Queued as a job (a video longer than "
+                                "MODERATION_VIDEO_INLINE_MAX_S, or async=true): poll GET "
+                                "/v1/jobs/{job_id} (the Location header); its result is this "
+                                "route's answer", {"application/json": JobSchema})))
+def moderate(query: ModerateQuery) -> Any:
     parsed = parse_moderate()
     active = holder().current()  # this request's policy, whatever reloads happen meanwhile
     active.policy.check_profile(parsed.profile)  # UnknownProfile: 400 unknown_profile
+    if query.async_ or _long_video(parsed):
+        return _submit(parsed)
 
     with active.encoder.expect():  # a batching encoder: this request's images are coming
-        return respond(active, parsed)
+        return jsonify(respond(active, parsed))
 
-def respond(active: Moderator, parsed: ModerateRequest) -> Any:
+
+def _long_video(parsed: ModerateRequest) -> bool:
+    """Whether an upload is a video longer than MODERATION_VIDEO_INLINE_MAX_S (its header's
+    word): answered as a job."""
+    limit = settings().video_inline_max_s
+    for upload in parsed.uploads:
+        if upload.error is None and is_video(upload.data[:64]):
+            duration = declared_duration(upload.data)
+            if duration is not None and duration > limit:
+                return True
+    return False
+
+
+def _submit(parsed: ModerateRequest) -> Any:
+    """The uploads queued as a job (their bytes in the log, so a worker restart loses
+    nothing); each decision's id is fixed now, so that a job run again after a crash records
+    each decision once."""
+    runner = jobs.runner()
+    request_ = {
+        "profile": parsed.profile,
+        "uploads": [{"id": u.id, "data": base64.b64encode(u.data).decode(),
+                     "error": list(u.error) if u.error else None,
+                     "decision_id": uuid.uuid4().hex} for u in parsed.uploads],
+    }
+    job_id = runner.jobs.submit(MODERATE, request_, created_by="api")
+    runner.wake()
+    job = runner.jobs.get(job_id)
+    if job is None:  # deleted at once: only by hand
+        raise NotFound(f"job {job_id} was deleted as it was submitted")
+    answer = jsonify(job.model_dump(mode="json"))
+    answer.status_code = 202
+    answer.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+    return answer
+
+
+#: The job kind of an upload answered off the request thread (a long video, ``async=true``).
+MODERATE = "moderate"
+
+
+def moderate_handler(app: Flask) -> Handler:
+    """What a worker's job runner runs for an upload answered as a job: decided as
+    ``/v1/moderate`` decides it, recorded straight into the log (durably, before the job is
+    done) under the ids fixed at submission, skipping those already there: done once."""
+
+    def run(stored: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
+        uploads = [Upload(u["id"], base64.b64decode(u["data"]),
+                          tuple(u["error"]) if u["error"] else None)
+                   for u in stored["uploads"]]
+        parsed = ModerateRequest(uploads, stored["profile"])
+        progress(0, len(uploads))
+        ids = [u["decision_id"] for u in stored["uploads"]]
+
+        def record(records: list[DecisionRecord]) -> None:
+            missing = [r for r in records if store().get(r.id) is None]
+            store().add_many(missing)
+
+        with app.app_context():
+            answer = respond(holder().current(), parsed, decision_ids=ids, record=record)
+        progress(len(uploads), len(uploads))
+        return answer
+
+    return run
+
+
+def respond(active: Moderator, parsed: ModerateRequest, *,
+            decision_ids: list[str] | None = None,
+            record: Callable[[list[DecisionRecord]], None] | None = None) -> dict[str, Any]:
+    """Decide and record the uploads; the answer's JSON. ``decision_ids``: the records' ids
+    (default: new ones); ``record``: how they are recorded (default: the recorder)."""
     decoded: list[DecodedImage | ImageError] = []
     decode_ms: list[float] = []
     for upload in parsed.uploads:
@@ -102,8 +185,13 @@ def respond(active: Moderator, parsed: ModerateRequest) -> Any:
             latency_ms=ms + model_ms,
         )
         for result, ms, upload in zip(results, decode_ms, parsed.uploads, strict=True)
-    ] if log is not None else []
-    if log is not None:
+    ] if log is not None or record is not None else []
+    if decision_ids is not None:
+        records = [r.model_copy(update={"id": i})
+                   for r, i in zip(records, decision_ids, strict=True)]
+    if record is not None:
+        record(records)
+    elif log is not None:
         # failures too: every result is on record, before the client hears of it
         log.record(records)
     for result in results:
@@ -115,7 +203,7 @@ def respond(active: Moderator, parsed: ModerateRequest) -> Any:
         for cid in decision.triggered:
             counters.flags.labels(cid, decision.categories[cid].action.value).inc()
 
-    if len(results) == 1 and results[0].error is not None:
+    if len(results) == 1 and results[0].error is not None and record is None:
         raise results[0].error  # a request whose only image failed: that error
 
     items = []
@@ -126,10 +214,11 @@ def respond(active: Moderator, parsed: ModerateRequest) -> Any:
         if result.decision is not None:
             item["processing_ms"] = round(ms + model_ms, 2)
         items.append(item)
-    return jsonify(
-        policy={"name": active.policy.name, "version": active.policy.version},
-        model=active.encoder.identity,
-        profile=parsed.profile or "default",
-        processing_ms=round(1000 * (time.perf_counter() - g.started), 2),
-        results=items,
-    )
+    started = g.get("started", started) if has_request_context() else started
+    return {
+        "policy": {"name": active.policy.name, "version": active.policy.version},
+        "model": active.encoder.identity,
+        "profile": parsed.profile or "default",
+        "processing_ms": round(1000 * (time.perf_counter() - started), 2),
+        "results": items,
+    }

@@ -115,6 +115,13 @@ class ImageData(BaseModel):
     id: str | None = Field(None, max_length=256)
 
 
+class ModerateQuery(Query):
+    async_: Flag = Field(False, alias="async",
+                         description="answer 202 at once with a job (as a video longer than "
+                                     "MODERATION_VIDEO_INLINE_MAX_S is); its result is the "
+                                     "decisions")
+
+
 class ModerateJSON(BaseModel):
     """The JSON form of ``POST /v1/moderate``."""
 
@@ -592,16 +599,13 @@ class BankImport(BaseModel):
 
 
 class BankDryRunJSON(BaseModel):
-    """A file of hashes to try against the stored decisions of a window, as a bank of
-    ``action`` would have matched them (nothing is written)."""
+    """A file of hashes to try against the stored decisions of a window, as the bank would
+    match them (nothing is written)."""
 
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["csv", "jsonl"] = "csv"
     text: str = Field(description="the file's text (UTF-8), as /import takes it")
-    action: BankActionName = "block"
-    distance: Distance = 31
-    min_quality: Quality = 50
     since: Time | None = None
     until: Time | None = None
     limit: int = Field(20, ge=0, le=500, description="matched decision ids listed")

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     max_jpeg_scans: int = Field(default=ImageLimits.max_jpeg_scans, ge=1)
     hashes: bool = Field(default=True, description="hash every upload (SHA-256, PDQ of each "
                                                    "frame) for hash banks and hash search")
+    video_inline_max_s: float = Field(
+        default=60.0, ge=0, description="a video longer than this (its header's word) is "
+        "answered as a job (202), not inline")
     # --- what a video may cost (moderation.video.VideoLimits): video_ + its field's name
     video_max_duration_s: float = Field(default=VideoLimits.max_duration_s, gt=0)
     video_max_pixels: int = Field(default=VideoLimits.max_pixels, ge=1)

@@ -241,15 +241,16 @@ def test_a_lists_dry_run_counts_the_past_uploads_it_would_have_changed(
     r = client.post("/v1/hash", data={"image": [(io.BytesIO(photo(11)), "x.jpg")]},
                     content_type="multipart/form-data")
     pdq = r.get_json()["results"][0]["frames"][0]["pdq"]
-    r = client.post("/v1/banks/dry-run", headers=ADMIN_H,
-                    json={"text": f"{pdq},,,mine,spam\n", "action": "block", "since": "1h"})
+    create(client, "candidate", "block")
+    r = client.post("/v1/banks/candidate/dry-run", headers=ADMIN_H,
+                    json={"text": f"{pdq},,,mine,spam\n", "since": "1h"})
     assert r.status_code == 200, r.get_data(as_text=True)
     report = r.get_json()
     assert report["hashes"] == 1 and report["decisions"] == 3
     assert report["matched"] == 2 and report["changed"] == 2
     assert report["by_change"] == {"allow->block": 2} and len(report["examples"]) == 2
-    assert client.get("/v1/banks", headers=READER_H).get_json()["banks"] == []  # nothing made
-    r = client.post("/v1/banks/dry-run", headers=ADMIN_H, json={"text": "zz\n"})
+    assert client.get("/v1/banks/candidate", headers=READER_H).get_json()["hashes"] == 0
+    r = client.post("/v1/banks/candidate/dry-run", headers=ADMIN_H, json={"text": "zz\n"})
     assert r.status_code == 422 and "line 1" in r.get_data(as_text=True)
 
 

@@ -128,3 +128,55 @@ def test_the_dry_run_applies_a_proposed_persistence_rule_to_stored_videos(
     assert changed["client_id"] == "scattered.mp4"
     assert changed["before"]["action"] == "block" and changed["after"]["action"] == "allow"
     assert report["actions"]["block"]["before"] == 2 and report["actions"]["block"]["after"] == 1
+
+
+def wait_done(client: FlaskClient, location: str, seconds: float = 30.0) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        job = client.get(location, headers={"Authorization": f"Bearer {ADMIN}"}).get_json()
+        if job["state"] in ("done", "failed") or time.monotonic() > deadline:
+            return dict(job)
+        time.sleep(0.1)
+
+
+def test_a_long_video_is_answered_as_a_job_and_recorded_once(tmp_path: Path) -> None:
+    """A video longer than MODERATION_VIDEO_INLINE_MAX_S gets 202 and a job; the job's result
+    is the moderation answer, its decision is in the log under the id the job fixed, and
+    running the job's request again (a worker that died after recording) records nothing
+    twice."""
+    from decisionlog.jobs import JobLog
+    from service.moderate import moderate_handler
+
+    app, client = make_client(tmp_path, VIDEO_INLINE_MAX_S="4")
+    short = video_bytes([GREY, GREY, GREY])
+    assert upload(client, short, "short.mp4").status_code == 200  # 3 s: inline
+    steady = video_bytes([GREY, GREY, GREY, RED, RED, RED, GREY, GREY])
+    r = upload(client, steady, "steady.mp4")
+    assert r.status_code == 202, r.get_data(as_text=True)
+    job = wait_done(client, r.headers["Location"])
+    assert job["state"] == "done", job
+    [result] = job["result"]["results"]
+    assert result["action"] == "block" and result["categories"]["marker"]["span"] == [3.0, 5.0]
+    store = app.extensions["decisions"][0]
+    record = store.get(result["decision_id"])
+    assert record is not None and record.action == "block" and record.client_id == "steady.mp4"
+
+    request = JobLog(store).request(job["id"])
+    assert request is not None
+    again = moderate_handler(app)(request, lambda done, total: None)  # the same job, rerun
+    assert again["results"][0]["decision_id"] == result["decision_id"]
+    page = client.get("/v1/decisions", headers=READER_H,
+                      query_string={"client_id": "steady.mp4"}).get_json()
+    assert len(page["decisions"]) == 1  # recorded once
+
+
+def test_async_true_queues_an_image_too(tmp_path: Path) -> None:
+    _, client = make_client(tmp_path)
+    r = client.post("/v1/moderate?async=true", data={"image": [(io.BytesIO(
+        video_bytes([RED])), "one.mp4")]}, content_type="multipart/form-data")
+    assert r.status_code == 202 and r.headers["Location"].startswith("/v1/jobs/")
+    job = wait_done(client, r.headers["Location"])
+    assert job["state"] == "done" and job["result"]["results"][0]["action"] in (
+        "block", "allow")
