@@ -401,3 +401,78 @@ def model_export(out: Path, precision: str, images_folder: Path | None, min_cosi
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+              help="The moderation service (its POST /v1/moderate decides and records).")
+@click.option("--api-key", envvar="MODERATION_API_KEY", default=None,
+              help="A key of MODERATION_API_KEYS, when the service has them "
+                   "(env MODERATION_API_KEY).")
+@click.option("--reject", default="block", show_default=True,
+              help="Comma-separated actions that reject the file.")
+@click.option("--review", type=click.Choice(["accept", "reject"]), default="accept",
+              show_default=True, help="What a review action does.")
+@click.option("--fail-mode", type=click.Choice(["open", "closed"]), default="closed",
+              show_default=True, help="When the service cannot decide: exit 0 (open) or 2.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+def check(file: Path, url: str, api_key: str | None, reject: str, review: str,
+          fail_mode: str, timeout: float) -> None:
+    """Check one FILE through the service, for scanners that run a command per file
+    (matrix-content-scanner): exit 0 allowed, 1 rejected, 2 could not decide (with
+    --fail-mode open, exit 0 instead); one line on stdout saying why. A file the service's
+    decoder refuses is rejected (a decision, not a failure)."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from .integrations import IntegrationPolicy
+
+    try:
+        policy = IntegrationPolicy.parse(reject, review, fail_mode)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+    def done(accept: bool, reason: str, *, failed: bool = False) -> None:
+        click.echo(reason)
+        sys.exit(0 if accept else (2 if failed else 1))
+
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        done(False, f"cannot read {file}: {e.strerror or e}", failed=True)
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"{file.name.replace(chr(34), '')}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + (
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"id\"\r\n\r\n"
+        f"check\r\n--{boundary}--\r\n").encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url.rstrip("/") + "/v1/moderate", data=body,
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            error = json.loads(e.read()).get("error", {})
+        except (ValueError, AttributeError):
+            error = {}
+        if 400 <= e.code < 500 and e.code not in (401, 403, 408, 429) and error.get("code"):
+            verdict = policy.of_refusal(error["code"], error.get("message", ""))
+            done(verdict.accept, verdict.reason)
+        verdict = policy.of_failure(f"the service answered {e.code} "
+                                    f"{error.get('code', '')}".strip())
+        done(verdict.accept, verdict.reason, failed=not verdict.accept)
+    except (OSError, ValueError) as e:  # refused, timed out, not JSON
+        verdict = policy.of_failure(f"no answer from {url}: {e}")
+        done(verdict.accept, verdict.reason, failed=not verdict.accept)
+    [result] = answer["results"]
+    if "error" in result:
+        verdict = policy.of_refusal(result["error"]["code"], result["error"]["message"])
+    else:
+        verdict = policy.of_action(result["action"], result.get("triggered", []))
+    done(verdict.accept, verdict.reason)

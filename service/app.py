@@ -32,7 +32,19 @@ from decisionlog.search import ensure_hnsw_index
 from moderation import Moderator
 from moderation.backends import EncoderSpec
 
-from . import banks, decisions, jobs, moderate, ops, pages, policy, reviews, search, security
+from . import (
+    banks,
+    decisions,
+    integrations,
+    jobs,
+    moderate,
+    ops,
+    pages,
+    policy,
+    reviews,
+    search,
+    security,
+)
 from .errors import register_error_handlers
 from .metrics import Metrics
 from .settings import Settings, load_settings
@@ -182,7 +194,7 @@ def create_app(
 
     register_error_handlers(app)
     security.init_app(app)
-    for blueprint in (moderate.bp, banks.bp, policy.bp, jobs.bp, decisions.bp, search.bp,
-                      reviews.bp, pages.bp, ops.bp):
+    for blueprint in (moderate.bp, banks.bp, integrations.bp, policy.bp, jobs.bp,
+                      decisions.bp, search.bp, reviews.bp, pages.bp, ops.bp):
         app.register_blueprint(blueprint)
     return app

@@ -373,6 +373,8 @@ ERROR_MEANINGS = {
     "model (model_mismatch), no stored embedding (no_embedding), an error not appealable "
     "(not_appealable)",
     431: "A header over 8,190 bytes or more than 100 headers (headers_too_large)",
+    503: "A platform hook could not decide and fails closed (undecided; "
+    "MODERATION_INTEGRATION_FAIL_MODE): the message says why",
 }
 
 

@@ -45,6 +45,10 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("moderation_errors", "Errors by code", ["code"], registry=r)
+        self.integrations = Counter(
+            "moderation_integration_answers", "Platform hooks' answers: accepted or rejected, "
+            "by a decision or by the fail mode (the service could not decide)",
+            ["hook", "answer", "by"], registry=r)
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -29,6 +29,7 @@ TAGS = {
     "decisions": "The decision log",
     "search": "The decision log searched by text, by decision or by image",
     "reviews": "Appeals, the review queue, verdicts and measured quality",
+    "integrations": "Platform hooks (pict-rs): an upload in, accept or reject out",
     "jobs": "Long work off the request threads (a large dry-run): state, progress, result",
     "ops": "Health, readiness, metrics and this document",
 }

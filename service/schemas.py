@@ -115,6 +115,17 @@ class ImageData(BaseModel):
     id: str | None = Field(None, max_length=256)
 
 
+class IntegrationAnswer(BaseModel):
+    """A platform hook's acceptance (a refusal is the error shape: ``rejected``, 422, or
+    ``undecided``, 503, with ``action`` and ``decision_id`` beside it)."""
+
+    accept: bool
+    reason: str = Field(description="why, in words a user can be shown")
+    action: Literal["allow", "flag", "review", "block"] | None = Field(
+        None, description="the decision's action (null: none was made)")
+    decision_id: str | None = Field(None, description="the recorded decision")
+
+
 class ModerateQuery(Query):
     async_: Flag = Field(False, alias="async",
                          description="answer 202 at once with a job (as a video longer than "
@@ -710,6 +721,7 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (VerdictPage, "serialization"),
     (QueueCounts, "serialization"),
     (QualityResponse, "serialization"),
+    (IntegrationAnswer, "serialization"),
     (BankList, "serialization"),
     (BankOut, "serialization"),
     (BankCreate, "validation"),

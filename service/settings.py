@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     max_animation_frames: int = Field(default=ImageLimits.max_animation_frames, ge=1)
     max_animation_pixels: int = Field(default=ImageLimits.max_animation_pixels, ge=1)
     max_jpeg_scans: int = Field(default=ImageLimits.max_jpeg_scans, ge=1)
+    # --- platform hooks (moderation.integrations.IntegrationPolicy)
+    integration_reject: str = Field(
+        default="block", description="comma-separated actions a platform hook rejects")
+    integration_review: Literal["accept", "reject"] = Field(
+        default="accept", description="a review action: accepted (and queued) or rejected")
+    integration_fail_mode: Literal["open", "closed"] = Field(
+        default="closed", description="when the service cannot decide: accept or reject")
     hashes: bool = Field(default=True, description="hash every upload (SHA-256, PDQ of each "
                                                    "frame) for hash banks and hash search")
     video_inline_max_s: float = Field(
@@ -175,6 +182,14 @@ class Settings(BaseSettings):
             if value is not None and not value.strip():
                 raise ValueError(f"{name} is blank: unset it, or give a token")
         return self
+
+    @field_validator("integration_reject")
+    @classmethod
+    def _integration_reject(cls, value: str) -> str:
+        from moderation.integrations import IntegrationPolicy
+
+        IntegrationPolicy.parse(value)  # its ValueError says what is accepted
+        return value
 
     @field_validator("audit_rate")
     @classmethod

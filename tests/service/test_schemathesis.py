@@ -72,7 +72,7 @@ BODY_ONLY_A_SERVER_CAN_JUDGE = {
     "POST /v1/reviews/{item_id}",
     # an upload's bytes again, and a decision id or a file of hashes only the log can judge
     "POST /v1/hash", "POST /v1/match", "POST /v1/banks/{name}/hashes",
-    "POST /v1/banks/{name}/import",
+    "POST /v1/banks/{name}/import", "POST /v1/integrations/pict-rs",
 }
 ONE_OF_TWO_PARAMETERS = {"GET /v1/search", "GET /v1/search.csv", "GET /v1/search.jsonl"}
 
