@@ -99,12 +99,21 @@ class Server:
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:  # it could not start: say why, do not wait
+                raise SystemExit(f"the server exited ({self.process.returncode}); its log: "
+                                 f"{folder / 'server.log'}")
             try:
                 if requests.get(f"{self.base}/readyz", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 time.sleep(0.5)
+        else:
+            raise SystemExit(f"the server was not ready in 300 s; its log: "
+                             f"{folder / 'server.log'}")
         while len(children(self.process.pid)) < 2:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited ({self.process.returncode}); its log: "
+                                 f"{folder / 'server.log'}")
             time.sleep(0.2)
         time.sleep(1)
 
