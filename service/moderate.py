@@ -180,7 +180,8 @@ def respond(active: Moderator, parsed: ModerateRequest, *,
     records = [
         DecisionRecord.from_result(
             result,
-            image_sha256=hashlib.sha256(upload.data).hexdigest(),
+            image_sha256=(result.hashes.sha256 if result.hashes is not None  # the decoder's
+                          else hashlib.sha256(upload.data).hexdigest()),
             image_size=len(upload.data),
             latency_ms=ms + model_ms,
         )
