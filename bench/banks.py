@@ -203,24 +203,16 @@ def throughput_lines(args: argparse.Namespace) -> None:
         throughput banks=off images_per_s=… / banks=on images_per_s=… ratio=… load=L
     """
     import tempfile
-    import warnings
 
     import yaml
 
+    from bench.synthetic import default_policy_data, random_encoder
     from decisionlog.banks import BankMatcher, BankStore
     from moderation import Moderator
-    from moderation.backends import RandomWeightsWarning
-    from moderation.backends.torch import Encoder
     from moderation.policy import parse_policy
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        encoder = Encoder.load(args.model, random_weights=True)
-    data = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
-    data["model"] = {"name": args.model, "pretrained": "random"}
-    for category in data["categories"].values():
-        category["threshold"].pop("provenance", None)
-    policy = parse_policy(yaml.safe_dump(data))
+    encoder = random_encoder(args.model)
+    policy = parse_policy(yaml.safe_dump(default_policy_data(args.model)))
     off = Moderator(policy, encoder, hashes=False)
     on = Moderator(policy, encoder, hashes=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-banks-"))

@@ -172,3 +172,31 @@ def high_water_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_encoder(model: str) -> Any:
+    """The torch encoder of ``model`` with random weights (a real model's compute), its
+    warning silenced: for benchmarks."""
+    import warnings
+
+    from moderation.backends import RandomWeightsWarning
+    from moderation.backends.torch import Encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        return Encoder.load(model, random_weights=True)
+
+
+def default_policy_data(model: str) -> dict[str, Any]:
+    """policies/default.yaml as data, for ``model`` with random weights (no threshold
+    claims a calibration with another model)."""
+    from pathlib import Path
+
+    import yaml
+
+    data: dict[str, Any] = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "policies" / "default.yaml").read_text())
+    data["model"] = {"name": model, "pretrained": "random"}
+    for category in data["categories"].values():
+        category["threshold"].pop("provenance", None)
+    return data

@@ -24,7 +24,6 @@ import io
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.synthetic import load  # noqa: E402
+from bench.synthetic import default_policy_data, load, random_encoder  # noqa: E402
 
 
 def photo(seed: int, size: tuple[int, int]) -> bytes:
@@ -57,18 +56,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from moderation import Moderator
-    from moderation.backends import RandomWeightsWarning
-    from moderation.backends.torch import Encoder
     from moderation.images import decode_image
     from moderation.policy import parse_policy
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        encoder = Encoder.load(args.model, random_weights=True)
-    base = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
-    base["model"] = {"name": args.model, "pretrained": "random"}
-    for category in base["categories"].values():
-        category["threshold"].pop("provenance", None)
+    encoder = random_encoder(args.model)
+    base = default_policy_data(args.model)
     cropped = copy.deepcopy(base)
     cropped["views"] = {"crops": "2x2", "overlap": 0.2, "min_side": 256}
     moderators = {
