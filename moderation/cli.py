@@ -423,56 +423,19 @@ def check(file: Path, url: str, api_key: str | None, reject: str, review: str,
     (matrix-content-scanner): exit 0 allowed, 1 rejected, 2 could not decide (with
     --fail-mode open, exit 0 instead); one line on stdout saying why. A file the service's
     decoder refuses is rejected (a decision, not a failure)."""
-    import urllib.error
-    import urllib.request
-    import uuid
-
+    from .client import ModerationClient
     from .integrations import IntegrationPolicy
 
     try:
         policy = IntegrationPolicy.parse(reject, review, fail_mode)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-
-    def done(accept: bool, reason: str, *, failed: bool = False) -> None:
-        click.echo(reason)
-        sys.exit(0 if accept else (2 if failed else 1))
-
     try:
         data = file.read_bytes()
     except OSError as e:
-        done(False, f"cannot read {file}: {e.strerror or e}", failed=True)
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
-            f"filename=\"{file.name.replace(chr(34), '')}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + (
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"id\"\r\n\r\n"
-        f"check\r\n--{boundary}--\r\n").encode()
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url.rstrip("/") + "/v1/moderate", data=body,
-                                     headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        try:
-            error = json.loads(e.read()).get("error", {})
-        except (ValueError, AttributeError):
-            error = {}
-        if 400 <= e.code < 500 and e.code not in (401, 403, 408, 429) and error.get("code"):
-            verdict = policy.of_refusal(error["code"], error.get("message", ""))
-            done(verdict.accept, verdict.reason)
-        verdict = policy.of_failure(f"the service answered {e.code} "
-                                    f"{error.get('code', '')}".strip())
-        done(verdict.accept, verdict.reason, failed=not verdict.accept)
-    except (OSError, ValueError) as e:  # refused, timed out, not JSON
-        verdict = policy.of_failure(f"no answer from {url}: {e}")
-        done(verdict.accept, verdict.reason, failed=not verdict.accept)
-    [result] = answer["results"]
-    if "error" in result:
-        verdict = policy.of_refusal(result["error"]["code"], result["error"]["message"])
-    else:
-        verdict = policy.of_action(result["action"], result.get("triggered", []))
-    done(verdict.accept, verdict.reason)
+        click.echo(f"cannot read {file}: {e.strerror or e}")
+        sys.exit(2)
+    client = ModerationClient(url, api_key, timeout, policy)
+    checked = client.check(data, client_id="check", filename=file.name)
+    click.echo(checked.reason)
+    sys.exit(0 if checked.accept else (2 if checked.failed else 1))
