@@ -44,6 +44,11 @@ from moderation.command import load_moderator, model_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-positives", type=click.IntRange(1), default=10, show_default=True,
               help="Fewer positive images than this in a split: the category is not calibrated.")
+@click.option("--probabilities", type=click.Choice(["none", "isotonic", "sigmoid"]),
+              default="none", show_default=True,
+              help="Also fit each category's score → probability map (scikit-learn's isotonic "
+                   "regression or Platt's sigmoid), written into the policy; results then give "
+                   "a probability beside each score (Misskey's detect-images needs them).")
 @model_options
 def calibrate(
     labels: Path | None,
@@ -61,6 +66,7 @@ def calibrate(
     test_size: float,
     seed: int,
     min_positives: int,
+    probabilities: str,
     policy_path: Path,
     spec: EncoderSpec,
 ) -> None:
@@ -75,6 +81,7 @@ def calibrate(
 
     if target_precision is not None and target_recall is not None:
         raise click.UsageError("give --target-precision or --target-recall, not both")
+    method = None if probabilities == "none" else probabilities
     goal = None
     if target_precision is not None or target_recall is not None:
         goal = Goal(precision=target_precision, recall=target_recall)
@@ -83,14 +90,14 @@ def calibrate(
             raise click.UsageError("--from-reviews takes its labels from the log: leave out "
                                    "--labels, --test and --scores")
         result = _from_reviews(policy_path, goal, profile, test_size, seed, min_positives,
-                               since, until, database_url, spec)
+                               since, until, database_url, spec, method)
     elif since is not None or until is not None or database_url is not None:
         raise click.UsageError("--since, --until and --database-url go with --from-reviews")
     elif labels is None:
         raise click.UsageError("give --labels (a labelled set), or --from-reviews")
     else:
         result = _from_labels(policy_path, labels, test, scan, goal, profile, test_size, seed,
-                              min_positives, spec)
+                              min_positives, spec, method)
     write_policy(result, policy_path, out)
     index = write_report(result, report_dir)
     for line in threshold_diff(result):
@@ -111,7 +118,7 @@ def calibrate(
 
 def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path | None,
                  goal: Any, profile: str | None, test_size: float, seed: int,
-                 min_positives: int, spec: EncoderSpec) -> Any:
+                 min_positives: int, spec: EncoderSpec, method: Any) -> Any:
     from .labels import LabelError
     from .run import calibrate as run
 
@@ -119,7 +126,7 @@ def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path 
         return run(
             policy_path, labels, test=test, scan=scan, goal=goal, profile=profile,
             load_moderator=lambda: load_moderator(policy_path, spec), test_size=test_size,
-            seed=seed, min_positives=min_positives,
+            seed=seed, min_positives=min_positives, probabilities=method,
         )
     except (LabelError, PolicyError) as e:
         raise click.ClickException(str(e)) from e
@@ -127,7 +134,7 @@ def _from_labels(policy_path: Path, labels: Path, test: Path | None, scan: Path 
 
 def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: float,
                   seed: int, min_positives: int, since: str | None, until: str | None,
-                  database_url: str | None, spec: EncoderSpec) -> Any:
+                  database_url: str | None, spec: EncoderSpec, method: Any) -> Any:
     """The verdicts come from the decision log, a sibling package this one never imports:
     it contributes them as the ``reviews`` label source (the ``moderation.label_sources``
     entry points), the way packages contribute commands."""
@@ -147,6 +154,6 @@ def _from_reviews(policy_path: Path, goal: Any, profile: str | None, test_size: 
                           model=moderator.encoder.identity, since=since or "30d", until=until)
         return calibrate_from_reviews(policy_path, moderator, reviewed, goal=goal,
                                       profile=profile, test_size=test_size, seed=seed,
-                                      min_positives=min_positives)
+                                      min_positives=min_positives, probabilities=method)
     except (LabelError, PolicyError, ValueError) as e:
         raise click.ClickException(str(e)) from e

@@ -1,6 +1,7 @@
 """The calibration report: per category a precision–recall curve and a score histogram (PNG,
-matplotlib), a confusion matrix, and an ``index.html`` plus ``summary.json`` that a reviewer
-can open without running anything."""
+matplotlib), a confusion matrix, with probability maps a reliability diagram and the held-out
+expected calibration error, and an ``index.html`` plus ``summary.json`` that a reviewer can
+open without running anything."""
 
 from __future__ import annotations
 
@@ -74,6 +75,26 @@ def _plot_hist(o: CategoryOutcome, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_reliability(o: CategoryOutcome, path: Path) -> None:
+    """Held-out mean predicted probability against observed frequency per bin (marker area:
+    images in the bin), with the diagonal of perfect calibration."""
+    r = o.reliability
+    assert r is not None and o.probability is not None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    sizes = [20 + 200 * w / max(r.weight) for w in r.weight]
+    ax.plot(r.predicted, r.observed, "-", color="steelblue", lw=1)
+    ax.scatter(r.predicted, r.observed, s=sizes, color="steelblue",
+               label=f"held out ({sum(r.count)} images)")
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1),
+           ylim=(0, 1), title=f"{o.category}: {o.probability['method']} map, "
+                              f"ECE {r.ece:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _finite(value: Any) -> Any:
     """NaN (an undefined precision or recall) → None, so that the JSON is valid JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -95,6 +116,12 @@ def _summary(result: CalibrationResult) -> dict[str, Any]:
             "old": {"value": o.old_value, "review_from": o.old_review_from},
             "new": {"value": o.value, "review_from": o.review_from} if o.calibrated else None,
             "review": o.review_message,
+            "probability": None if o.probability is None or o.reliability is None else {
+                **o.probability, "held_out": {
+                    "ece": o.reliability.ece, "brier": o.reliability.brier,
+                    "bins": o.reliability.bins, "predicted": o.reliability.predicted,
+                    "observed": o.reliability.observed, "count": o.reliability.count}},
+            "probability_message": o.probability_message,
             "fit": {"positives": o.fit_positives, "negatives": o.fit_negatives},
             "held_out": {
                 "positives": o.test_positives,
@@ -151,6 +178,17 @@ def _weighting(result: CalibrationResult) -> str:
             f"<dd><ul id='caveats'>{caveats}</ul></dd>")
 
 
+def _probability_method(result: CalibrationResult) -> str:
+    if result.probabilities is None:
+        return ""
+    how = ("scikit-learn's isotonic regression (piecewise linear between its knots)"
+           if result.probabilities == "isotonic"
+           else "Platt's sigmoid (scikit-learn's logistic regression on the one score)")
+    return (f"Score → probability maps: {how}, fitted on the fitting split; their expected "
+            "calibration error (10 equal-width bins of probability, weighted by images) and "
+            "reliability diagrams are on the held-out split.")
+
+
 def _html(result: CalibrationResult, summary: dict[str, Any]) -> str:
     esc = html.escape
     rows = []
@@ -168,7 +206,8 @@ def _html(result: CalibrationResult, summary: dict[str, Any]) -> str:
             f"<td>{_num(e.recall if e else None)} [{_num(e.recall_interval[0] if e else None)}, "
             f"{_num(e.recall_interval[1] if e else None)}]</td>"
             f"<td>{o.fit_positives} / {o.fit_negatives}</td>"
-            f"<td>{o.test_positives} / {o.test_negatives}</td></tr>"
+            f"<td>{o.test_positives} / {o.test_negatives}</td>"
+            f"<td>{_num(o.reliability.ece) if o.reliability else '–'}</td></tr>"
         )
     sections = []
     for o in result.outcomes:
@@ -176,9 +215,14 @@ def _html(result: CalibrationResult, summary: dict[str, Any]) -> str:
             f"<section id='{o.category}'><h2>{esc(o.category)}</h2>"
             f"<p class='msg'>{esc(o.message)}</p>"
             + (f"<p class='msg'>{esc(o.review_message)}</p>" if o.review_message else "")
+            + (f"<p class='msg'>{esc(o.probability_message)}</p>"
+               if o.probability_message else "")
             + f"<div class='plots'><img src='{o.category}_pr.png' alt='precision-recall curve "
             f"for {o.category}'><img src='{o.category}_hist.png' alt='score histogram for "
-            f"{o.category}'></div>{_confusion_table(o)}</section>"
+            f"{o.category}'>"
+            + (f"<img src='{o.category}_reliability.png' alt='reliability diagram for "
+               f"{o.category}'>" if o.reliability is not None else "")
+            + f"</div>{_confusion_table(o)}</section>"
         )
     left_out = "".join(f"<li>{esc(x)}</li>" for x in result.left_out)
     return f"""<!doctype html>
@@ -200,14 +244,16 @@ dt {{ font-weight: bold; }}
 <dt>Data</dt><dd>{esc(result.dataset)} (fingerprint {esc(result.fingerprint)})</dd>
 <dt>Method</dt><dd>{esc(result.split)}. Thresholds are chosen on the fitting split with
 scikit-learn's precision_recall_curve; precision and recall are reported on the held-out split
-with 95% percentile-bootstrap intervals (1,000 resamples of the held-out images).</dd>
+with 95% percentile-bootstrap intervals (1,000 resamples of the held-out images).
+{_probability_method(result)}</dd>
 {_weighting(result)}
 <dt>Policy version</dt><dd>{esc(result.policy.version)} → {esc(result.new_policy.version)}</dd>
 <dt>Date</dt><dd>{result.date.isoformat()}</dd>
 </dl>
 <table><tr><th>category</th><th>status</th><th>target</th><th>threshold</th>
 <th>held-out precision [95% CI]</th><th>held-out recall [95% CI]</th>
-<th>fit positives / negatives</th><th>held-out positives / negatives</th></tr>
+<th>fit positives / negatives</th><th>held-out positives / negatives</th>
+<th>held-out ECE of the probability map</th></tr>
 {''.join(rows)}</table>
 {f'<h2>Images left out</h2><ul>{left_out}</ul>' if left_out else ''}
 {''.join(sections)}
@@ -221,6 +267,8 @@ def write_report(result: CalibrationResult, directory: Path) -> Path:
     for o in result.outcomes:
         _plot_pr(o, directory / f"{o.category}_pr.png")
         _plot_hist(o, directory / f"{o.category}_hist.png")
+        if o.reliability is not None:
+            _plot_reliability(o, directory / f"{o.category}_reliability.png")
     summary = _summary(result)
     (directory / "summary.json").write_text(
         json.dumps(_finite(summary), indent=2, allow_nan=False), encoding="utf-8"

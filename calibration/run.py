@@ -22,6 +22,7 @@ from moderation.policy import DEFAULT_PROFILE, Goal, Policy, load_policy, parse_
 
 from .fitting import Evaluation, ThresholdFitter, evaluate
 from .labels import LabelError, LabelledImage, fingerprint, load_labels
+from .probability import Method, Reliability, fit_map, reliability
 
 __all__ = ["CalibrationResult", "CategoryOutcome", "ReviewedImages", "calibrate",
            "calibrate_from_reviews"]
@@ -71,6 +72,11 @@ class CategoryOutcome:
     fit_labels: np.ndarray | None = None
     test_scores: np.ndarray | None = None
     test_labels: np.ndarray | None = None
+    #: the fitted score → probability map (the policy's ``probability`` without provenance),
+    #: its held-out reliability, or why there is none (``None``: not asked for)
+    probability: dict[str, Any] | None = None
+    reliability: Reliability | None = None
+    probability_message: str | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -93,6 +99,8 @@ class CalibrationResult:
     #: sample cannot represent
     weighting: str | None = None
     caveats: list[str] = field(default_factory=list)
+    #: the probability maps' method (``None``: none fitted)
+    probabilities: Method | None = None
 
     @property
     def failed(self) -> list[CategoryOutcome]:
@@ -219,7 +227,7 @@ def _fit_categories(
     policy: Policy, categories: list[str], profile: str | None, goal: Goal | None,
     scores: np.ndarray, truth: np.ndarray, weights: np.ndarray | None, fit_rows: np.ndarray,
     test_rows: np.ndarray, min_positives: int, n_boot: int, seed: int,
-    judged: np.ndarray | None = None,
+    judged: np.ndarray | None = None, probabilities: Method | None = None,
 ) -> list[CategoryOutcome]:
     """Fit each category on the fitting rows and report on the held-out ones (``weights``:
     each image's inverse sampling probability, or ``None``; ``judged``: ndarray of shape
@@ -247,6 +255,8 @@ def _fit_categories(
             test_labels=tl,
         )
         outcomes.append(outcome)
+        if probabilities is not None:
+            _fit_probability(outcome, probabilities, fw, tw, min_positives)
         if this_goal is None:
             outcome.message = (
                 "no target: set target in the policy, or pass --target-precision or "
@@ -289,6 +299,35 @@ def _fit_categories(
     return outcomes
 
 
+def _fit_probability(o: CategoryOutcome, method: Method, fit_weights: np.ndarray | None,
+                     test_weights: np.ndarray | None, min_positives: int) -> None:
+    """The category's score → probability map on the fitting split, its reliability on the
+    held-out one; or why not (too few positives or negatives in a split)."""
+    assert o.fit_scores is not None and o.fit_labels is not None
+    assert o.test_scores is not None and o.test_labels is not None
+    few = [f"{n} {what} in the {split} split" for n, what, split in (
+        (o.fit_positives, "positives", "fitting"), (o.fit_negatives, "negatives", "fitting"),
+        (o.test_positives, "positives", "held-out"), (o.test_negatives, "negatives", "held-out"))
+        if n < min_positives]
+    if few:
+        o.probability_message = (f"probability: not fitted, only {', '.join(few)} (at least "
+                                 f"{min_positives} each)")
+        return
+    try:
+        fitted = fit_map(method, o.fit_scores, o.fit_labels, fit_weights)
+    except ValueError as e:
+        o.probability_message = f"probability: not fitted: {e}"
+        return
+    from moderation.policy import ProbabilityMap
+
+    apply = ProbabilityMap.model_construct(**fitted).of  # (validated with the provenance)
+    o.reliability = reliability(apply(o.test_scores), o.test_labels, test_weights)
+    o.probability = fitted
+    o.probability_message = (f"probability: {method} map, held-out expected calibration error "
+                             f"{o.reliability.ece:.3f} ({o.reliability.bins} bins), Brier "
+                             f"{o.reliability.brier:.3f}")
+
+
 def calibrate(
     policy_path: Path,
     labels: Path,
@@ -302,8 +341,10 @@ def calibrate(
     seed: int = 0,
     min_positives: int = 10,
     n_boot: int = 1000,
+    probabilities: Method | None = None,
 ) -> CalibrationResult:
-    """Fit every category's threshold; see the README's "Calibration" for the method.
+    """Fit every category's threshold (and, with ``probabilities``, its score → probability
+    map); see the README's "Calibration" for the method.
 
     ``load_moderator`` builds the model (not called when ``scan`` gives the scores).
     """
@@ -342,12 +383,13 @@ def calibrate(
         split = f"fitted and reported on two splits of {labels.name}: {how}"
 
     outcomes = _fit_categories(policy, categories, profile, goal, scores, truth, None,
-                               fit_rows, test_rows, min_positives, n_boot, seed)
+                               fit_rows, test_rows, min_positives, n_boot, seed,
+                               probabilities=probabilities)
     result = CalibrationResult(
         policy=policy, new_policy=policy, model=model, profile=profile or DEFAULT_PROFILE,
         split=split, dataset=labels.name,
         fingerprint=fingerprint([items[i] for i in kept]),
-        outcomes=outcomes, left_out=left_out,
+        outcomes=outcomes, left_out=left_out, probabilities=probabilities,
     )
     result.new_policy = parse_policy(
         updated_policy_text(policy_path, result), source=policy_path.name,
@@ -367,6 +409,7 @@ def calibrate_from_reviews(
     seed: int = 0,
     min_positives: int = 10,
     n_boot: int = 1000,
+    probabilities: Method | None = None,
 ) -> CalibrationResult:
     """Fit thresholds on reviewers' verdicts: each reviewed decision's stored frames scored
     by the service's scorer under the policy being calibrated (``moderator``'s), weighted by
@@ -391,12 +434,14 @@ def calibrate_from_reviews(
     judged = np.array([[i.judged is None or c in i.judged for c in categories]
                        for i in images], dtype=bool)  # a verdict says nothing of a newer one
     outcomes = _fit_categories(policy, categories, profile, goal, scores, truth, weights,
-                               fit_rows, test_rows, min_positives, n_boot, seed, judged)
+                               fit_rows, test_rows, min_positives, n_boot, seed, judged,
+                               probabilities=probabilities)
     result = CalibrationResult(
         policy=policy, new_policy=policy, model=moderator.encoder.identity,
         profile=profile or DEFAULT_PROFILE, split=split, dataset=reviewed.name,
         fingerprint=reviewed.fingerprint, outcomes=outcomes, left_out=list(reviewed.left_out),
         weighting=reviewed.weighting, caveats=list(reviewed.caveats),
+        probabilities=probabilities,
     )
     result.new_policy = parse_policy(
         updated_policy_text(policy_path, result), source=policy_path.name,
@@ -439,6 +484,15 @@ def updated_policy_text(policy_path: Path, result: CalibrationResult) -> str:
     yaml.width = 100
     data = yaml.load(policy_path.read_text(encoding="utf-8"))
     for o in result.outcomes:
+        if o.probability is not None and o.reliability is not None:
+            data["categories"][o.category]["probability"] = {
+                **o.probability, "model": result.model, "date": result.date.isoformat(),
+                "dataset": {"name": result.dataset, "fingerprint": result.fingerprint,
+                            "positives": o.fit_positives, "negatives": o.fit_negatives},
+                "ece": round(o.reliability.ece, 4), "bins": o.reliability.bins,
+                "split": f"held out: {o.test_positives} positives, {o.test_negatives} "
+                         "negatives" + (" (weighted)" if result.weighting else ""),
+            }
         if not o.calibrated:
             continue
         assert o.value is not None
@@ -476,6 +530,8 @@ def threshold_diff(result: CalibrationResult) -> list[str]:
             )
         else:
             lines.append(f"  {o.category:<{width}}  {before} unchanged: {o.message}")
+        if o.probability_message:
+            lines.append(f"  {'':<{width}}  {o.probability_message}")
     return lines
 
 

@@ -11,7 +11,7 @@ import base64
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -82,6 +82,10 @@ class CategoryOutcome(BaseModel):
     """One category's outcome, as the response gave it."""
 
     score: float = Field(description="similarity minus the exception penalty (README)")
+    probability: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["uncalibrated"] | None = Field(
+        None, description="the score as a probability, by the map moderation calibrate "
+        "--probabilities fitted on labelled images; 'uncalibrated' when the policy has none "
+        "(null: a decision recorded before probabilities)")
     similarity: float = Field(description="cosine to the category")
     threshold: float
     review_from: float | None = None
@@ -106,6 +110,7 @@ class CategoryOutcome(BaseModel):
 
         return cls(
             score=round(c.score, 6),
+            probability="uncalibrated" if c.probability is None else round(c.probability, 6),
             similarity=round(c.similarity, 6),
             threshold=c.threshold,
             review_from=c.review_from,

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .banks import BankMatch
 
 __all__ = [
+    "UNCALIBRATED",
     "CategoryDecision",
     "Decision",
     "TermMatch",
@@ -24,6 +25,10 @@ __all__ = [
     "category_severities",
     "decide",
 ]
+
+
+#: what a result says for a category's probability when the policy has no fitted map for it
+UNCALIBRATED = "uncalibrated"
 
 
 @dataclass(frozen=True)
@@ -62,10 +67,14 @@ class CategoryDecision:
     #: a video's persistence rule held over these seconds (start, end of the frames that
     #: crossed); ``None`` without a rule or for images
     span: tuple[float, float] | None = None
+    #: the score as a probability, by the category's fitted map (``None``: it has none)
+    probability: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "score": round(self.score, 6),
+            "probability": (UNCALIBRATED if self.probability is None
+                            else round(self.probability, 6)),
             "similarity": round(self.similarity, 6),
             "threshold": self.threshold,
             "review_from": self.review_from,
@@ -165,6 +174,9 @@ def decide(
     """One :class:`Decision` per row of ``scores``, with the thresholds of ``profile``."""
     table = ThresholdTable.of(policy, text.category_ids, profile)
     severities = category_severities(scores.score, table)
+    maps = [policy.categories[cid].probability for cid in text.category_ids]
+    probabilities = [None if m is None else m.of(scores.score[:, col])
+                     for col, m in enumerate(maps)]
     decisions = []
     for row in range(scores.score.shape[0]):
         categories: dict[str, CategoryDecision] = {}
@@ -176,8 +188,10 @@ def decide(
             term_sims = scores.term_similarity[col][row]
             order = np.argsort(-term_sims, kind="stable")[: policy.top_terms]
             exception_index = int(scores.closest_exception[row, col])
+            fitted = probabilities[col]
             categories[cid] = CategoryDecision(
                 score=score,
+                probability=None if fitted is None else float(fitted[row]),
                 similarity=float(scores.similarity[row, col]),
                 threshold=value,
                 review_from=band,

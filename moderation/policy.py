@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel,
@@ -348,6 +349,62 @@ class Persistence(_Strict):
     within_s: Annotated[float, Field(ge=0.0, le=86_400.0)] = 0.0
 
 
+class ProbabilityMap(_Strict):
+    """A category's score → the probability that an image shows it, fitted on labelled images
+    (``moderation calibrate --probabilities``; scikit-learn's isotonic regression or Platt's
+    sigmoid). Valid only for ``model`` and the scores of the policy it was fitted under.
+
+    ``isotonic``: piecewise linear through (``scores[i]``, ``probabilities[i]``), flat beyond
+    the ends; ``sigmoid``: ``1 / (1 + exp(-(slope * score + intercept)))``. Both never fall
+    as the score rises."""
+
+    method: Literal["isotonic", "sigmoid"]
+    scores: Annotated[list[Similarity], Field(min_length=1, max_length=2000)] | None = None
+    probabilities: Annotated[list[Fraction], Field(min_length=1, max_length=2000)] | None = None
+    slope: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
+    intercept: Annotated[float, Field(ge=-1e6, le=1e6)] | None = None
+    model: Text = Field(description="identity of the model the map was fitted with")
+    date: dt.date
+    dataset: DatasetInfo
+    ece: Fraction = Field(description="expected calibration error on the held-out split")
+    bins: Annotated[int, Field(ge=2, le=100)] = 10
+    split: str | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ProbabilityMap:
+        if self.method == "isotonic":
+            if self.scores is None or self.probabilities is None or (
+                    self.slope is not None or self.intercept is not None):
+                raise ValueError("an isotonic map has scores and probabilities (and no slope "
+                                 "or intercept)")
+            if len(self.scores) != len(self.probabilities):
+                raise ValueError(f"scores ({len(self.scores)}) and probabilities "
+                                 f"({len(self.probabilities)}) differ in length")
+            if any(b <= a for a, b in zip(self.scores, self.scores[1:], strict=False)):
+                raise ValueError("scores must rise strictly")
+            if any(b < a for a, b in zip(self.probabilities, self.probabilities[1:],
+                                         strict=False)):
+                raise ValueError("probabilities must never fall as the score rises")
+        elif self.slope is None or self.intercept is None or (
+                self.scores is not None or self.probabilities is not None):
+            raise ValueError("a sigmoid map has slope (> 0) and intercept (and no scores or "
+                             "probabilities)")
+        return self
+
+    def of(self, scores: Any) -> np.ndarray:
+        """The probabilities of ``scores`` (any shape), float64."""
+        s = np.asarray(scores, dtype=np.float64)
+        if self.method == "isotonic":
+            assert self.scores is not None and self.probabilities is not None
+            return np.interp(s, self.scores, self.probabilities)
+        assert self.slope is not None and self.intercept is not None
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-(self.slope * s + self.intercept)))
+
+    def __call__(self, score: float) -> float:
+        return float(self.of(score))
+
+
 class Category(_Strict):
     description: Text
     terms: Annotated[list[Text], Field(min_length=1)]
@@ -365,6 +422,10 @@ class Category(_Strict):
     persistence: Persistence | None = Field(
         default=None, description="videos: fire only when at least this many sampled frames "
         "within this many seconds cross the threshold (default: any one frame)"
+    )
+    probability: ProbabilityMap | None = Field(
+        default=None, description="score → probability, fitted by moderation calibrate "
+        "--probabilities (results say 'uncalibrated' without one)"
     )
 
     @field_validator("terms", "exceptions")
@@ -395,6 +456,35 @@ class Category(_Strict):
         return self
 
 
+#: a Misskey class name (its sensitive-media detectors answer nsfw and safe, or nsfwjs's classes)
+ClassName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+
+
+class MisskeyClasses(_Strict):
+    """What ``POST /v1/detect-images`` answers Misskey: each class's probability is the
+    largest fitted probability of its categories; ``rest`` (such as ``safe``), when named, is
+    one minus the largest of the others."""
+
+    classes: Annotated[dict[ClassName, Annotated[list[CategoryId], Field(min_length=1)]],
+                       Field(min_length=1, max_length=32)] = Field(
+        description="Misskey class name (nsfw; or Porn, Hentai, Sexy, …) → the categories "
+        "whose probability it takes")
+    rest: ClassName | None = Field(default="safe",
+                                   description="the class of everything else (null: none)")
+
+    @model_validator(mode="after")
+    def _rest_is_its_own(self) -> MisskeyClasses:
+        if self.rest is not None and self.rest in self.classes:
+            raise ValueError(f"rest class {self.rest!r} is also one of the classes")
+        return self
+
+
+class Integrations(_Strict):
+    """How platform hooks read this policy's decisions."""
+
+    misskey: MisskeyClasses | None = None
+
+
 class Policy(_Strict):
     """A validated policy. Build it with :func:`load_policy`; fields are read-only."""
 
@@ -416,6 +506,10 @@ class Policy(_Strict):
     video: VideoViews | None = Field(
         default=None, description="which frames of a video are scored (default: 1 a second, "
         "at most 32)",
+    )
+    integrations: Integrations | None = Field(
+        default=None, description="how platform hooks read decisions: Misskey's classes "
+        "(README: platform integrations)",
     )
 
     @field_validator("templates")
@@ -442,6 +536,12 @@ class Policy(_Strict):
                         "action "
                         f"'block' (the category's action is '{category.action}')"
                     )
+        misskey = self.integrations.misskey if self.integrations is not None else None
+        for name, cids in (misskey.classes.items() if misskey is not None else ()):
+            for cid in cids:
+                if cid not in self.categories:
+                    faults.append(f"integrations.misskey.classes.{_key(name)}: no such "
+                                  f"category {excerpt(cid)}")
         for cid, category in self.categories.items():
             if category.crops and self.crop_grid is None:
                 faults.append(
@@ -538,9 +638,15 @@ class Policy(_Strict):
                     "templates": self.templates_for(cid),
                     "action": c.action,
                     "threshold": [c.threshold.value, c.threshold.review_from],
+                    **({"probability": c.probability.model_dump(
+                        mode="json", include={"method", "scores", "probabilities", "slope",
+                                              "intercept"})}
+                       if c.probability is not None else {}),
                 }
                 for cid, c in sorted(self.categories.items())
             },
+            **({"integrations": self.integrations.model_dump(mode="json")}
+               if self.integrations is not None else {}),
             "profiles": {
                 name: {cid: [t.value, t.review_from] for cid, t in sorted(thresholds.items())}
                 for name, thresholds in sorted(self.profiles.items())
@@ -579,6 +685,9 @@ class Policy(_Strict):
             for cid, t in thresholds.items():
                 if isinstance(t.provenance, Calibrated):
                     found[f"{name}/{cid}"] = t.provenance.model
+        for cid, c in self.categories.items():
+            if c.probability is not None:
+                found[f"{cid} probability"] = c.probability.model
         return found
 
 
