@@ -126,6 +126,41 @@ class IntegrationAnswer(BaseModel):
     decision_id: str | None = Field(None, description="the recorded decision")
 
 
+class MisskeyPrediction(BaseModel):
+    className: str = Field(description="a class of the policy's integrations.misskey")
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+class MisskeyError(BaseModel):
+    code: Literal["INVALID_REQUEST", "UNSUPPORTED_MEDIA_TYPE", "REQUEST_TOO_LARGE",
+                  "IMAGE_DECODE_FAILED", "MODEL_UNAVAILABLE", "DETECTION_FAILED"]
+    message: str
+
+
+class MisskeyDetected(BaseModel):
+    success: Literal[True]
+    predictions: list[MisskeyPrediction] = Field(
+        description="every class of the policy's mapping, most probable first")
+
+
+class MisskeyFailed(BaseModel):
+    success: Literal[False]
+    error: MisskeyError
+
+
+class MisskeyResults(BaseModel):
+    results: list[MisskeyDetected | MisskeyFailed] = Field(
+        description="one per part of the request, in order")
+
+
+class DetectImagesAnswer(BaseModel):
+    """Misskey's sensitive-media detection answer (misskey-dev/sensitive-detector's
+    docs/api-detect-images.md): a failed part is that part's error, the others are answered."""
+
+    success: Literal[True]
+    result: MisskeyResults
+
+
 class ModerateQuery(Query):
     async_: Flag = Field(False, alias="async",
                          description="answer 202 at once with a job (as a video longer than "
@@ -722,6 +757,7 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (QueueCounts, "serialization"),
     (QualityResponse, "serialization"),
     (IntegrationAnswer, "serialization"),
+    (DetectImagesAnswer, "serialization"),
     (BankList, "serialization"),
     (BankOut, "serialization"),
     (BankCreate, "validation"),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import schemathesis
+import yaml
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from moderation import Moderator
@@ -73,6 +74,7 @@ BODY_ONLY_A_SERVER_CAN_JUDGE = {
     # an upload's bytes again, and a decision id or a file of hashes only the log can judge
     "POST /v1/hash", "POST /v1/match", "POST /v1/banks/{name}/hashes",
     "POST /v1/banks/{name}/import", "POST /v1/integrations/pict-rs",
+    "POST /v1/detect-images", "POST /v1/banks/{name}/dry-run",
 }
 ONE_OF_TWO_PARAMETERS = {"GET /v1/search", "GET /v1/search.csv", "GET /v1/search.jsonl"}
 
@@ -111,6 +113,11 @@ def fuzzed_app(request: pytest.FixtureRequest, policy_path: Path) -> Any:
     # ``Function._nodeid``, which pytest 9.2 no longer has (its ``nodeid`` is a property)
     if not hasattr(request.node, "_nodeid"):
         request.node._nodeid = request.node.nodeid
+    from tests.service.test_misskey import policy_with
+
+    # with Misskey's classes and a fitted probability, so that detect-images answers
+    policy_path.write_text(yaml.safe_dump(policy_with({"classes": {"nsfw": ["weapons"]}}),
+                                          sort_keys=False))
     app = create_app(
         {"POLICY": str(policy_path), "ADMIN_TOKEN": ADMIN, "READER_TOKEN": READER,
          "REVIEWERS": f"ann:{REVIEWER}", "AUDIT_RATE": "0",
