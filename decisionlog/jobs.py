@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
 from .store import DecisionStore
-from .tables import jobs
+from .tables import jobs, webhook_outbox
 
 __all__ = ["JOB_INTERRUPTED", "KEEP_S", "MAX_ATTEMPTS", "Claim", "Job", "JobError", "JobLog",
            "JobProgress"]
@@ -152,25 +152,42 @@ class JobLog:
                 state="queued", owner=None, lease_until=None)).rowcount)
 
     def finish(self, job_id: str, owner: str, result: dict[str, Any],
-               now: float | None = None) -> bool:
+               now: float | None = None, *, webhook: bool = False) -> bool:
         """Record the result of a held job (``done``); ``False`` when ``owner`` no longer
-        holds it (another runner took it over: its result will count)."""
+        holds it (another runner took it over: its result will count). With ``webhook``, the
+        result also goes into the webhook outbox, in the same transaction (event
+        ``job.done``)."""
         now = time.time() if now is None else now
         with self._write() as conn:
-            return bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
+            held = bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
                 state="done", finished_at=now, lease_until=None, result=json.dumps(result),
             )).rowcount)
+            if held and webhook:
+                self._outbox(conn, job_id, "job.done", now, result=result)
+            return held
 
     def fail(self, job_id: str, owner: str, code: str, message: str,
-             details: dict[str, Any] | None = None, now: float | None = None) -> bool:
+             details: dict[str, Any] | None = None, now: float | None = None, *,
+             webhook: bool = False) -> bool:
         """Record the error of a held job (``failed``); ``False`` when ``owner`` no longer
-        holds it."""
+        holds it. With ``webhook``, the error also goes into the outbox (``job.failed``)."""
         now = time.time() if now is None else now
         error = {"code": code, "message": message, "details": details or {}}
         with self._write() as conn:
-            return bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
+            held = bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
                 state="failed", finished_at=now, lease_until=None, error=json.dumps(error),
             )).rowcount)
+            if held and webhook:
+                self._outbox(conn, job_id, "job.failed", now, error=error)
+            return held
+
+    @staticmethod
+    def _outbox(conn: Any, job_id: str, event: str, now: float, **body: Any) -> None:
+        kind = conn.execute(sa.select(jobs.c.kind).where(jobs.c.id == job_id)).scalar_one()
+        payload = {"event": event, "job_id": job_id, "kind": kind, "finished_at": now, **body}
+        conn.execute(webhook_outbox.insert().values(
+            job_id=job_id, payload=json.dumps(payload, sort_keys=True, allow_nan=False),
+            created_at=now, status="pending", attempts=0, next_attempt_at=now))
 
     def get(self, job_id: str) -> Job | None:
         """The job ``job_id``, or ``None``."""

@@ -318,7 +318,9 @@ webhook_outbox = sa.Table(
     "webhook_outbox",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("verdict_id", sa.Integer, sa.ForeignKey("review_verdicts.id"), nullable=False),
+    # what is delivered: a reviewer's verdict, or a job's result (a long video's answer)
+    sa.Column("verdict_id", sa.Integer, sa.ForeignKey("review_verdicts.id")),
+    sa.Column("job_id", sa.Text),
     sa.Column("payload", sa.Text, nullable=False),  # the JSON body, as signed
     sa.Column("created_at", sa.Float(precision=53), nullable=False),
     sa.Column("status", sa.Text, nullable=False),  # pending | delivered | failed
@@ -328,6 +330,7 @@ webhook_outbox = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Index("webhook_outbox_due", "status", "next_attempt_at"),
     sa.Index("webhook_outbox_verdict", "verdict_id"),
+    sa.Index("webhook_outbox_job", "job_id"),
 )
 
 #: Known-image hash banks (:mod:`decisionlog.banks`): what a match in each does, and how near

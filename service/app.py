@@ -170,10 +170,13 @@ def create_app(
         app.extensions["webhook"] = sender
     # long work (a large dry-run) off the request threads, by the process's job thread
     # (which, at exit, gives a job in progress back to the queue)
+    # a long video's answer also goes to the webhook, when there is one
+    webhook = app.extensions.get("webhook")
     runner = jobs.JobRunner(JobLog(store), {
         policy.DRY_RUN: policy.dry_run_handler(holder, store, settings.policy_limits),
         moderate.MODERATE: moderate.moderate_handler(app),
-    })
+    }, webhook=webhook.wake if webhook is not None else None,
+        notify=frozenset({moderate.MODERATE}))
     runner.start()
     app.extensions["jobs"] = runner
 

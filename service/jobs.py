@@ -59,9 +59,15 @@ class JobRunner:
     progress is written (and the lease extended) at most every ``progress_s`` seconds."""
 
     def __init__(self, jobs: JobLog, handlers: Mapping[str, Handler], *,
-                 lease_s: float = 60.0, progress_s: float = 0.5) -> None:
+                 lease_s: float = 60.0, progress_s: float = 0.5,
+                 webhook: Callable[[], None] | None = None,
+                 notify: frozenset[str] = frozenset()) -> None:
         self.jobs = jobs
         self.handlers = dict(handlers)
+        #: with a webhook, the outcome of a job of a kind in ``notify`` is delivered by it
+        #: (recorded in the outbox with the outcome); ``webhook`` wakes its sender
+        self.webhook = webhook
+        self.notify = notify
         self.lease_s = lease_s
         self.progress_s = progress_s
         #: who holds a job this runner runs (two apps in one process are two runners)
@@ -99,6 +105,7 @@ class JobRunner:
 
     def _execute(self, claim: Claim) -> None:
         handler = self.handlers.get(claim.kind)
+        webhook = self.webhook is not None and claim.kind in self.notify
         if handler is None:
             self.jobs.fail(claim.id, self.owner, "unknown_kind",
                            f"this server runs no job of kind {claim.kind!r}; it runs "
@@ -136,20 +143,28 @@ class JobRunner:
         except ModerationError as e:
             if e.status >= 500:
                 log.error("job %s failed: %s: %s", claim.id, type(e).__name__, e)
-                self._internal(claim)
+                self._internal(claim, webhook)
             else:
-                self.jobs.fail(claim.id, self.owner, e.code, e.message, e.details())
+                self.jobs.fail(claim.id, self.owner, e.code, e.message, e.details(),
+                               webhook=webhook)
+                self._wake_webhook(webhook)
             return
         except Exception:
             log.exception("job %s failed", claim.id)
-            self._internal(claim)
+            self._internal(claim, webhook)
             return
-        if not self.jobs.finish(claim.id, self.owner, result):
+        if not self.jobs.finish(claim.id, self.owner, result, webhook=webhook):
             log.info("job %s finished here after another runner took it over", claim.id)
+        self._wake_webhook(webhook)
 
-    def _internal(self, claim: Claim) -> None:
+    def _internal(self, claim: Claim, webhook: bool) -> None:
         self.jobs.fail(claim.id, self.owner, "internal",
-                       "internal error; the server log has the details")
+                       "internal error; the server log has the details", webhook=webhook)
+        self._wake_webhook(webhook)
+
+    def _wake_webhook(self, webhook: bool) -> None:
+        if webhook and self.webhook is not None:
+            self.webhook()
 
 
 class _ProcessThread:

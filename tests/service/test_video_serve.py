@@ -180,3 +180,45 @@ def test_async_true_queues_an_image_too(tmp_path: Path) -> None:
     job = wait_done(client, r.headers["Location"])
     assert job["state"] == "done" and job["result"]["results"][0]["action"] in (
         "block", "allow")
+
+
+def test_a_jobs_answer_is_also_posted_to_the_webhook_signed_and_once(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+    import json
+    import time
+
+    from tests.service.conftest import free_port
+    from tests.service.test_reviews import Receiver
+
+    port = free_port()
+    receiver = Receiver(port, failures=1)  # its first answer is a 503: retried
+    app, client = make_client(tmp_path, VIDEO_INLINE_MAX_S="4",
+                              WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
+                              WEBHOOK_SECRET="s3cret", WEBHOOK_BACKOFF_S="0.05")
+    try:
+        steady = video_bytes([GREY, GREY, GREY, RED, RED, RED, GREY, GREY])
+        r = upload(client, steady, "steady.mp4")
+        assert r.status_code == 202
+        job = wait_done(client, r.headers["Location"])
+        assert job["state"] == "done"
+        deadline = time.monotonic() + 20
+        while len(receiver.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(receiver.received) == 2, "not delivered after a 503"
+        headers, body = receiver.received[-1]
+        expected = hmac.new(b"s3cret", headers["X-Moderation-Timestamp"].encode() + b"." + body,
+                            hashlib.sha256).hexdigest()
+        assert headers["X-Moderation-Signature"] == f"sha256={expected}"
+        payload = json.loads(body)
+        assert (payload["event"], payload["job_id"], payload["kind"]) == (
+            "job.done", job["id"], "moderate")
+        assert payload["result"] == job["result"]  # the answer GET /v1/jobs/<id> gives
+        # a verdict's deliveries and the review stats are not confused by a job's
+        stats = client.get("/v1/reviews/queue", headers=READER_H).get_json()
+        assert stats["deliveries"].get("delivered", 0) >= 1
+        time.sleep(0.3)
+        assert len(receiver.received) == 2  # delivered: never sent again
+    finally:
+        receiver.close()
+        app.extensions["webhook"].stop()
