@@ -175,7 +175,7 @@ def create_app(
     runner = jobs.JobRunner(JobLog(store), {
         policy.DRY_RUN: policy.dry_run_handler(holder, store, settings.policy_limits),
         moderate.MODERATE: moderate.moderate_handler(app),
-    }, webhook=webhook.wake if webhook is not None else None,
+    }, lease_s=settings.job_lease_s, webhook=webhook.wake if webhook is not None else None,
         notify=frozenset({moderate.MODERATE}))
     runner.start()
     app.extensions["jobs"] = runner

@@ -222,3 +222,83 @@ def test_a_jobs_answer_is_also_posted_to_the_webhook_signed_and_once(tmp_path: P
     finally:
         receiver.close()
         app.extensions["webhook"].stop()
+
+
+@pytest.mark.server
+def test_a_video_job_is_done_once_across_a_worker_sigkill(start_server: Any) -> None:
+    """A real server with one worker: the worker running a long video's job is SIGKILLed;
+    gunicorn starts another, which takes the job over when the lease runs out, and the video
+    is decided and recorded once."""
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    import requests
+
+    from tests.service.conftest import TOKEN
+
+    server = start_server(workers=1, MODERATION_JOB_LEASE_S="2",
+                          MODERATION_VIDEO_INLINE_MAX_S="1")
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    data = yaml.safe_load(server.policy_path.read_text())
+    data["video"] = {"rate": 5, "max_frames": 256}  # 256 frames: a job that takes a while
+    server.policy_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert requests.post(f"{server.base}/v1/policy/reload", headers=admin, timeout=60).ok
+    clip = video_bytes([GREY, RED] * 30, fps=5, size=(320, 240))  # 60 s
+
+    def job_of(location: str) -> dict[str, Any]:
+        found: dict[str, Any] = requests.get(f"{server.base}{location}", headers=admin,
+                                             timeout=10).json()
+        return found
+
+    killed = None
+    for attempt in range(4):  # until the kill lands while the job runs
+        name = f"long-{attempt}.mp4"
+        r = requests.post(f"{server.base}/v1/moderate", files={"image": (name, clip)},
+                          headers=admin, timeout=60)
+        assert r.status_code == 202, r.text
+        location = r.headers["Location"]
+        deadline = time.monotonic() + 30
+        while (state := job_of(location)["state"]) == "queued":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.01)
+        if state != "running":
+            continue  # it finished before the kill: try again
+        [worker] = server.workers()
+        os.kill(worker, signal.SIGKILL)
+        killed = (name, location, worker)
+        break
+    assert killed is not None, "the job always finished before the worker could be killed"
+    name, location, worker = killed
+
+    deadline = time.monotonic() + 90
+    while (job := job_of_when_up(job_of, location))["state"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["state"] == "done", job
+    assert server.workers() and server.workers() != [worker]  # a new worker did it
+    [result] = job["result"]["results"]
+    assert result["frames_scored"] == 256
+    with sqlite3.connect(server.database) as db:
+        [(attempts,)] = db.execute("SELECT attempts FROM jobs WHERE id = ?",
+                                   (job["id"],)).fetchall()
+        recorded = db.execute("SELECT id FROM decisions WHERE client_id = ?",
+                              (name,)).fetchall()
+    assert attempts >= 2  # started, killed, taken over
+    assert recorded == [(result["decision_id"],)]  # decided and recorded once
+
+
+def job_of_when_up(job_of: Any, location: str) -> dict[str, Any]:
+    """The job, asked until a worker answers (the killed one's successor may be loading)."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            return job_of(location)  # type: ignore[no-any-return]
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, "no worker came back"
+            time.sleep(0.3)
