@@ -269,12 +269,12 @@ class Moderator:
                                  f"cannot read {source}: {e.strerror or e}") from e
         else:
             head = source[:64]
-        if is_video(head):  # sampled frames with their times (crops: images only); a path
-            sampling = self.policy.video_views  # is streamed, not read whole
+        if is_video(head):  # sampled frames with their times, and their crops; a path is
+            sampling = self.policy.video_views  # streamed, not read whole
             decoded = decode_video(source, limits=self.video_limits, sampling=VideoSampling(
                 rate_fps=sampling.rate, max_frames=sampling.max_frames,
                 keyframe_snap_s=sampling.keyframe_snap_s),
-                draft_size=self.encoder.image_size)
+                draft_size=self.encoder.image_size, crops=self.policy.crop_grid)
             return replace(decoded, sha256=_sha256(source))  # no PDQ of a video's frames
         return decode_image(source, limits=self.limits, draft_size=self.encoder.image_size,
                             crops=self.policy.crop_grid,

@@ -59,8 +59,9 @@ from typing import IO, TYPE_CHECKING
 from PIL import Image
 
 from .errors import ImageError
-from .images import DecodedImage, prepare_frame
+from .images import Crop, DecodedImage, prepare_frame
 from .persistence import persistence_span  # re-exported: the rule lives there
+from .views import CropGrid, crop_boxes, cut, draft_size_for
 
 if TYPE_CHECKING:
     from av.container import InputContainer
@@ -293,8 +294,11 @@ def decode_video(
     sampling: VideoSampling | None = None,
     draft_size: int | None = 224,
     seek: bool = True,
+    crops: CropGrid | None = None,
 ) -> DecodedImage:
     """Decode the sampled frames of one video from bytes or a file path, within ``limits``.
+    ``crops``: also cut this grid from each sampled frame (frames are then decoded at the
+    size the crops need), as an image's are.
 
     ``draft_size``: frames are averaged down (by swscale, before they become RGB images) while
     their short side stays at least twice this (``None``: full size), then prepared as image
@@ -353,9 +357,10 @@ def decode_video(
             f"{limits.max_decoded_pixels:,} pixels",
             "video_max_decoded_pixels",
         )
+    frame_size = draft_size_for(draft_size, crops) if draft_size and crops else draft_size
     with _opened(source, demuxer, fmt, deadline, limits) as container:
         stream = _video_stream(container, fmt)
-        decoder = _Decoder(container, stream, fmt, packets, start, deadline, limits, draft_size)
+        decoder = _Decoder(container, stream, fmt, packets, start, deadline, limits, frame_size)
         taken = decoder.run(steps)
     if not taken:
         raise ImageError("corrupt_video", f"no frame of the {fmt} video could be decoded")
@@ -364,8 +369,21 @@ def decode_video(
         fmt, width, height, len(packets.shown), len(taken), decoder.decoded, decoder.seeks,
         " (truncated)" if packets.truncated else "", time.monotonic() - started,
     )
+    # the crops' boxes in upright source pixels (a frame turned by its display matrix is
+    # upright already: its sides are the source's, swapped)
+    first = taken[0][1]
+    upright = (height, width) if (first.width > first.height) != (width > height) else (
+        width, height)
+    boxes = crop_boxes(*upright, crops) if crops is not None else []
+    cut_from: list[Crop] = []
+    frames = []
+    for position, (_, image) in enumerate(taken):
+        for box, part in zip(boxes, cut(image, boxes, upright), strict=True):
+            cut_from.append(Crop(position, box, prepare_frame(part, draft_size)))
+        frames.append(prepare_frame(image, draft_size) if frame_size != draft_size else image)
     return DecodedImage(
-        frames=[image for _, image in taken],
+        frames=frames,
+        crops=tuple(cut_from),
         frame_indices=[bisect.bisect_left(packets.shown, pts) for pts, _ in taken],
         n_frames=len(packets.shown),
         format=fmt,

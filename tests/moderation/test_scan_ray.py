@@ -197,3 +197,38 @@ def test_ray_is_optional_and_says_how_to_install(folder: Path, policy: Path, tmp
     bad = scan(policy, tmp_path / "nothing.txt", tmp_path / "o.jsonl")
     assert bad.exit_code == 2 and "manifest" in bad.output
     assert ScanSpec("p").encoder.batch_size == 16
+
+
+def test_videos_and_crops_scan_alike_locally_and_on_ray(local_ray: None, folder: Path,
+                                                        policy: Path, tmp_path: Path) -> None:
+    """A video among the images, and a policy with crops: both engines give the same rows,
+    and each row names the view that decided (a video's frame time, a crop's box)."""
+    pytest.importorskip("av")
+    from tests.fakes import video_bytes
+
+    (folder / "sub" / "movie.mp4").write_bytes(
+        video_bytes([(90, 90, 90), (200, 30, 30), (90, 90, 90)], size=(96, 64)))
+    (folder / "large.png").write_bytes(image_bytes((10, 120, 200), size=(96, 96)))
+    data = yaml.safe_load(policy.read_text())
+    data["views"] = {"crops": "2x2", "min_side": 32}
+    data["video"] = {"rate": 2, "max_frames": 8}
+    policy.write_text(yaml.safe_dump(data, sort_keys=False))
+    local = scan(policy, folder, tmp_path / "local.jsonl")
+    on_ray = scan(policy, folder, tmp_path / "ray.jsonl", "--engine", "ray", "--actors", "2")
+    assert local.exit_code == on_ray.exit_code == 1  # the broken files, said
+    a, b = lines(tmp_path / "local.jsonl"), lines(tmp_path / "ray.jsonl")
+    assert set(a) == set(b) and len(a) == 11
+    movie = a[str(folder / "sub" / "movie.mp4")]
+    assert "error" not in movie, movie
+    assert movie["frames_scored"] == 7  # 0, 0.5, …, 2.5 s, and the last frame (2.8 s)
+    assert movie["views_scored"] == 7 * 5  # each sampled frame whole, and its 2x2 crops
+    for key in a:
+        assert a[key].get("action") == b[key].get("action")
+        for cid, category in a[key].get("categories", {}).items():
+            other = b[key]["categories"][cid]
+            assert abs(category["score"] - other["score"]) <= 1e-5
+            assert category["view"] == other["view"]
+    times = {c["view"]["time"] for c in movie["categories"].values()}
+    assert times <= {0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 2.8}
+    assert a[str(folder / "large.png")]["views_scored"] == 5  # whole, and its 2x2 crops
+    assert a[str(folder / "img0.png")]["views_scored"] == 1  # 16 px: too small to cut

@@ -504,3 +504,53 @@ def test_codecs_outside_the_list_are_refused() -> None:
 def test_without_pyav(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
     refused("video_unsupported", clip(), r"pip install 'moderation\[video\]'")
+
+
+def marker_clip(seconds: int = 3, marked: int = 1, size: tuple[int, int] = (640, 480),
+                box: tuple[int, int, int, int] = (500, 340, 620, 460), fps: int = 5) -> bytes:
+    """Grey seconds; second ``marked`` has a red square at ``box`` (120 px: under 5 % of the
+    frame, about 13 % of the 2x2 crop around it)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(seconds * fps):
+            pixels = np.full((size[1], size[0], 3), 128, np.uint8)
+            if i // fps == marked:
+                x0, y0, x1, y1 = box
+                pixels[y0:y1, x0:x1] = (255, 0, 0)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_a_small_object_in_a_video_frame_is_found_through_the_frames_crops() -> None:
+    import copy
+
+    import yaml
+
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+    from tests.fakes import MARKER_POLICY, MarkerEncoder
+
+    clip = marker_clip()
+    whole = copy.deepcopy(MARKER_POLICY)
+    whole["video"] = {"rate": 1}
+    cropped = {**copy.deepcopy(whole), "views": {"crops": "2x2", "min_side": 64}}
+    [plain] = Moderator(parse_policy(yaml.safe_dump(whole)), MarkerEncoder()).moderate([clip])
+    [found] = Moderator(parse_policy(yaml.safe_dump(cropped)),
+                        MarkerEncoder()).moderate([clip])
+    assert plain.decision is not None and found.decision is not None
+    assert plain.decision.action.value == "allow"  # whole frames: too small to see
+    assert found.decision.action.value == "block"
+    marker = found.decision.categories["marker"]
+    assert marker.view is not None and marker.view.time == pytest.approx(1.0)
+    assert marker.view.box is not None
+    x0, y0, x1, y1 = marker.view.box  # the decided crop, in source pixels, holds the marker
+    assert x0 <= 500 and y0 <= 340 and x1 >= 620 and y1 >= 460
+    assert found.to_dict()["views_scored"] == 4 * 5  # 4 sampled frames, each whole + 2x2
