@@ -417,8 +417,11 @@ if __name__ == "__main__":
 @click.option("--fail-mode", type=click.Choice(["open", "closed"]), default="closed",
               show_default=True, help="When the service cannot decide: exit 0 (open) or 2.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option("--id", "client_id", default="check", show_default=True,
+              help="The client id the decision is recorded with (such as the file's mxc:// "
+                   "URI).")
 def check(file: Path, url: str, api_key: str | None, reject: str, review: str,
-          fail_mode: str, timeout: float) -> None:
+          fail_mode: str, timeout: float, client_id: str) -> None:
     """Check one FILE through the service, for scanners that run a command per file
     (matrix-content-scanner): exit 0 allowed, 1 rejected, 2 could not decide (with
     --fail-mode open, exit 0 instead); one line on stdout saying why. A file the service's
@@ -436,6 +439,6 @@ def check(file: Path, url: str, api_key: str | None, reject: str, review: str,
         click.echo(f"cannot read {file}: {e.strerror or e}")
         sys.exit(2)
     client = ModerationClient(url, api_key, timeout, policy)
-    checked = client.check(data, client_id="check", filename=file.name)
+    checked = client.check(data, client_id=client_id, filename=file.name)
     click.echo(checked.reason)
     sys.exit(0 if checked.accept else (2 if checked.failed else 1))

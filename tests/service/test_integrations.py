@@ -112,6 +112,12 @@ def test_moderation_check_exits_by_the_decision_with_one_line_why(app: Flask,
         assert bad.exit_code == 1 and bad.output.startswith("not an accepted file")
         flagged = check(url, tmp_path / "gun.png", "--reject", "flag")  # block not listed
         assert flagged.exit_code == 0
+        named = check(url, tmp_path / "gun.png", "--id", "mxc://example.org/AbC")
+        assert named.exit_code == 1
+    app.extensions["decisions"][1].flush()
+    page = app.test_client().get("/v1/decisions", headers=READER_H,
+                                 query_string={"client_id": "mxc://example.org/AbC"}).get_json()
+    assert [d["action"] for d in page["decisions"]] == ["block"]
 
 
 def test_moderation_check_without_a_service_follows_the_fail_mode(tmp_path: Any) -> None:
