@@ -41,6 +41,7 @@ machine's figures are only as good as that. ``index_mb``: the index's arrays;
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import time
@@ -197,8 +198,10 @@ def store_lines(args: argparse.Namespace) -> None:
 
 def throughput_lines(args: argparse.Namespace) -> None:
     """Moderation with banks on (every upload hashed, matched against a bank of
-    ``--bank-hashes`` in the decision log) and off (no hashing), same model, same uploads
-    (2-MP and 12-MP photo-like JPEGs, requests of 8), alternating, in this process:
+    ``--bank-hashes`` in the decision log) and off (no hashing: only the SHA-256 of the bytes
+    that the service records with every decision either way, computed as
+    ``service.moderate.respond`` does without the decoder's), same model, same uploads (2-MP
+    and 12-MP photo-like JPEGs, requests of 8), alternating, in this process:
 
         throughput banks=off images_per_s=… / banks=on images_per_s=… ratio=… load=L
     """
@@ -224,15 +227,20 @@ def throughput_lines(args: argparse.Namespace) -> None:
     store.import_csv("bench", rows)
     matcher = BankMatcher(store, follow_s=None)
     for size, count in (("2mp", 24), ("12mp", 8)):
-        uploads = photo_like_jpegs(count, (1600, 1200) if size == "2mp" else (4000, 3000))
+        uploads = [p.read_bytes() for p in  # in memory, as a request's uploads are
+                   photo_like_jpegs(count, (1600, 1200) if size == "2mp" else (4000, 3000))]
         off.moderate(uploads[:2])
         for _ in range(args.rounds):
             rates = {}
             for name, moderator, banks in (("off", off, None), ("on", on, matcher)):
                 started = time.perf_counter()
                 for start in range(0, len(uploads), 8):
-                    results = moderator.moderate(uploads[start:start + 8], banks=banks)
+                    batch = uploads[start:start + 8]
+                    results = moderator.moderate(batch, banks=banks)
                     assert all(r.ok for r in results)
+                    if banks is None:  # the record's SHA-256, as the service computes it
+                        for upload in batch:
+                            hashlib.sha256(upload).hexdigest()
                 rates[name] = len(uploads) / (time.perf_counter() - started)
             print(f"throughput {size} banks=off images_per_s={rates['off']:.2f} banks=on "
                   f"images_per_s={rates['on']:.2f} ratio={rates['on'] / rates['off']:.3f} "

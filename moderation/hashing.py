@@ -10,12 +10,14 @@ bank and hashes made here compare directly.
 :data:`~moderation.images.MAX_ASPECT`: a hash is of the whole picture (a 2.2:1 banner hashed
 after the cut is 36 bits from itself, a 3:1 one over 100). JPEGs decode in draft mode; PDQ
 blurs and samples a frame down to 64×64, but from a frame of 250 to 400 pixels (the model's
-draft size, 224) it lands up to 16 bits (median 6) from PDQ of the full decode of 6 and 12
-megapixel JPEGs, and from one decoded at a draft size of :data:`PDQ_MIN_SIDE` (512) up to 8
-(median 4). Against Meta's reference hashes (``../shared/pdq-reference``, accepted within 16
-by its own tests): at most 14 bits at 224, 10 at 512. So a caller that hashes decodes JPEGs
-at a draft size of at least :data:`PDQ_MIN_SIDE`; a 12-megapixel JPEG then costs about 10 ms
-of PDQ (2 to 3 ms at 224; 500 ms from the full decode, which itself takes 100 ms).
+draft size, 224) it lands up to 14 bits (median 10) from PDQ of the full decode of 6 and 12
+megapixel JPEGs, and from one decoded at a draft size of :data:`PDQ_MIN_SIDE` (256) up to 8
+(median 4; 6, median 3, at 512, for several times the cost). Against Meta's reference hashes
+(``../shared/pdq-reference``, accepted within 16 by its own tests): at most 14 bits at 224,
+12 at 256, 10 at 512. So a caller that hashes decodes JPEGs at a draft size of at least
+:data:`PDQ_MIN_SIDE`; a 12-megapixel JPEG then costs about 3 ms of PDQ on top of its decode
+for the model (15 to 60 ms in the runs here at 512, which decodes at twice the scale; 500 ms
+from the full decode, which itself takes 100 ms).
 
 :func:`pdq_of` averages a larger frame down by whole factors per axis while each side stays
 at least :data:`PDQ_MIN_SIDE` (a box filter, in C): a caller's full-size photo or a 16000×250
@@ -63,8 +65,9 @@ PDQ_HEX_DIGITS = PDQ_BITS // 4
 MIN_QUALITY = 50
 #: The side JPEGs should be decoded to (at least) for PDQ, and the side :func:`pdq_of`
 #: averages larger frames down to (at least). PDQ samples 64×64 after a blur whose window is
-#: 1/128 of each side: from 512 pixels on, the hash barely changes with the size.
-PDQ_MIN_SIDE = 512
+#: 1/128 of each side: from 256 pixels on, the hash moves little with the size (up to 8 bits
+#: from the full decode's, against 6 at 512, which costs several times more: see the module).
+PDQ_MIN_SIDE = 256
 
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _ACCEPTED = (

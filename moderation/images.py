@@ -275,7 +275,7 @@ def decode_image(
     draft_size: int | None = 224,
     crops: CropGrid | None = None,
     hasher: Callable[[Image.Image], Any] | None = None,
-    hash_size: int = 512,
+    hash_size: int = 256,
 ) -> DecodedImage:
     """Decode one image from bytes or a file path, within ``limits`` (default: the defaults).
 
@@ -325,7 +325,7 @@ def decode_image(
 def _decode_opened(
     image: Image.Image, data: bytes, limits: ImageLimits, draft_size: int | None,
     grid: CropGrid | None = None, hasher: Callable[[Image.Image], Any] | None = None,
-    hash_size: int = 512,
+    hash_size: int = 256,
 ) -> DecodedImage:
     width, height = image.size
     check_pixels(width, height, limits.max_pixels)

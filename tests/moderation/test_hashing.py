@@ -65,7 +65,7 @@ def save(image: Image.Image, path: Path, **options: object) -> bytes:
 
 def upload_pdq(data: bytes, draft_size: int = PDQ_MIN_SIDE) -> FrameHash:
     """The PDQ of a still upload's frame, decoded as the service decodes it (JPEGs in draft
-    mode at ``draft_size``: the model's 224, or the 512 recommended for hashing)."""
+    mode at ``draft_size``: the model's 224, or the 256 recommended for hashing)."""
     [frame] = decode_image(data, draft_size=draft_size).frames
     return pdq_of(frame)
 
@@ -153,10 +153,11 @@ def test_unrelated_images_do_not_match(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("draft_size", "tolerance"), [(224, 16), (PDQ_MIN_SIDE, 8)])
 def test_draft_decode_hashes_as_the_full_decode(tmp_path: Path, draft_size: int,
                                                  tolerance: int) -> None:
-    """A 6-megapixel JPEG: the frame of a draft-mode decode (375×250 at 224, 1500×1000 at
-    512) against PDQ of every decoded pixel, straight from the extension. On 24 photos and
-    drawings of 6 and 12 megapixels the 224 frame was up to 16 bits away (median 6), the
-    512 one up to 8 (median 4): PDQ on a frame of 250 to 400 pixels loses detail."""
+    """A 6-megapixel JPEG: the frame of a draft-mode decode (375×250 at 224, 750×500 averaged
+    down to 375×250 at 256) against PDQ of every decoded pixel, straight from the extension.
+    On 24 generated pictures of 6 and 12 megapixels the 224 frame was up to 14 bits away
+    (median 10), the 256 one up to 8 (median 4), a 512 one up to 6 (median 3): PDQ on a
+    frame decoded at 1/8 scale loses detail."""
     image = generated(7).resize((3000, 2000), Image.Resampling.BICUBIC)
     data = save(image, tmp_path / "large.jpg", quality=90)
     [frame] = decode_image(data, draft_size=draft_size).frames
