@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from decisionlog import Activation, PolicyLog
@@ -119,19 +120,31 @@ class PolicyHolder:
 
     def follow_in_background(self, interval: float = 0.25) -> threading.Thread:
         """Start a daemon thread that switches to a newer activation within ``interval``
-        seconds, so that requests seldom wait for it."""
+        seconds, so that requests seldom wait for it. It ends with :meth:`stop_following`, or
+        once nothing else holds this object (an app that is gone: tests build hundreds)."""
+        stop = self._stop_following = threading.Event()
+        me = weakref.ref(self)
 
         def run() -> None:
-            while True:
-                time.sleep(interval)
+            while not stop.wait(interval):
+                holder = me()
+                if holder is None:
+                    return
                 try:
-                    self.current()
+                    holder.current()
                 except Exception:  # never stop following
                     log.exception("following the policy activations failed")
+                del holder
 
         thread = threading.Thread(target=run, name="policy-follower", daemon=True)
         thread.start()
         return thread
+
+    def stop_following(self) -> None:
+        """End the thread :meth:`follow_in_background` started (if any)."""
+        stop = getattr(self, "_stop_following", None)
+        if stop is not None:
+            stop.set()
 
     # --- reload --------------------------------------------------------------------------
 
