@@ -25,6 +25,19 @@ model with ``--encode``), ``load`` the machine's load averages (1/5/15 min) when
     .venv/bin/python bench/video.py [--minutes 1] [--keep DIR] [--runs 3] [--encode]
         [--rate 1.0] [--max-frames 32] [--snap 0 [1 …]] [--through]
 
+``--service``: instead, through a real `moderation serve` (ViT-B-32, random weights, the
+default policy, 1 worker, recording into a fresh SQLite log, requests up to 256 MiB): the
+clip posted to ``POST /v1/moderate``; up to ``MODERATION_VIDEO_INLINE_MAX_S`` (60 s) it is
+answered inline, a longer one (``--minutes 10``) as a job, polled until done. One line per
+run:
+
+    service clip=… answered=inline|job seconds=S processing_ms=P frames_scored=N
+        worker_peak_rss_mb=M load=L
+
+``seconds``: from the request to the answer (the job's result); ``processing_ms`` what the
+server measured for the decision (decode, encode, record); the worker's peak RSS is its
+``VmHWM``.
+
 ``--max-frames``: the cap (the service's default: 32; a 60-s clip at 1 fps has 61 frames to
 sample, so pass 61 or more for exactly one a second). ``--snap S``: sampled times may move up
 to S seconds to a keyframe (``VideoSampling.keyframe_snap_s``; several values: ``--runs`` runs
@@ -192,6 +205,61 @@ def run(path: Path, label: str, args: argparse.Namespace, snap: float) -> None:
           f"max_frames={args.max_frames} snap={snap:g} load={load()}", flush=True)
 
 
+def through_service(path: Path, label: str, runs: int) -> None:
+    """The clip through a real server (see the module); prints a line per run."""
+    import http.client
+    import uuid
+
+    from bench.throughput import start_server, stop_server
+
+    server, port, log = start_server(1, 4, {"MAX_CONTENT_LENGTH": 256 * 2**20})
+    try:
+        workers = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                   if (p / "stat").exists()
+                   and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(server.pid)]
+        data = path.read_bytes()
+        for run_ in range(runs):
+            boundary = uuid.uuid4().hex
+            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+                    f"filename=\"clip-{run_}.mp4\"\r\nContent-Type: video/mp4\r\n\r\n"
+                    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            conn.request("POST", "/v1/moderate", body, {
+                "Content-Type": f"multipart/form-data; boundary={boundary}"})
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+            how = "inline"
+            if response.status == 202:
+                how = "job"
+                location = response.getheader("Location") or ""
+                while True:
+                    time.sleep(0.2)
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                    conn.request("GET", location)  # the uploader's (no API keys here)
+                    job = json.loads(conn.getresponse().read())
+                    if "state" not in job:
+                        sys.exit(f"GET {location}: {job}")
+                    if job["state"] in ("done", "failed"):
+                        break
+                if job["state"] != "done":
+                    sys.exit(f"the job failed: {job['error']}")
+                answer = job["result"]
+            elif response.status != 200:
+                sys.exit(f"the server answered {response.status}: {answer}")
+            seconds = time.perf_counter() - started
+            [result] = answer["results"]
+            peak = max(int(line.split()[1]) for pid in workers
+                       for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmHWM")) / 1024
+            print(f"service clip={label} answered={how} seconds={seconds:.2f} "
+                  f"processing_ms={result['processing_ms']:.0f} "
+                  f"frames_scored={result['frames_scored']} worker_peak_rss_mb={peak:.0f} "
+                  f"load={load()}", flush=True)
+    finally:
+        stop_server(server, log)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=1.0, help="the clip's length")
@@ -204,6 +272,8 @@ def main() -> None:
     parser.add_argument("--snap", type=float, nargs="+", default=[0.0],
                         help="seconds a sampled time may move to a keyframe")
     parser.add_argument("--through", action="store_true", help="decode through, no seeking")
+    parser.add_argument("--service", action="store_true",
+                        help="through a real moderation serve: inline, or as a job")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -222,6 +292,9 @@ def main() -> None:
         else:
             make_clip(path, seconds)
     print(f"# {path.name}: {path.stat().st_size / 1e6:.1f} MB", flush=True)
+    if args.service:
+        through_service(path, f"{seconds}s-1080p", args.runs)
+        return
     for snap in args.snap:
         for _ in range(args.runs):
             run(path, f"{seconds}s-1080p", args, snap)

@@ -30,7 +30,7 @@ from .parsing import (
 )
 from .resources import holder, metrics, recorder, settings, store
 from .schemas import Job as JobSchema
-from .schemas import ModerateJSON, ModerateQuery, ModerateResponse
+from .schemas import JobPath, ModerateJSON, ModerateQuery, ModerateResponse
 
 #: The multipart form of ``POST /v1/moderate`` (files are read by werkzeug, checked by
 #: :func:`service.parsing.parse_multipart`).
@@ -75,8 +75,8 @@ def parse_moderate() -> ModerateRequest:
                            {"application/json": ModerateResponse}),
                     Answer(202, "Queued as a job (a video longer than "
                                 "MODERATION_VIDEO_INLINE_MAX_S, or async=true): poll GET "
-                                "/v1/jobs/{job_id} (the Location header); its result is this "
-                                "route's answer", {"application/json": JobSchema})))
+                                "/v1/moderate/jobs/{job_id} (the Location header); its result "
+                                "is this route's answer", {"application/json": JobSchema})))
 def moderate(query: ModerateQuery) -> Any:
     parsed = parse_moderate()
     active = holder().current()  # this request's policy, whatever reloads happen meanwhile
@@ -118,8 +118,22 @@ def _submit(parsed: ModerateRequest) -> Any:
         raise NotFound(f"job {job_id} was deleted as it was submitted")
     answer = jsonify(job.model_dump(mode="json"))
     answer.status_code = 202
-    answer.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+    answer.headers["Location"] = url_for("moderate.get_moderation_job", job_id=job.id)
     return answer
+
+
+@operation(bp, "/v1/moderate/jobs/<job_id>", "GET", operation_id="get_moderation_job",
+           access=Access.API_KEY, summary="A moderation job (a long video, async=true): its "
+           "state, progress, and the answer once done",
+           description="What POST /v1/moderate answered 202 for, read with the same API key "
+           "(other jobs, such as dry-runs, are the admin's: GET /v1/jobs/{job_id}). With a "
+           "webhook the answer is also posted (event job.done).", path=JobPath,
+           answers=(Answer(200, "The job", {"application/json": JobSchema}),))
+def get_moderation_job(job_id: str) -> Any:
+    found = jobs.runner().jobs.get(job_id)
+    if found is None or found.kind != MODERATE:
+        raise NotFound(f"no moderation job {job_id!r} (jobs are kept 7 days)")
+    return jsonify(found.model_dump(mode="json"))
 
 
 #: The job kind of an upload answered off the request thread (a long video, ``async=true``).

@@ -130,12 +130,14 @@ def test_the_dry_run_applies_a_proposed_persistence_rule_to_stored_videos(
     assert report["actions"]["block"]["before"] == 2 and report["actions"]["block"]["after"] == 1
 
 
-def wait_done(client: FlaskClient, location: str, seconds: float = 30.0) -> dict[str, Any]:
+def wait_done(client: FlaskClient, location: str, seconds: float = 30.0,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job at ``location`` once done (read as the uploader reads it: no admin token)."""
     import time
 
     deadline = time.monotonic() + seconds
     while True:
-        job = client.get(location, headers={"Authorization": f"Bearer {ADMIN}"}).get_json()
+        job = client.get(location, headers=headers or {}).get_json()
         if job["state"] in ("done", "failed") or time.monotonic() > deadline:
             return dict(job)
         time.sleep(0.1)
@@ -176,7 +178,7 @@ def test_async_true_queues_an_image_too(tmp_path: Path) -> None:
     _, client = make_client(tmp_path)
     r = client.post("/v1/moderate?async=true", data={"image": [(io.BytesIO(
         video_bytes([RED])), "one.mp4")]}, content_type="multipart/form-data")
-    assert r.status_code == 202 and r.headers["Location"].startswith("/v1/jobs/")
+    assert r.status_code == 202 and r.headers["Location"].startswith("/v1/moderate/jobs/")
     job = wait_done(client, r.headers["Location"])
     assert job["state"] == "done" and job["result"]["results"][0]["action"] in (
         "block", "allow")
@@ -213,7 +215,7 @@ def test_a_jobs_answer_is_also_posted_to_the_webhook_signed_and_once(tmp_path: P
         payload = json.loads(body)
         assert (payload["event"], payload["job_id"], payload["kind"]) == (
             "job.done", job["id"], "moderate")
-        assert payload["result"] == job["result"]  # the answer GET /v1/jobs/<id> gives
+        assert payload["result"] == job["result"]  # the answer the job's Location gives
         # a verdict's deliveries and the review stats are not confused by a job's
         stats = client.get("/v1/reviews/queue", headers=READER_H).get_json()
         assert stats["deliveries"].get("delivered", 0) >= 1
@@ -302,3 +304,22 @@ def job_of_when_up(job_of: Any, location: str) -> dict[str, Any]:
         except requests.ConnectionError:
             assert time.monotonic() < deadline, "no worker came back"
             time.sleep(0.3)
+
+
+def test_the_uploader_reads_its_job_with_its_api_key_and_no_other_job(tmp_path: Path) -> None:
+    app, client = make_client(tmp_path, API_KEYS="pipeline-key", VIDEO_INLINE_MAX_S="1")
+    key = {"Authorization": "Bearer pipeline-key"}
+    r = client.post("/v1/moderate", data={"image": [(io.BytesIO(video_bytes([GREY, RED, GREY])),
+                                                     "clip.mp4")]},
+                    content_type="multipart/form-data", headers=key)
+    assert r.status_code == 202
+    location = r.headers["Location"]
+    assert client.get(location).status_code == 401  # the key is needed
+    job = wait_done(client, location, headers=key)
+    assert job["state"] == "done" and job["result"]["results"][0]["id"] == "clip.mp4"
+    assert client.get(f"/v1/jobs/{job['id']}", headers=key).status_code == 401  # admin's
+    # a dry-run's job is not a moderation job, whoever asks
+    from decisionlog.jobs import JobLog
+
+    other = JobLog(app.extensions["decisions"][0]).submit("dry-run", {"policy": "x"})
+    assert client.get(f"/v1/moderate/jobs/{other}", headers=key).status_code == 404
