@@ -135,12 +135,25 @@ def policy_check(path: Path) -> None:
         sys.exit(1)
     n_terms = sum(len(c.terms) for c in p.categories.values())
     n_exceptions = sum(len(c.exceptions) for c in p.categories.values())
-    calibrated = len(p.calibrated_models())
+    calibrated = sum(c.threshold.provenance.source == "calibrated"
+                     for c in p.categories.values())
+    fitted = [cid for cid, c in p.categories.items() if c.probability is not None]
     click.echo(
         f"{path}: OK: policy {p.name!r} version {p.version}, {len(p.categories)} categories, "
         f"{n_terms} terms, {n_exceptions} exceptions, model {p.model.name}/{p.model.pretrained}, "
-        f"{calibrated} of {len(p.categories)} thresholds calibrated"
+        f"{calibrated} of {len(p.categories)} thresholds calibrated, {len(fitted)} with a "
+        "fitted probability"
     )
+    misskey = p.integrations.misskey if p.integrations is not None else None
+    if misskey is not None:
+        unfitted = sorted({cid for cids in misskey.classes.values() for cid in cids
+                           if cid not in fitted})
+        classes = "; ".join(f"{name} = the largest of {', '.join(cids)}"
+                            for name, cids in misskey.classes.items())
+        rest = f"; {misskey.rest} = 1 - the largest" if misskey.rest else ""
+        click.echo(f"misskey: {classes}{rest}"
+                   + (f" (NOT READY: no fitted probability for {', '.join(unfitted)}: "
+                      "moderation calibrate --probabilities isotonic)" if unfitted else ""))
     grid = p.crop_grid
     if grid is not None:
         takes = [cid for cid in p.categories if p.uses_crops(cid)]

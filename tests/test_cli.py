@@ -263,3 +263,20 @@ def test_the_model_options_build_one_encoder_spec(
     assert chosen == [(tiny_policy, EncoderSpec(
         name="ViT-B-32", pretrained="w.pt", backend="torch", device="auto", batch_size=3,
         cache_dir=tmp_path / "c"))]
+
+
+def test_policy_check_says_which_probabilities_misskey_lacks(runner: CliRunner,
+                                                              tmp_path: Path) -> None:
+    from tests.service.test_misskey import MAP
+
+    data = copy.deepcopy(HAND_POLICY)
+    data["integrations"] = {"misskey": {"classes": {"nsfw": ["weapons", "alcohol"]}}}
+    data["categories"]["weapons"]["probability"] = copy.deepcopy(MAP)
+    path = tmp_path / "misskey.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = runner.invoke(main, ["policy", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    # a fitted probability is not a calibrated threshold
+    assert "0 of 2 thresholds calibrated, 1 with a fitted probability" in result.output
+    assert ("misskey: nsfw = the largest of weapons, alcohol; safe = 1 - the largest (NOT "
+            "READY: no fitted probability for alcohol") in result.output
