@@ -23,10 +23,10 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
 from .store import DecisionStore
-from .tables import jobs, webhook_outbox
+from .tables import job_uploads, jobs, webhook_outbox
 
-__all__ = ["JOB_INTERRUPTED", "KEEP_S", "MAX_ATTEMPTS", "Claim", "Job", "JobError", "JobLog",
-           "JobProgress"]
+__all__ = ["JOB_INTERRUPTED", "KEEP_S", "MAX_ATTEMPTS", "UPLOADS", "Claim", "Job", "JobError",
+           "JobLog", "JobProgress"]
 
 #: A job is started at most this many times; when its lease runs out once more, it fails.
 MAX_ATTEMPTS = 3
@@ -34,6 +34,10 @@ MAX_ATTEMPTS = 3
 KEEP_S = 7 * 24 * 3600
 #: The error of a job whose workers stopped :data:`MAX_ATTEMPTS` times before it finished.
 JOB_INTERRUPTED = "job_interrupted"
+
+#: The key under which a claimed job's request carries the uploads submitted with it (bytes,
+#: in order; absent when there were none).
+UPLOADS = "uploads_bytes"
 
 State = Literal["queued", "running", "done", "failed"]
 
@@ -86,18 +90,32 @@ class JobLog:
         return self.engine.execution_options(immediate=True).begin()
 
     def submit(self, kind: str, request: dict[str, Any], *, created_by: str | None = None,
-               now: float | None = None) -> str:
-        """Queue a job of ``kind`` that runs ``request`` (JSON-able); returns its id (32
+               now: float | None = None, uploads: list[bytes] | None = None) -> str:
+        """Queue a job of ``kind`` that runs ``request`` (JSON-able) on ``uploads`` (kept as
+        bytes beside it; the claim gives them back under :data:`UPLOADS`); returns its id (32
         hex digits). Deletes the jobs created more than :data:`KEEP_S` seconds ago."""
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex
         with self._write() as conn:
+            old = sa.select(jobs.c.id).where(jobs.c.created_at < now - KEEP_S)
+            conn.execute(job_uploads.delete().where(job_uploads.c.job_id.in_(old)))
             conn.execute(jobs.delete().where(jobs.c.created_at < now - KEEP_S))
             conn.execute(jobs.insert().values(
                 id=job_id, kind=kind, state="queued", created_at=now, created_by=created_by,
                 request=json.dumps(request), attempts=0, done=0,
             ))
+            for position, data in enumerate(uploads or ()):
+                conn.execute(job_uploads.insert().values(job_id=job_id, position=position,
+                                                         data=data))
         return job_id
+
+    def _with_uploads(self, conn: Any, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        found = conn.execute(sa.select(job_uploads.c.data)
+                             .where(job_uploads.c.job_id == job_id)
+                             .order_by(job_uploads.c.position)).scalars().all()
+        if found:
+            request[UPLOADS] = [bytes(data) for data in found]
+        return request
 
     def claim(self, owner: str, *, lease_s: float, now: float | None = None) -> Claim | None:
         """The oldest job that is due (queued, or running with a lease that ran out), now
@@ -128,7 +146,8 @@ class JobLog:
                 if won:
                     taken = conn.execute(sa.select(j.kind, j.request, j.attempts)
                                          .where(j.id == row.id)).one()
-                    return Claim(id=row.id, kind=taken.kind, request=json.loads(taken.request),
+                    request = self._with_uploads(conn, row.id, json.loads(taken.request))
+                    return Claim(id=row.id, kind=taken.kind, request=request,
                                  attempt=int(taken.attempts))
         return None
 
@@ -204,10 +223,13 @@ class JobLog:
         )
 
     def request(self, job_id: str) -> dict[str, Any] | None:
-        """What the job ``job_id`` runs, as it was submitted, or ``None``."""
+        """What the job ``job_id`` runs, as it was submitted (its uploads under
+        :data:`UPLOADS`, as a claim gives them), or ``None``."""
         with self.engine.connect() as conn:
             found = conn.execute(sa.select(jobs.c.request).where(jobs.c.id == job_id)).first()
-        return None if found is None else dict(json.loads(found.request))
+            if found is None:
+                return None
+            return self._with_uploads(conn, job_id, dict(json.loads(found.request)))
 
 
 def _interrupted(attempts: int) -> dict[str, Any]:

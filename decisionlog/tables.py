@@ -192,6 +192,16 @@ jobs = sa.Table(
     sa.Index("jobs_time", "created_at"),
 )
 
+#: The uploads a job decides (a long video answered 202), as bytes, in the order of its
+#: request's uploads; deleted with their job.
+job_uploads = sa.Table(
+    "job_uploads",
+    metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 #: The full text of every policy that was ever active, by version (and by text: an edit of
 #: comments or descriptions keeps the version, and is kept too).
 policy_versions = sa.Table(

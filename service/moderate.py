@@ -12,6 +12,7 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, has_request_context, jsonify, request, url_for
 
 from decisionlog import DecisionRecord
+from decisionlog.jobs import UPLOADS
 from moderation import ImageError, Moderator, NotFound
 from moderation.images import DecodedImage
 from moderation.video import declared_duration, is_video
@@ -107,11 +108,11 @@ def _submit(parsed: ModerateRequest) -> Any:
     runner = jobs.runner()
     request_ = {
         "profile": parsed.profile,
-        "uploads": [{"id": u.id, "data": base64.b64encode(u.data).decode(),
-                     "error": list(u.error) if u.error else None,
-                     "decision_id": uuid.uuid4().hex} for u in parsed.uploads],
+        "uploads": [{"id": u.id, "upload": i, "error": list(u.error) if u.error else None,
+                     "decision_id": uuid.uuid4().hex} for i, u in enumerate(parsed.uploads)],
     }
-    job_id = runner.jobs.submit(MODERATE, request_, created_by="api")
+    job_id = runner.jobs.submit(MODERATE, request_, created_by="api",
+                                uploads=[u.data for u in parsed.uploads])
     runner.wake()
     job = runner.jobs.get(job_id)
     if job is None:  # deleted at once: only by hand
@@ -146,7 +147,9 @@ def moderate_handler(app: Flask) -> Handler:
     done) under the ids fixed at submission, skipping those already there: done once."""
 
     def run(stored: dict[str, Any], progress: Callable[[int, int], None]) -> dict[str, Any]:
-        uploads = [Upload(u["id"], base64.b64decode(u["data"]),
+        kept = stored.get(UPLOADS, [])  # (a job queued before migration 0012 has them as base64)
+        uploads = [Upload(u["id"], kept[u["upload"]] if "upload" in u
+                          else base64.b64decode(u["data"]),
                           tuple(u["error"]) if u["error"] else None)
                    for u in stored["uploads"]]
         parsed = ModerateRequest(uploads, stored["profile"])

@@ -323,3 +323,32 @@ def test_the_uploader_reads_its_job_with_its_api_key_and_no_other_job(tmp_path: 
 
     other = JobLog(app.extensions["decisions"][0]).submit("dry-run", {"policy": "x"})
     assert client.get(f"/v1/moderate/jobs/{other}", headers=key).status_code == 404
+
+
+def test_uploads_are_kept_as_bytes_beside_the_job_and_old_base64_jobs_still_run(
+        tmp_path: Path) -> None:
+    import base64
+    import sqlite3
+
+    from decisionlog.jobs import UPLOADS, JobLog
+    from service.moderate import moderate_handler
+
+    app, client = make_client(tmp_path, VIDEO_INLINE_MAX_S="1")
+    clip = video_bytes([GREY, RED, GREY])
+    r = upload(client, clip, "new.mp4")
+    assert r.status_code == 202
+    job = wait_done(client, r.headers["Location"])
+    with sqlite3.connect(tmp_path / "decisions.sqlite3") as db:
+        [(request, data)] = db.execute(
+            "SELECT request, data FROM jobs JOIN job_uploads ON job_uploads.job_id = jobs.id "
+            "WHERE jobs.id = ?", (job["id"],)).fetchall()
+    assert data == clip and len(request) < 1000  # the bytes beside, not inside, the request
+    log = JobLog(app.extensions["decisions"][0])
+    assert log.request(job["id"])[UPLOADS] == [clip]  # type: ignore[index]
+
+    # a job queued before the uploads were kept apart: base64 inside its request
+    old = {"profile": None, "uploads": [{"id": "old.mp4", "data": base64.b64encode(clip).decode(),
+                                         "error": None, "decision_id": "d" * 32}]}
+    answer = moderate_handler(app)(old, lambda done, total: None)
+    assert answer["results"][0]["decision_id"] == "d" * 32
+    assert answer["results"][0]["action"] == job["result"]["results"][0]["action"]
