@@ -117,27 +117,32 @@ class JobLog:
             request[UPLOADS] = [bytes(data) for data in found]
         return request
 
-    def claim(self, owner: str, *, lease_s: float, now: float | None = None) -> Claim | None:
+    def claim(self, owner: str, *, lease_s: float, now: float | None = None,
+              webhook_kinds: frozenset[str] = frozenset()) -> Claim | None:
         """The oldest job that is due (queued, or running with a lease that ran out), now
         held by ``owner`` for ``lease_s`` seconds; ``None`` when none is due. A due job
-        already started :data:`MAX_ATTEMPTS` times fails instead (``job_interrupted``).
+        already started :data:`MAX_ATTEMPTS` times fails instead (``job_interrupted``; into
+        the webhook outbox too when its kind is in ``webhook_kinds``).
         Reads first, then takes the write lock only to compare and set, so an idle poll
         costs one indexed read."""
         now = time.time() if now is None else now
         j = jobs.c
         due = sa.or_(j.state == "queued", sa.and_(j.state == "running", j.lease_until < now))
         with self.engine.connect() as conn:
-            found = conn.execute(sa.select(j.id, j.attempts).where(due)
+            found = conn.execute(sa.select(j.id, j.kind, j.attempts).where(due)
                                  .order_by(j.created_at, j.id).limit(10)).all()
         for row in found:
             # the row as it was read, still due: exactly one claimer changes it
             unchanged = (j.id == row.id, j.attempts == row.attempts, due)
             with self._write() as conn:
                 if row.attempts >= MAX_ATTEMPTS:
-                    conn.execute(jobs.update().where(*unchanged).values(
+                    failed = conn.execute(jobs.update().where(*unchanged).values(
                         state="failed", finished_at=now, owner=None, lease_until=None,
                         error=json.dumps(_interrupted(row.attempts)),
-                    ))
+                    )).rowcount
+                    if failed and row.kind in webhook_kinds:
+                        self._outbox(conn, row.id, "job.failed", now,
+                                     error=_interrupted(row.attempts))
                     continue
                 won = conn.execute(jobs.update().where(*unchanged).values(
                     state="running", owner=owner, lease_until=now + lease_s,
@@ -162,6 +167,15 @@ class JobLog:
         with self._write() as conn:
             return bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
                 done=done, total=total, lease_until=now + lease_s)).rowcount)
+
+    def extend(self, job_id: str, owner: str, *, lease_s: float,
+               now: float | None = None) -> bool:
+        """Extend the lease to ``lease_s`` seconds from now (the worker is still at it);
+        ``False`` when ``owner`` no longer holds the job."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            return bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
+                lease_until=now + lease_s)).rowcount)
 
     def release(self, job_id: str, owner: str) -> bool:
         """Give a held job back (its worker is stopping): queued again at once, for another

@@ -97,7 +97,9 @@ class JobRunner:
         with self._running:
             if self._stop.is_set():
                 return False
-            claim = self.jobs.claim(self.owner, lease_s=self.lease_s)
+            claim = self.jobs.claim(
+                self.owner, lease_s=self.lease_s,
+                webhook_kinds=self.notify if self.webhook is not None else frozenset())
             if claim is None:
                 return False
             self._execute(claim)
@@ -125,37 +127,43 @@ class JobRunner:
             nonlocal unwritten
             if self._stop.is_set():
                 raise JobStopped("the runner is closing")
+            if heartbeat.lost.is_set():
+                raise JobStopped("another runner took the job over")
             if time.monotonic() - written < self.progress_s and done < total:
                 unwritten = (done, total)  # written with the next, or with the result
                 return
             write(done, total)
 
         log.info("job %s (%s) started, attempt %d", claim.id, claim.kind, claim.attempt)
+        heartbeat = _Heartbeat(self.jobs, claim.id, self.owner, self.lease_s)
         try:
-            result = handler(claim.request, progress)
-            if unwritten is not None:
-                write(*unwritten)
-        except JobStopped as e:
-            if self._stop.is_set():
-                self.jobs.release(claim.id, self.owner)
-            log.info("job %s stopped here: %s", claim.id, e)
-            return
-        except ModerationError as e:
-            if e.status >= 500:
-                log.error("job %s failed: %s: %s", claim.id, type(e).__name__, e)
+            try:
+                result = handler(claim.request, progress)
+                if unwritten is not None:
+                    write(*unwritten)
+            except JobStopped as e:
+                if self._stop.is_set():
+                    self.jobs.release(claim.id, self.owner)
+                log.info("job %s stopped here: %s", claim.id, e)
+                return
+            except ModerationError as e:
+                if e.status >= 500:
+                    log.error("job %s failed: %s: %s", claim.id, type(e).__name__, e)
+                    self._internal(claim, webhook)
+                else:
+                    self.jobs.fail(claim.id, self.owner, e.code, e.message, e.details(),
+                                   webhook=webhook)
+                    self._wake_webhook(webhook)
+                return
+            except Exception:
+                log.exception("job %s failed", claim.id)
                 self._internal(claim, webhook)
-            else:
-                self.jobs.fail(claim.id, self.owner, e.code, e.message, e.details(),
-                               webhook=webhook)
-                self._wake_webhook(webhook)
-            return
-        except Exception:
-            log.exception("job %s failed", claim.id)
-            self._internal(claim, webhook)
-            return
-        if not self.jobs.finish(claim.id, self.owner, result, webhook=webhook):
-            log.info("job %s finished here after another runner took it over", claim.id)
-        self._wake_webhook(webhook)
+                return
+            if not self.jobs.finish(claim.id, self.owner, result, webhook=webhook):
+                log.info("job %s finished here after another runner took it over", claim.id)
+            self._wake_webhook(webhook)
+        finally:
+            heartbeat.stop()
 
     def _internal(self, claim: Claim, webhook: bool) -> None:
         self.jobs.fail(claim.id, self.owner, "internal",
@@ -165,6 +173,33 @@ class JobRunner:
     def _wake_webhook(self, webhook: bool) -> None:
         if webhook and self.webhook is not None:
             self.webhook()
+
+
+class _Heartbeat:
+    """While a job runs, its lease is extended every third of it, so that a handler busy in
+    one long step (a long video's decision) keeps its job; ``lost`` is set when another
+    runner holds it (the lease had run out: this worker was stalled)."""
+
+    def __init__(self, jobs: JobLog, job_id: str, owner: str, lease_s: float) -> None:
+        self.lost = threading.Event()
+        self._done = threading.Event()
+
+        def run() -> None:
+            while not self._done.wait(lease_s / 3):
+                try:
+                    if not jobs.extend(job_id, owner, lease_s=lease_s):
+                        self.lost.set()
+                        return
+                except Exception:  # the log is down: the next beat tries again
+                    log.warning("job %s: could not extend its lease", job_id, exc_info=True)
+
+        self._thread = threading.Thread(target=run, name=f"job-heartbeat-{job_id[:8]}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(10)
 
 
 class _ProcessThread:

@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         "answered as a job (202), not inline")
     job_lease_s: float = Field(
         default=60.0, ge=1, le=3600, description="seconds a job's worker holds it without "
-        "reporting progress (it reports every 0.5 s while it works); a worker that died is "
-        "taken over by another this long after its last report")
+        "renewing its lease (it renews it every third of this while the job runs); a worker "
+        "that died is taken over by another this long after its last renewal")
     # --- what a video may cost (moderation.video.VideoLimits): video_ + its field's name
     video_max_duration_s: float = Field(default=VideoLimits.max_duration_s, gt=0)
     video_max_pixels: int = Field(default=VideoLimits.max_pixels, ge=1)

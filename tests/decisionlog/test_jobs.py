@@ -138,6 +138,32 @@ def test_after_three_attempts_a_job_fails_interrupted(store: DecisionStore) -> N
     assert not log.finish(job_id, f"w{MAX_ATTEMPTS}", {})
 
 
+def test_an_interrupted_job_of_a_notified_kind_goes_to_the_webhook(
+        store: DecisionStore) -> None:
+    import json
+
+    import sqlalchemy as sa
+
+    from decisionlog.tables import webhook_outbox
+
+    log = JobLog(store)
+    notified, quiet = log.submit("moderate", {}), log.submit("dry-run", {})
+    now = time.time()
+    for attempt in range(MAX_ATTEMPTS):
+        for _ in range(2):
+            assert log.claim(f"w{attempt}", lease_s=LEASE, now=now + attempt * (LEASE + 1),
+                             webhook_kinds=frozenset({"moderate"})) is not None
+    assert log.claim("last", lease_s=LEASE, now=now + MAX_ATTEMPTS * (LEASE + 1),
+                     webhook_kinds=frozenset({"moderate"})) is None
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(webhook_outbox.c.job_id, webhook_outbox.c.payload)).all()
+    assert [r.job_id for r in rows] == [notified]  # the dry-run's kind is not notified
+    payload = json.loads(rows[0].payload)
+    assert (payload["event"], payload["kind"], payload["error"]["code"]) == (
+        "job.failed", "moderate", JOB_INTERRUPTED)
+    assert log.get(quiet).state == "failed"  # type: ignore[union-attr]
+
+
 def test_a_released_job_is_queued_again_at_once(store: DecisionStore) -> None:
     log = JobLog(store)
     job_id = log.submit("dry-run", {})

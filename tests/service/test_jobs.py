@@ -392,6 +392,30 @@ def test_a_runner_that_lost_its_job_stops_it(job_log: CountingLog) -> None:
     assert job_log.finish(job_id, "other", {"by": "other"})
 
 
+def test_a_long_step_keeps_its_job_the_lease_is_renewed_while_it_runs(
+        job_log: CountingLog) -> None:
+    """A handler busy in one step for several leases (a long video's decision reports no
+    progress meanwhile) keeps its job: no other runner can claim it, and it is done once."""
+    stolen: list[object] = []
+
+    def one_long_step(request: dict[str, Any], progress: Callable[[int, int], None]
+                      ) -> dict[str, Any]:
+        progress(0, 1)
+        deadline = time.monotonic() + 2.0  # four leases of 0.5 s
+        while time.monotonic() < deadline:
+            stolen.append(job_log.claim("other", lease_s=60))
+            time.sleep(0.1)
+        progress(1, 1)
+        return {"done": True}
+
+    runner = JobRunner(job_log, {"long": one_long_step}, lease_s=0.5)
+    job_id = job_log.submit("long", {})
+    assert runner.run_once()
+    assert stolen and all(c is None for c in stolen), "another runner took a running job"
+    job = job_log.get(job_id)
+    assert job is not None and job.state == "done" and job.result == {"done": True}
+
+
 # --- the lab page ---------------------------------------------------------------------------
 
 
