@@ -429,7 +429,9 @@ if __name__ == "__main__":
               show_default=True, help="What a review action does.")
 @click.option("--fail-mode", type=click.Choice(["open", "closed"]), default="closed",
               show_default=True, help="When the service cannot decide: exit 0 (open) or 2.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0,
+              show_default=True, help="Seconds for the whole check (a long video: until its "
+                                      "job is done).")
 @click.option("--id", "client_id", default="check", show_default=True,
               help="The client id the decision is recorded with (such as the file's mxc:// "
                    "URI).")

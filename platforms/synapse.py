@@ -74,7 +74,7 @@ from typing import Any, Literal
 from synapse.module_api import NOT_SPAM, ModuleApi
 from synapse.module_api.errors import Codes, ConfigError
 
-from moderation.client import Checked, ModerationClient
+from moderation.client import MAX_TIMEOUT_S, Checked, ModerationClient
 from moderation.integrations import IntegrationPolicy, Verdict
 
 __all__ = ["UNRECOGNISED_CODE", "ModerationModule", "Settings", "SynapsePolicy", "client_id",
@@ -134,8 +134,10 @@ def parse_settings(config: dict[str, Any] | None) -> Settings:
     if api_key is not None and not isinstance(api_key, str):
         faults.append("api_key must be text")
     timeout = config.get("timeout", 10)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        faults.append(f"timeout must be a number of seconds above 0; got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout <= MAX_TIMEOUT_S):  # (NaN and infinity fail the comparison)
+        faults.append(f"timeout must be a number of seconds above 0 and at most "
+                      f"{MAX_TIMEOUT_S:g}; got {timeout!r}")
     reject = config.get("reject", "block")
     if isinstance(reject, list) and all(isinstance(a, str) for a in reject):
         reject = ",".join(reject)

@@ -131,3 +131,66 @@ def test_moderation_check_without_a_service_follows_the_fail_mode(tmp_path: Any)
     assert closed.exit_code == 2 and "fail closed" in closed.output
     opened = check(url, tmp_path / "x.png", "--fail-mode", "open", "--timeout", "2")
     assert opened.exit_code == 0 and "fail open" in opened.output
+
+
+def test_moderation_check_waits_for_a_long_videos_job(make_app: Any, tmp_path: Any) -> None:
+    """A video the service answers with a job (202) is decided when its job is done, not
+    failed for want of a result."""
+    pytest.importorskip("av")
+    from tests.fakes import video_bytes
+    from tests.service.test_dashboard_browser import serving
+
+    (tmp_path / "long.mp4").write_bytes(video_bytes([GREY, RED, RED]))
+    app = make_app(VIDEO_INLINE_MAX_S="1")
+    with serving(app) as url:
+        checked = check(url, tmp_path / "long.mp4", "--timeout", "60")
+    assert checked.exit_code == 1 and checked.output.strip() == "block (weapons)"
+
+
+def test_the_timeout_bounds_the_whole_call_and_must_be_finite(tmp_path: Any) -> None:
+    import socket
+    import threading
+    import time
+
+    from moderation.client import ModerationClient
+
+    with pytest.raises(ValueError, match="timeout"):
+        ModerationClient(timeout=float("inf"))
+    (tmp_path / "x.png").write_bytes(image_bytes(GREY))
+    assert check("http://127.0.0.1:9", tmp_path / "x.png", "--timeout", "inf").exit_code == 2
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def drip() -> None:  # an answer that never ends: a byte every 0.3 s
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{")
+        while not stop.wait(0.3):
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                return
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    started = time.monotonic()
+    checked = ModerationClient(f"http://127.0.0.1:{server.getsockname()[1]}",
+                               timeout=1.0).check(b"x", client_id="drip")
+    stop.set()
+    server.close()
+    assert checked.failed and not checked.accept  # failing closed
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_long_client_id_is_cut_not_refused(app: Flask) -> None:
+    from moderation.client import ModerationClient
+    from tests.service.test_dashboard_browser import serving
+
+    long_id = "mxc://" + "s" * 200 + "/media by @" + "u" * 100 + ":server\x00"
+    with serving(app) as url:
+        checked = ModerationClient(url).check(image_bytes(RED), client_id=long_id)
+    assert not checked.failed and checked.reason == "block (weapons)"
+    assert checked.result is not None and checked.result["id"] == long_id[:256]
