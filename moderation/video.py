@@ -59,7 +59,7 @@ from typing import IO, TYPE_CHECKING
 from PIL import Image
 
 from .errors import ImageError
-from .images import Crop, DecodedImage, prepare_frame
+from .images import Crop, DecodedImage, orient, prepare_frame, shrink, to_rgb
 from .persistence import persistence_span  # re-exported: the rule lives there
 from .views import CropGrid, crop_boxes, cut, draft_size_for
 
@@ -360,7 +360,8 @@ def decode_video(
     frame_size = draft_size_for(draft_size, crops) if draft_size and crops else draft_size
     with _opened(source, demuxer, fmt, deadline, limits) as container:
         stream = _video_stream(container, fmt)
-        decoder = _Decoder(container, stream, fmt, packets, start, deadline, limits, frame_size)
+        decoder = _Decoder(container, stream, fmt, packets, start, deadline, limits, frame_size,
+                           whole=crops is not None)
         taken = decoder.run(steps)
     if not taken:
         raise ImageError("corrupt_video", f"no frame of the {fmt} video could be decoded")
@@ -380,7 +381,7 @@ def decode_video(
     for position, (_, image) in enumerate(taken):
         for box, part in zip(boxes, cut(image, boxes, upright), strict=True):
             cut_from.append(Crop(position, box, prepare_frame(part, draft_size)))
-        frames.append(prepare_frame(image, draft_size) if frame_size != draft_size else image)
+        frames.append(prepare_frame(image, draft_size) if crops is not None else image)
     return DecodedImage(
         frames=frames,
         crops=tuple(cut_from),
@@ -626,10 +627,11 @@ class _Decoder:
 
     def __init__(self, container: InputContainer, stream: VideoStream, fmt: str,
                  packets: _Packets, start: int, deadline: float, limits: VideoLimits,
-                 draft_size: int | None) -> None:
+                 draft_size: int | None, whole: bool = False) -> None:
         self.container, self.stream, self.fmt = container, stream, fmt
         self.packets, self.start, self.deadline, self.limits = packets, start, deadline, limits
         self.draft_size = draft_size
+        self.whole = whole  # keep frames uncut (crops are cut from them, then the frame)
         self.tb = stream.time_base or Fraction(1, 1)
         self.last_packet = next((p for p in reversed(packets.decode_order) if p is not None),
                                 None)
@@ -659,7 +661,8 @@ class _Decoder:
             if frame is None or frame.pts is None:
                 break  # the stream ended (truncated)
             # converted at once: a decoded 4K frame is 12 MB, its prepared image 1 MB
-            taken.append((frame.pts, _to_image(frame, self.stream, self.draft_size)))
+            taken.append((frame.pts, _to_image(frame, self.stream, self.draft_size,
+                                               whole=self.whole)))
         return taken
 
     def _seek_to(self, pts: int, key: int) -> tuple[VideoFrame | None, Iterator[VideoFrame]]:
@@ -759,11 +762,13 @@ def _first_at(frames: Iterator[VideoFrame], pts: int | None) -> VideoFrame | Non
     return None
 
 
-def _to_image(frame: VideoFrame, stream: VideoStream, size: int | None) -> Image.Image:
+def _to_image(frame: VideoFrame, stream: VideoStream, size: int | None, *,
+              whole: bool = False) -> Image.Image:
     """A decoded frame → an RGB image prepared as image frames are: averaged down by a whole
     factor while its short side stays at least twice ``size`` (by swscale, while converting to
     RGB, as draft mode does for JPEGs), at its display aspect ratio, turned upright by its
-    display matrix, cut to :data:`~moderation.images.MAX_ASPECT`."""
+    display matrix, cut to :data:`~moderation.images.MAX_ASPECT` (not with ``whole``: crops
+    are cut from the whole picture first)."""
     width, height = frame.width, frame.height
     aspect = stream.sample_aspect_ratio
     shown_width = width
@@ -776,4 +781,6 @@ def _to_image(frame: VideoFrame, stream: VideoStream, size: int | None) -> Image
         image = frame.to_image(width=max(1, shown_width // factor),
                                height=max(1, height // factor), interpolation="AREA")
     orientation = _ORIENTATION_BY_ROTATION.get(round(frame.rotation) % 360)
+    if whole:
+        return to_rgb(orient(shrink(image, size) if size is not None else image, orientation))
     return prepare_frame(image, size, orientation)

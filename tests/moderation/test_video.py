@@ -554,3 +554,28 @@ def test_a_small_object_in_a_video_frame_is_found_through_the_frames_crops() -> 
     x0, y0, x1, y1 = marker.view.box  # the decided crop, in source pixels, holds the marker
     assert x0 <= 500 and y0 <= 340 and x1 >= 620 and y1 >= 460
     assert found.to_dict()["views_scored"] == 4 * 5  # 4 sampled frames, each whole + 2x2
+
+
+def test_crops_of_a_wide_video_cover_its_edges_not_only_its_middle() -> None:
+    """A 3:1 clip: the whole frame is cut to 2:1 for the model (x 240 to 1200), but crops are
+    cut from the whole picture (a 3x2 grid: crops near 2:1), so a marker near the right edge,
+    outside the whole frame's cut, is found, in a box that holds it."""
+    import copy
+
+    import yaml
+
+    from moderation import Moderator
+    from moderation.policy import parse_policy
+    from tests.fakes import MARKER_POLICY, MarkerEncoder
+
+    clip = marker_clip(size=(1440, 480), box=(1250, 300, 1410, 460))
+    data = copy.deepcopy(MARKER_POLICY)
+    data["video"] = {"rate": 1}
+    data["views"] = {"crops": "3x2", "min_side": 64}
+    [found] = Moderator(parse_policy(yaml.safe_dump(data)), MarkerEncoder()).moderate([clip])
+    assert found.decision is not None and found.decision.action.value == "block"
+    marker = found.decision.categories["marker"]
+    assert marker.view is not None and marker.view.box is not None
+    x0, y0, x1, y1 = marker.view.box
+    assert x0 <= 1250 and y0 <= 300 and x1 >= 1410 and y1 >= 460
+    assert x1 == 1440  # the right edge, which the 2:1 cut of the whole frame leaves out
