@@ -53,9 +53,15 @@ def fit_map(method: Method, scores: np.ndarray, labels: np.ndarray,
             keep_x = [keep_x[i] for i in idx]
             keep_y = [keep_y[i] for i in idx]
         return {"method": "isotonic", "scores": keep_x, "probabilities": keep_y}
+    # fitted on the standardised score (cosines spread over hundredths: raw, the solver's
+    # tolerance can stop at a slope of 0), then written back in score units
+    centre, spread = float(np.mean(s)), float(np.std(s))
+    if spread < 1e-9:  # (rounding leaves ~1e-17 of one repeated score)
+        raise ValueError("every image of the fitting split has the same score")
     lr = LogisticRegression(C=1e6, max_iter=1000)
-    lr.fit(s.reshape(-1, 1), y, sample_weight=weights)
-    slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    lr.fit(((s - centre) / spread).reshape(-1, 1), y, sample_weight=weights)
+    slope = float(lr.coef_[0, 0]) / spread
+    intercept = float(lr.intercept_[0]) - slope * centre
     if slope <= 0:
         raise ValueError("the scores do not rise with the label (the sigmoid's slope is "
                          f"{slope:.3g}): no probability map can be fitted")

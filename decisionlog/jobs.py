@@ -92,8 +92,9 @@ class JobLog:
     def submit(self, kind: str, request: dict[str, Any], *, created_by: str | None = None,
                now: float | None = None, uploads: list[bytes] | None = None) -> str:
         """Queue a job of ``kind`` that runs ``request`` (JSON-able) on ``uploads`` (kept as
-        bytes beside it; the claim gives them back under :data:`UPLOADS`); returns its id (32
-        hex digits). Deletes the jobs created more than :data:`KEEP_S` seconds ago."""
+        bytes beside it until the job is done or failed; the claim gives them back under
+        :data:`UPLOADS`); returns its id (32 hex digits). Deletes the jobs created more than
+        :data:`KEEP_S` seconds ago."""
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex
         with self._write() as conn:
@@ -140,6 +141,9 @@ class JobLog:
                         state="failed", finished_at=now, owner=None, lease_until=None,
                         error=json.dumps(_interrupted(row.attempts)),
                     )).rowcount
+                    if failed:
+                        conn.execute(job_uploads.delete().where(
+                            job_uploads.c.job_id == row.id))
                     if failed and row.kind in webhook_kinds:
                         self._outbox(conn, row.id, "job.failed", now,
                                      error=_interrupted(row.attempts))
@@ -151,10 +155,12 @@ class JobLog:
                 if won:
                     taken = conn.execute(sa.select(j.kind, j.request, j.attempts)
                                          .where(j.id == row.id)).one()
-                    request = self._with_uploads(conn, row.id, json.loads(taken.request))
-                    return Claim(id=row.id, kind=taken.kind, request=request,
-                                 attempt=int(taken.attempts))
-        return None
+                    break
+        else:
+            return None
+        with self.engine.connect() as conn:  # (the uploads: read after the write lock)
+            request = self._with_uploads(conn, row.id, json.loads(taken.request))
+        return Claim(id=row.id, kind=taken.kind, request=request, attempt=int(taken.attempts))
 
     def _held(self, job_id: str, owner: str) -> tuple[Any, ...]:
         return (jobs.c.id == job_id, jobs.c.owner == owner, jobs.c.state == "running")
@@ -195,6 +201,8 @@ class JobLog:
             held = bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
                 state="done", finished_at=now, lease_until=None, result=json.dumps(result),
             )).rowcount)
+            if held:  # its uploads are no longer needed: the log keeps no image
+                conn.execute(job_uploads.delete().where(job_uploads.c.job_id == job_id))
             if held and webhook:
                 self._outbox(conn, job_id, "job.done", now, result=result)
             return held
@@ -210,6 +218,8 @@ class JobLog:
             held = bool(conn.execute(jobs.update().where(*self._held(job_id, owner)).values(
                 state="failed", finished_at=now, lease_until=None, error=json.dumps(error),
             )).rowcount)
+            if held:
+                conn.execute(job_uploads.delete().where(job_uploads.c.job_id == job_id))
             if held and webhook:
                 self._outbox(conn, job_id, "job.failed", now, error=error)
             return held

@@ -154,6 +154,11 @@ def policy_check(path: Path) -> None:
         click.echo(f"misskey: {classes}{rest}"
                    + (f" (NOT READY: no fitted probability for {', '.join(unfitted)}: "
                       "moderation calibrate --probabilities isotonic)" if unfitted else ""))
+        if "nsfw" not in misskey.classes or misskey.rest != "safe":
+            click.echo("  note: Misskey's sensitive-media detection (2026) reads the classes "
+                       "nsfw and safe, each once (set classes: {nsfw: [...]} and rest: safe); "
+                       "other names suit only a Misskey reading nsfwjs's classes (Porn, Hentai, "
+                       "Sexy, Neutral, Drawing)")
     grid = p.crop_grid
     if grid is not None:
         takes = [cid for cid in p.categories if p.uses_crops(cid)]

@@ -15,6 +15,7 @@ from flask import Blueprint, jsonify, request
 
 from moderation import ModerationError
 from moderation.integrations import IntegrationPolicy, Verdict
+from moderation.video import is_video
 
 from .contract import Access, Answer, Body, operation
 from .moderate import respond
@@ -156,15 +157,19 @@ def misskey_detect_images() -> Any:
     uploads: list[Upload] = []
     for field, file in parts:
         data = file.read()
-        if file.mimetype not in MISSKEY_TYPES:
-            answers.append(_misskey_failed("UNSUPPORTED_MEDIA_TYPE", "a part's Content-Type "
-                                           f"must be one of {', '.join(MISSKEY_TYPES)}; got "
-                                           f"{file.mimetype or 'none'}"))
+        if file.mimetype not in MISSKEY_TYPES or is_video(data[:64]):
+            answers.append(_misskey_failed("UNSUPPORTED_MEDIA_TYPE", "a part must be an image "
+                                           f"({', '.join(MISSKEY_TYPES)}; Misskey sends a "
+                                           "video's frames as images); got "
+                                           f"{file.mimetype or 'no type'}"
+                                           + (" holding a video" if is_video(data[:64])
+                                              else "")))
         elif not data:
             answers.append(_misskey_failed("INVALID_REQUEST", "the part is empty"))
         else:
             answers.append(None)
-            uploads.append(Upload(f"misskey:{request_id}:{field}"[:256], data))
+            name = "".join(ch for ch in field if ch.isprintable())  # as ids are checked
+            uploads.append(Upload(f"misskey:{request_id}:{name}"[:256], data))
     results: list[dict[str, Any]] = []
     if uploads:
         try:

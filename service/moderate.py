@@ -30,8 +30,7 @@ from .parsing import (
     parse_multipart,
 )
 from .resources import holder, metrics, recorder, settings, store
-from .schemas import Job as JobSchema
-from .schemas import JobPath, ModerateJSON, ModerateQuery, ModerateResponse
+from .schemas import JobPath, ModerateJSON, ModerateQuery, ModerateResponse, ModerationJob
 
 #: The multipart form of ``POST /v1/moderate`` (files are read by werkzeug, checked by
 #: :func:`service.parsing.parse_multipart`).
@@ -77,7 +76,7 @@ def parse_moderate() -> ModerateRequest:
                     Answer(202, "Queued as a job (a video longer than "
                                 "MODERATION_VIDEO_INLINE_MAX_S, or async=true): poll GET "
                                 "/v1/moderate/jobs/{job_id} (the Location header); its result "
-                                "is this route's answer", {"application/json": JobSchema})))
+                                "is this route's answer", {"application/json": ModerationJob})))
 def moderate(query: ModerateQuery) -> Any:
     parsed = parse_moderate()
     active = holder().current()  # this request's policy, whatever reloads happen meanwhile
@@ -126,10 +125,12 @@ def _submit(parsed: ModerateRequest) -> Any:
 @operation(bp, "/v1/moderate/jobs/<job_id>", "GET", operation_id="get_moderation_job",
            access=Access.API_KEY, summary="A moderation job (a long video, async=true): its "
            "state, progress, and the answer once done",
-           description="What POST /v1/moderate answered 202 for, read with the same API key "
+           description="What POST /v1/moderate answered 202 for, read with an API key as "
+           "uploads are (any of the service's: the job id, 122 random bits, is what only its "
+           "uploader was given) "
            "(other jobs, such as dry-runs, are the admin's: GET /v1/jobs/{job_id}). With a "
            "webhook the answer is also posted (event job.done).", path=JobPath,
-           answers=(Answer(200, "The job", {"application/json": JobSchema}),))
+           answers=(Answer(200, "The job", {"application/json": ModerationJob}),))
 def get_moderation_job(job_id: str) -> Any:
     found = jobs.runner().jobs.get(job_id)
     if found is None or found.kind != MODERATE:

@@ -520,13 +520,21 @@ class DryRunQuery(Query):
 
 
 class Job(StoredJob):
-    """Long work off the request thread (a large dry-run): its state, its progress, and its
-    result once done or its error once failed."""
+    """Long work off the request thread (a large dry-run, a long video): its state, its
+    progress, and its result once done or its error once failed."""
 
-    # the stored JSON, described for the document (and a generated client): today's only
-    # kind of job is a dry-run
-    result: DryRun | None = Field(  # type: ignore[assignment]
-        description="when done: a dry-run's report")
+    # the stored JSON, described for the document (and a generated client), by kind
+    result: DryRun | ModerateResponse | None = Field(  # type: ignore[assignment]
+        description="when done: a dry-run's report (kind dry-run), or the answer POST "
+        "/v1/moderate would have given (kind moderate)")
+
+
+class ModerationJob(StoredJob):
+    """Uploads answered off the request thread (a long video, async=true): the job's state,
+    its progress, and, once done, the answer POST /v1/moderate would have given."""
+
+    result: ModerateResponse | None = Field(  # type: ignore[assignment]
+        description="when done: the answer POST /v1/moderate would have given")
 
 
 class JobPath(BaseModel):
@@ -743,6 +751,7 @@ MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (DryRunJSON, "validation"),
     (DryRun, "serialization"),
     (Job, "serialization"),
+    (ModerationJob, "serialization"),
     (PolicyDiff, "serialization"),
     (DecisionRecord, "serialization"),
     (DecisionPage, "serialization"),

@@ -280,3 +280,8 @@ def test_policy_check_says_which_probabilities_misskey_lacks(runner: CliRunner,
     assert "0 of 2 thresholds calibrated, 1 with a fitted probability" in result.output
     assert ("misskey: nsfw = the largest of weapons, alcohol; safe = 1 - the largest (NOT "
             "READY: no fitted probability for alcohol") in result.output
+    assert "note: Misskey" not in result.output
+    data["integrations"] = {"misskey": {"classes": {"Porn": ["weapons"]}, "rest": "Neutral"}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = runner.invoke(main, ["policy", "check", str(path)])
+    assert result.exit_code == 0 and "reads the classes nsfw and safe" in result.output

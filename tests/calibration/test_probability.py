@@ -184,3 +184,14 @@ def test_a_map_fitted_for_another_model_is_refused(noisy_set: tuple[Path, Path],
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ModelMismatchError, match="weapons probability"):
         moderator_of(out)
+
+
+def test_a_sigmoid_fits_scores_that_differ_by_a_hair() -> None:
+    """Separated by 0.0002 (cosines of near-identical prompts): the fit finds the rise."""
+    s = np.array([0.2999] * 50 + [0.3001] * 50)
+    y = np.array([False] * 50 + [True] * 50)
+    fitted = fit_map("sigmoid", s, y)
+    p = ProbabilityMap.model_construct(**fitted)
+    assert p(0.2999) < 0.5 < p(0.3001)
+    with pytest.raises(ValueError, match="same score"):
+        fit_map("sigmoid", np.full(10, 0.3), np.arange(10) < 5)

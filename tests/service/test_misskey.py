@@ -195,3 +195,22 @@ def test_the_mapping_is_checked_when_the_policy_loads() -> None:
     with_classes = parse_policy(yaml.safe_dump(policy_with({"classes": {"nsfw": ["weapons"]},
                                                             "rest": None})))
     assert with_classes.version != parse_policy(yaml.safe_dump(policy_with())).version
+
+
+def test_a_video_is_not_decoded_here_whatever_its_label_and_names_are_cleaned(
+        misskey_app: Flask) -> None:
+    pytest.importorskip("av")
+    from tests.fakes import video_bytes
+
+    client = misskey_app.test_client()
+    r = detect(client, [("image0", video_bytes([RED, RED]), "image/png"),
+                        ("a\x1b[31mb\x7f", image_bytes(GREY), "image/png")],
+               **{"X-Request-Id": "req-v"})
+    parts = r.get_json()["result"]["results"]
+    assert parts[0]["success"] is False
+    assert parts[0]["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert "video" in parts[0]["error"]["message"]
+    assert parts[1]["success"] is True
+    misskey_app.extensions["decisions"][1].flush()
+    page = client.get("/v1/decisions?limit=10", headers=READER_H).get_json()
+    assert {d["client_id"] for d in page["decisions"]} == {"misskey:req-v:a[31mb"}

@@ -178,3 +178,27 @@ def test_a_dry_run_with_changes_and_a_diff_match_the_document(app: Flask, spec: 
                           headers={"Authorization": f"Bearer {READER}"})
     assert response.status_code == 200 and response.get_json()["changes"] == []
     spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+
+
+def test_a_moderation_job_matches_the_document(app: Flask, spec: OpenAPI) -> None:
+    """A job's 202 and, once done, its result (the answer of POST /v1/moderate) as the
+    document describes them: a generated client reads them."""
+    import time
+
+    client = app.test_client()
+    response = client.post("/v1/moderate?async=true", **upload((image_bytes(RED), "a.png")))
+    assert response.status_code == 202
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+    location = response.headers["Location"]
+    deadline = time.monotonic() + 30
+    while True:
+        response = client.get(location)
+        assert response.status_code == 200
+        if response.get_json()["state"] == "done" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert response.get_json()["state"] == "done"
+    spec.validate_response(described(response), WerkzeugOpenAPIResponse(response))
+    admin = client.get(f"/v1/jobs/{response.get_json()['id']}",
+                       headers={"Authorization": f"Bearer {ADMIN}"})
+    spec.validate_response(described(admin), WerkzeugOpenAPIResponse(admin))
