@@ -250,6 +250,7 @@ class DecisionRecord(BaseModel):
             ";".join(self.triggered), self.latency_ms, self.error_code or "",
             "" if self.frame is None else self.frame,
             json.dumps({k: v.model_dump(mode="json") for k, v in self.categories.items()}),
+            json.dumps([m.model_dump(mode="json") for m in self.matches]),
         )]
 
     @staticmethod
@@ -313,5 +314,5 @@ def spreadsheet_safe(cell: Any) -> Any:
 CSV_COLUMNS = [
     "id", "created_at", "client_id", "image_sha256", "image_size", "policy_name",
     "policy_version", "model", "profile", "action", "triggered", "latency_ms", "error_code",
-    "frame", "categories",
+    "frame", "categories", "matches",
 ]

@@ -86,6 +86,16 @@ def test_an_image_in_a_block_bank_is_blocked_again_and_a_recompressed_copy_too(
     records = page.get_json()["decisions"]
     assert records and all(r["matches"] for r in records)
     assert records[0]["pdq"] and records[0]["pdq"][0]["quality"] >= 50
+    # and the CSV export (moderation decisions export --format csv) says which bank blocked it
+    import json
+
+    from decisionlog import CSV_COLUMNS
+    from decisionlog.store import DecisionStore
+
+    store: DecisionStore = app.extensions["decisions"][0]
+    rows = [dict(zip(CSV_COLUMNS, store.get(r["id"]).csv_row(), strict=True))  # type: ignore[union-attr]
+            for r in records]
+    assert all({m["bank"] for m in json.loads(row["matches"])} == {"known-bad"} for row in rows)
 
 
 def test_an_allow_bank_clears_a_classifier_flag_and_a_decision_feeds_it(
