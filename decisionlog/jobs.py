@@ -246,6 +246,12 @@ class JobLog:
             error=JobError.model_validate_json(row.error) if row.error is not None else None,
         )
 
+    def created_by(self, job_id: str) -> str | None:
+        """Who submitted the job ``job_id`` (as the submitter said), or ``None``."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(jobs.c.created_by)
+                                .where(jobs.c.id == job_id)).scalar_one_or_none()
+
     def request(self, job_id: str) -> dict[str, Any] | None:
         """What the job ``job_id`` runs, as it was submitted (its uploads under
         :data:`UPLOADS`, as a claim gives them), or ``None``."""

@@ -23,6 +23,7 @@ disabled), a wrong or missing token 401.
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,15 @@ def api_key_required(view: F) -> F:
         return view(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+def api_key_owner() -> str:
+    """Who submitted work with this request's API key, as a job records it: ``api`` when the
+    service has no keys, else a fingerprint of the key (never the key)."""
+    if not current_settings().api_key_list:
+        return "api"
+    digest = hashlib.sha256((_bearer() or "").encode()).hexdigest()[:16]
+    return f"api-key:{digest}"
 
 
 admin_required = _api(ADMIN, BEARER)

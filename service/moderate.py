@@ -18,6 +18,7 @@ from moderation.images import DecodedImage
 from moderation.video import declared_duration, is_video
 
 from . import jobs
+from .auth import api_key_owner
 from .contract import Access, Answer, Body, operation
 from .jobs import Handler
 from .parsing import (
@@ -110,7 +111,7 @@ def _submit(parsed: ModerateRequest) -> Any:
         "uploads": [{"id": u.id, "upload": i, "error": list(u.error) if u.error else None,
                      "decision_id": uuid.uuid4().hex} for i, u in enumerate(parsed.uploads)],
     }
-    job_id = runner.jobs.submit(MODERATE, request_, created_by="api",
+    job_id = runner.jobs.submit(MODERATE, request_, created_by=api_key_owner(),
                                 uploads=[u.data for u in parsed.uploads])
     runner.wake()
     job = runner.jobs.get(job_id)
@@ -125,16 +126,16 @@ def _submit(parsed: ModerateRequest) -> Any:
 @operation(bp, "/v1/moderate/jobs/<job_id>", "GET", operation_id="get_moderation_job",
            access=Access.API_KEY, summary="A moderation job (a long video, async=true): its "
            "state, progress, and the answer once done",
-           description="What POST /v1/moderate answered 202 for, read with an API key as "
-           "uploads are (any of the service's: the job id, 122 random bits, is what only its "
-           "uploader was given) "
+           description="What POST /v1/moderate answered 202 for, read with the API key that "
+           "submitted it (when the service has keys; another key's job is not found) "
            "(other jobs, such as dry-runs, are the admin's: GET /v1/jobs/{job_id}). With a "
            "webhook the answer is also posted (event job.done).", path=JobPath,
            answers=(Answer(200, "The job", {"application/json": ModerationJob}),))
 def get_moderation_job(job_id: str) -> Any:
-    found = jobs.runner().jobs.get(job_id)
-    if found is None or found.kind != MODERATE:
-        raise NotFound(f"no moderation job {job_id!r} (jobs are kept 7 days)")
+    log = jobs.runner().jobs
+    found = log.get(job_id)
+    if found is None or found.kind != MODERATE or log.created_by(job_id) != api_key_owner():
+        raise NotFound(f"no moderation job {job_id!r} of this API key (jobs are kept 7 days)")
     return jsonify(found.model_dump(mode="json"))
 
 

@@ -311,7 +311,8 @@ def job_of_when_up(job_of: Any, location: str) -> dict[str, Any]:
 
 
 def test_the_uploader_reads_its_job_with_its_api_key_and_no_other_job(tmp_path: Path) -> None:
-    app, client = make_client(tmp_path, API_KEYS="pipeline-key", VIDEO_INLINE_MAX_S="1")
+    app, client = make_client(tmp_path, API_KEYS="pipeline-key, other-key",
+                              VIDEO_INLINE_MAX_S="1")
     key = {"Authorization": "Bearer pipeline-key"}
     r = client.post("/v1/moderate", data={"image": [(io.BytesIO(video_bytes([GREY, RED, GREY])),
                                                      "clip.mp4")]},
@@ -322,6 +323,8 @@ def test_the_uploader_reads_its_job_with_its_api_key_and_no_other_job(tmp_path: 
     job = wait_done(client, location, headers=key)
     assert job["state"] == "done" and job["result"]["results"][0]["id"] == "clip.mp4"
     assert client.get(f"/v1/jobs/{job['id']}", headers=key).status_code == 401  # admin's
+    other_key = {"Authorization": "Bearer other-key"}  # another key's: not found
+    assert client.get(location, headers=other_key).status_code == 404
     # a dry-run's job is not a moderation job, whoever asks
     from decisionlog.jobs import JobLog
 
