@@ -146,7 +146,9 @@ def misskey_detect_images() -> Any:
         raise RequestError(400, "invalid_field", "every part must be a file (an image); got "
                            f"the text field {next(iter(request.form))!r}")
     if not parts:
-        raise RequestError(400, "missing_field", "send at least one image part")
+        raise RequestError(400, "missing_field", "send at least one image part" + (
+            ": no part of this body could be read (check its boundary and each part's "
+            "Content-Disposition)" if request.content_length else ""))
     if len(parts) > settings().max_images:
         raise RequestError(413, "too_many_images", f"at most {settings().max_images} images "
                            "a request (MODERATION_MAX_IMAGES)")
