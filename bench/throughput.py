@@ -243,7 +243,8 @@ class BareModel:
 
 def start_server(workers: int, threads: int, settings: dict[str, object],
                  model: list[str] | None = None, python: str = sys.executable,
-                 root: Path | None = None) -> tuple[subprocess.Popen[bytes], int, Any]:
+                 root: Path | None = None, policy: Path | None = None,
+                 ) -> tuple[subprocess.Popen[bytes], int, Any]:
     """`moderation serve` (default policy, ViT-B-32, random weights) on a free loopback port,
     with MODERATION_<key> settings; returns once it answers /readyz. ``root``: serve the code
     of another checkout (e.g. a git worktree of an older commit) instead of this one."""
@@ -258,7 +259,7 @@ def start_server(workers: int, threads: int, settings: dict[str, object],
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
     server = subprocess.Popen(
         [python, "-m", "moderation.cli", "serve", *(model or ["--random-weights"]),
-         "--policy", str(ROOT / "policies" / "default.yaml"), "--port", str(port),
+         "--policy", str(policy or ROOT / "policies" / "default.yaml"), "--port", str(port),
          "--workers", str(workers), "--threads", str(threads)],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )

@@ -205,14 +205,24 @@ def run(path: Path, label: str, args: argparse.Namespace, snap: float) -> None:
           f"max_frames={args.max_frames} snap={snap:g} load={load()}", flush=True)
 
 
-def through_service(path: Path, label: str, runs: int) -> None:
-    """The clip through a real server (see the module); prints a line per run."""
+def through_service(path: Path, label: str, runs: int, snap: float | None = None) -> None:
+    """The clip through a real server (see the module); prints a line per run. ``snap``:
+    the default policy with this ``video.keyframe_snap_s`` instead of its own."""
     import http.client
+    import tempfile
     import uuid
+
+    import yaml
 
     from bench.throughput import start_server, stop_server
 
-    server, port, log = start_server(1, 4, {"MAX_CONTENT_LENGTH": 256 * 2**20})
+    policy = None
+    if snap is not None:
+        data = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+        data["video"] = {**data.get("video", {}), "keyframe_snap_s": snap}
+        policy = Path(tempfile.mkdtemp(prefix="bench-video-")) / "policy.yaml"
+        policy.write_text(yaml.safe_dump(data, sort_keys=False))
+    server, port, log = start_server(1, 4, {"MAX_CONTENT_LENGTH": 256 * 2**20}, policy=policy)
     try:
         workers = [int(p.name) for p in Path("/proc").glob("[0-9]*")
                    if (p / "stat").exists()
@@ -252,7 +262,8 @@ def through_service(path: Path, label: str, runs: int) -> None:
             peak = max(int(line.split()[1]) for pid in workers
                        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                        if line.startswith("VmHWM")) / 1024
-            print(f"service clip={label} answered={how} seconds={seconds:.2f} "
+            print(f"service clip={label} snap={'policy' if snap is None else f'{snap:g}'} "
+                  f"answered={how} seconds={seconds:.2f} "
                   f"processing_ms={result['processing_ms']:.0f} "
                   f"frames_scored={result['frames_scored']} worker_peak_rss_mb={peak:.0f} "
                   f"load={load()}", flush=True)
@@ -276,6 +287,7 @@ def main() -> None:
                         help="through a real moderation serve: inline, or as a job")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.snap_given = any(a == "--snap" or a.startswith("--snap=") for a in sys.argv[1:])
     if args.measure:
         measure(args.measure, args.rate, args.max_frames, args.snap[0], not args.through,
                 args.encode)
@@ -292,8 +304,9 @@ def main() -> None:
         else:
             make_clip(path, seconds)
     print(f"# {path.name}: {path.stat().st_size / 1e6:.1f} MB", flush=True)
-    if args.service:
-        through_service(path, f"{seconds}s-1080p", args.runs)
+    if args.service:  # --snap given: the default policy with each; else the policy's own
+        for snap in (args.snap if args.snap_given else [None]):
+            through_service(path, f"{seconds}s-1080p", args.runs, snap)
         return
     for snap in args.snap:
         for _ in range(args.runs):
