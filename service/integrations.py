@@ -159,13 +159,13 @@ def misskey_detect_images() -> Any:
     uploads: list[Upload] = []
     for field, file in parts:
         data = file.read()
-        if file.mimetype not in MISSKEY_TYPES or is_video(data[:64]):
+        video = is_video(data[:64])
+        if file.mimetype not in MISSKEY_TYPES or video:
             answers.append(_misskey_failed("UNSUPPORTED_MEDIA_TYPE", "a part must be an image "
                                            f"({', '.join(MISSKEY_TYPES)}; Misskey sends a "
                                            "video's frames as images); got "
                                            f"{file.mimetype or 'no type'}"
-                                           + (" holding a video" if is_video(data[:64])
-                                              else "")))
+                                           + (" holding a video" if video else "")))
         elif not data:
             answers.append(_misskey_failed("INVALID_REQUEST", "the part is empty"))
         else:

@@ -510,22 +510,16 @@ def marker_clip(seconds: int = 3, marked: int = 1, size: tuple[int, int] = (640,
                 box: tuple[int, int, int, int] = (500, 340, 620, 460), fps: int = 5) -> bytes:
     """Grey seconds; second ``marked`` has a red square at ``box`` (120 px: under 5 % of the
     frame, about 13 % of the 2x2 crop around it)."""
+
+    def frame(i: int) -> np.ndarray:
+        pixels = np.full((size[1], size[0], 3), 128, np.uint8)
+        if i // fps == marked:
+            x0, y0, x1, y1 = box
+            pixels[y0:y1, x0:x1] = (255, 0, 0)
+        return pixels
+
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(seconds * fps):
-            pixels = np.full((size[1], size[0], 3), 128, np.uint8)
-            if i // fps == marked:
-                x0, y0, x1, y1 = box
-                pixels[y0:y1, x0:x1] = (255, 0, 0)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_clip(buffer, "mp4", "libx264", seconds=seconds, fps=fps, size=size, frame=frame)
     return buffer.getvalue()
 
 

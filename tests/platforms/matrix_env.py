@@ -147,6 +147,23 @@ def synapse_config(folder: Path, port: int, module_config: dict[str, Any]) -> di
     }
 
 
+def launch(venv: Path, module: str, config: Path, log: Path, ready: str
+           ) -> subprocess.Popen[bytes]:
+    """``python -m module -c config`` from ``venv``, in the config's folder, its output in
+    ``log``; returns once ``ready`` answers (stopped, and the error raised, if it never
+    does)."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(venv / "bin" / "python"), "-m", module, "-c", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=config.parent)
+    try:
+        wait_until_up(ready, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
 def start_synapse(venv: Path, folder: Path, module_config: dict[str, Any]) -> Synapse:
     """A Synapse (``venv``'s) running in ``folder`` with the module; up when this returns.
     Stop it with :func:`stop` on ``.process``."""
@@ -157,16 +174,9 @@ def start_synapse(venv: Path, folder: Path, module_config: dict[str, Any]) -> Sy
     seed = base64.b64encode(os.urandom(32)).decode().rstrip("=")
     (folder / "signing.key").write_text(f"ed25519 a_test {seed}\n")
     log = folder / "synapse.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(venv / "bin" / "python"), "-m", "synapse.app.homeserver", "-c", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=folder)
     base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{base}/_matrix/client/versions", process, log)
-    except BaseException:
-        stop(process)
-        raise
+    process = launch(venv, "synapse.app.homeserver", config, log,
+                     f"{base}/_matrix/client/versions")
     return Synapse(base, folder, process, log)
 
 
@@ -196,16 +206,8 @@ def start_content_scanner(venv: Path, folder: Path, homeserver: str,
         "result_cache": {"exit_codes_to_ignore": [2]},
     }))
     log = folder / "mcs.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(venv / "bin" / "python"), "-m", "matrix_content_scanner.mcs", "-c", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=folder)
     base = f"http://127.0.0.1:{port}/_matrix/media_proxy/unstable"
-    try:
-        wait_until_up(f"{base}/public_key", process, log)
-    except BaseException:
-        stop(process)
-        raise
+    process = launch(venv, "matrix_content_scanner.mcs", config, log, f"{base}/public_key")
     return ContentScanner(base, process, log)
 
 
